@@ -1,0 +1,480 @@
+"""One class per annotation format: split the input into chunks, normalize a chunk into pairs/rejects.
+
+``chunks`` is deterministic (same input → same chunks), so a chunk index is a stable shard id:
+a resumed run skips the chunks whose shards are done without normalizing them again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from corpus.ingest.config import (
+    CocoSource,
+    ConceptualCaptionsSource,
+    KarpathySource,
+    SbuSource,
+    TableSource,
+    VisualGenomeSource,
+)
+from corpus.ingest.reader import JsonArrayStream, count_lines, file_size, read_line_chunks
+from corpus.ingest.writer import ShardBuilder
+from pipeline.errors import InputDataError
+from pipeline.stage import batched
+
+COCO_IMAGES_URL = "http://images.cocodataset.org"
+MAX_URL_CHARS = 2048
+_FLICKR_ID = re.compile(r"(\d+)_")
+
+
+@dataclass
+class Chunk:
+    index: int
+    records: Any
+    nbytes: int  # input bytes this chunk covers (progress)
+
+
+# --- small normalizers (hot path: keep them cheap) -------------------------------------------
+
+
+def clean_caption(text: Any) -> str | None:
+    """Collapse all whitespace runs (COCO captions carry newlines and double spaces); None if empty."""
+    if not isinstance(text, str):
+        return None
+    return " ".join(text.split()) or None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched, or None when it is a usable http(s) URL."""
+    if not url:
+        return "missing_url"
+    if not url.startswith(("http://", "https://")):
+        return "bad_url"
+    host = url.split("/", 3)[2] if url.count("/") >= 2 else ""
+    if not host or len(url) > MAX_URL_CHARS or " " in url or not url.isprintable():
+        return "bad_url"
+    return None
+
+
+def flickr_id_from_url(url: str | None) -> int | None:
+    """Photo id of a static Flickr URL (``…staticflickr.com/3153/2970773875_164f0c0b83_z.jpg``)."""
+    if not url or "flickr.com/" not in url:
+        return None
+    m = _FLICKR_ID.match(url.rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
+def url_key(url: str) -> str:
+    """Image key of a URL-only image (CC, SBU, tables): same URL, same image."""
+    return "url:" + hashlib.sha1(url.encode("utf-8")).hexdigest()[:20]
+
+
+def join_location(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+
+
+def as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+# --- line formats -----------------------------------------------------------------------------
+
+
+class ConceptualCaptions:
+    """``caption<TAB>url`` per line. Pair id: the 1-based line number."""
+
+    def __init__(self, source: ConceptualCaptionsSource):
+        self.source = source
+        self.name = source.source_name
+        self.total_bytes = file_size(source.path)
+
+    def chunks(self, n: int) -> Iterator[Chunk]:
+        for i, (start, lines, nbytes) in enumerate(read_line_chunks(self.source.path, n)):
+            yield Chunk(i, (start, lines), nbytes)
+
+    def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
+        start, lines = chunk.records
+        name, split, path = self.name, self.source.split, self.source.path
+        pair = out.pair
+        out.records += len(lines)
+        for line_no, raw in enumerate(lines, start):
+            try:
+                text = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                out.reject(path, f"line {line_no}", "undecodable_text", f"{exc.reason} at byte {exc.start}: {raw[:200]!r}")
+                continue
+            caption, sep, url = text.rpartition("\t")
+            if not sep:
+                if text.strip():
+                    out.reject(path, f"line {line_no}", "bad_record", f"expected caption<TAB>url: {text}")
+                else:
+                    out.blank_lines += 1
+                continue
+            url = url.strip()
+            if problem := url_problem(url):
+                out.reject(path, f"line {line_no}", problem, text)
+                continue
+            caption = clean_caption(caption)
+            if caption is None:
+                out.reject(path, f"line {line_no}", "empty_caption", text)
+                continue
+            pair(f"{name}:{line_no}", url_key(url), url, caption, split, None, flickr_id_from_url(url))
+
+
+class Sbu:
+    """Parallel files: line i of ``urls`` ↔ line i of ``captions``. Pair id: the line number."""
+
+    def __init__(self, source: SbuSource):
+        self.source = source
+        self.name = source.source_name
+        self.total_bytes = file_size(source.urls) + file_size(source.captions)
+        n_urls, n_caps = count_lines(source.urls), count_lines(source.captions)
+        if n_urls != n_caps:
+            # Parallel files of different lengths are misaligned somewhere: every pairing is suspect.
+            raise InputDataError(
+                f"{source.urls} has {n_urls} lines but {source.captions} has {n_caps}: "
+                "SBU's URL and caption files must have one line per photo, in the same order"
+            )
+
+    def chunks(self, n: int) -> Iterator[Chunk]:
+        urls = read_line_chunks(self.source.urls, n)
+        caps = read_line_chunks(self.source.captions, n)
+        for i, ((start, u, ub), (_, c, cb)) in enumerate(zip(urls, caps)):
+            yield Chunk(i, (start, u, c), ub + cb)
+
+    def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
+        start, urls, caps = chunk.records
+        name, split = self.name, self.source.split
+        out.records += len(urls)
+        for line_no, raw_url, raw_cap in zip(range(start, start + len(urls)), urls, caps):
+            try:
+                url = raw_url.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                out.reject(self.source.urls, f"line {line_no}", "undecodable_text", repr(raw_url[:200]))
+                continue
+            try:
+                cap_text = raw_cap.decode("utf-8")
+            except UnicodeDecodeError:
+                out.reject(self.source.captions, f"line {line_no}", "undecodable_text", repr(raw_cap[:200]))
+                continue
+            if not url and not cap_text.strip():
+                out.blank_lines += 1
+                continue
+            if problem := url_problem(url):
+                out.reject(self.source.urls, f"line {line_no}", problem, url)
+                continue
+            caption = clean_caption(cap_text)
+            if caption is None:
+                out.reject(self.source.captions, f"line {line_no}", "empty_caption", cap_text)
+                continue
+            out.pair(f"{name}:{line_no}", url_key(url), url, caption, split, None, flickr_id_from_url(url))
+
+
+# --- JSON formats -----------------------------------------------------------------------------
+
+
+def _json_chunks(stream: JsonArrayStream, n: int) -> Iterator[Chunk]:
+    last = 0
+    for i, batch in enumerate(batched(enumerate(stream), n)):
+        yield Chunk(i, batch, stream.pos - last)
+        last = stream.pos
+
+
+class Coco:
+    """COCO captions: ``images`` (id → file, URLs) then ``annotations``. Pair id: annotation id.
+
+    Memory: the image table (~120k small tuples for train2014) plus one chunk of annotations."""
+
+    def __init__(self, source: CocoSource):
+        self.source = source
+        self.name = source.source_name
+        self.total_bytes = file_size(source.path)
+        self.images: dict[int, tuple[str | None, str | None, int | None]] | None = None
+
+    def _load_images(self) -> dict:
+        images = {}
+        for img in JsonArrayStream(self.source.path, "images"):
+            image_id = as_int(img.get("id")) if isinstance(img, dict) else None
+            if image_id is None:
+                continue  # an image without id can't be referenced; its captions are rejected below
+            images[image_id] = (img.get("file_name"), img.get("coco_url"), flickr_id_from_url(img.get("flickr_url")))
+        return images
+
+    def chunks(self, n: int) -> Iterator[Chunk]:
+        yield from _json_chunks(JsonArrayStream(self.source.path, "annotations"), n)
+
+    def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
+        if self.images is None:
+            self.images = self._load_images()
+        name, split, path, root = self.name, self.source.split, self.source.path, self.source.image_root
+        out.records += len(chunk.records)
+        for i, ann in chunk.records:
+            where = f"annotations[{i}]"
+            if not isinstance(ann, dict):
+                out.reject(path, where, "bad_record", ann)
+                continue
+            ann_id, image_id = as_int(ann.get("id")), as_int(ann.get("image_id"))
+            if ann_id is None or image_id is None:
+                out.reject(path, where, "bad_record", f"expected integer 'id' and 'image_id': {ann}")
+                continue
+            image = self.images.get(image_id)
+            if image is None:
+                out.reject(path, where, "unknown_image", f"image_id {image_id} is not in 'images'")
+                continue
+            caption = clean_caption(ann.get("caption"))
+            if caption is None:
+                reason = "empty_caption" if isinstance(ann.get("caption"), str) else "missing_caption"
+                out.reject(path, where, reason, ann)
+                continue
+            file_name, coco_url, flickr_id = image
+            uri = join_location(root, file_name) if root and file_name else coco_url
+            if not uri or (not root and url_problem(uri)):
+                out.reject(path, where, "no_image_location", f"image {image_id}: no file_name with image_root, no usable coco_url")
+                continue
+            out.pair(f"{name}:{ann_id}", f"coco:{image_id}", uri, caption, split, image_id, flickr_id)
+
+
+class VisualGenome:
+    """VG dense captions: every region phrase is a pair, with its box. Pair id: region id."""
+
+    def __init__(self, source: VisualGenomeSource):
+        self.source = source
+        self.name = source.source_name
+        self.total_bytes = file_size(source.region_descriptions)
+        self.images: dict[int, tuple[str | None, int | None, int | None]] | None = None
+
+    def _load_images(self) -> dict:
+        images = {}
+        for img in JsonArrayStream(self.source.image_data):
+            if not isinstance(img, dict):
+                continue
+            # NOTE: VG 1.2 names it image_id, VG 1.0 id.
+            image_id = as_int(img.get("image_id", img.get("id")))
+            if image_id is not None:
+                images[image_id] = (img.get("url"), as_int(img.get("coco_id")), as_int(img.get("flickr_id")))
+        return images
+
+    def chunks(self, n: int) -> Iterator[Chunk]:
+        yield from _json_chunks(JsonArrayStream(self.source.region_descriptions, None, "regions.item"), n)
+
+    def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
+        if self.images is None:
+            self.images = self._load_images()
+        name, split, path, root = self.name, self.source.split, self.source.region_descriptions, self.source.image_root
+        out.records += len(chunk.records)
+        for i, region in chunk.records:
+            where = f"region #{i}"
+            if not isinstance(region, dict):
+                out.reject(path, where, "bad_record", region)
+                continue
+            region_id, image_id = as_int(region.get("region_id")), as_int(region.get("image_id"))
+            box = [as_int(round(region[k])) if isinstance(region.get(k), (int, float)) else None for k in ("x", "y", "width", "height")]
+            if region_id is None or image_id is None or None in box:
+                out.reject(path, where, "bad_record", f"expected integer region_id, image_id, x, y, width, height: {region}")
+                continue
+            where = f"region {region_id}"
+            image = self.images.get(image_id)
+            if image is None:
+                out.reject(path, where, "unknown_image", f"image_id {image_id} is not in {self.source.image_data}")
+                continue
+            caption = clean_caption(region.get("phrase"))
+            if caption is None:
+                reason = "empty_caption" if isinstance(region.get("phrase"), str) else "missing_caption"
+                out.reject(path, where, reason, region)
+                continue
+            url, coco_id, flickr_id = image
+            # Local copies keep the zip layout: <root>/VG_100K[_2]/<id>.jpg, the URL's last two parts.
+            uri = join_location(root, *url.split("/")[-2:]) if root and url else url
+            if not uri or (not root and url_problem(uri)):
+                out.reject(path, where, "no_image_location", f"image {image_id} has no usable url")
+                continue
+            out.pair(
+                f"{name}:{region_id}", f"vg:{image_id}", uri, caption, split, coco_id, flickr_id, image_id,
+                (region_id, *box),
+            )
+
+
+class Karpathy:
+    """Karpathy splits: each image keeps its split (train/restval/val/test). Pair id: sentence id."""
+
+    def __init__(self, source: KarpathySource):
+        self.source = source
+        self.name = source.source_name
+        self.total_bytes = file_size(source.path)
+        self.splits = set(source.splits)
+
+    def chunks(self, n: int) -> Iterator[Chunk]:
+        yield from _json_chunks(JsonArrayStream(self.source.path, "images"), n)
+
+    def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
+        src, path = self.source, self.source.path
+        out.records += len(chunk.records)
+        for i, img in chunk.records:
+            where = f"images[{i}]"
+            if not isinstance(img, dict) or not isinstance(img.get("filename"), str) or not isinstance(img.get("sentences"), list):
+                out.reject(path, where, "bad_record", f"expected an image with 'filename' and 'sentences': {img}")
+                continue
+            split = img.get("split")
+            if split not in self.splits:
+                continue  # not an error: the config chose other splits
+            filename = img["filename"]
+            if src.dataset == "coco":
+                coco_id = as_int(img.get("cocoid"))
+                if coco_id is None:
+                    out.reject(path, where, "bad_record", f"COCO image without integer 'cocoid': {filename}")
+                    continue
+                flickr_id, image_key = None, f"coco:{coco_id}"
+                uri = join_location(src.image_root or COCO_IMAGES_URL, img.get("filepath", ""), filename)
+            else:
+                coco_id = None
+                # NOTE: Flickr30K file stems are Flickr photo ids (used to decontaminate SBU/COCO/VG).
+                flickr_id = as_int(Path(filename).stem)
+                image_key = f"flickr30k:{Path(filename).stem}"
+                uri = join_location(src.image_root, filename)
+            for j, sent in enumerate(img["sentences"]):
+                sent_id = as_int(sent.get("sentid")) if isinstance(sent, dict) else None
+                if sent_id is None:
+                    out.reject(path, f"{where}.sentences[{j}]", "bad_record", f"expected a sentence with integer 'sentid': {sent}")
+                    continue
+                caption = clean_caption(sent.get("raw"))
+                if caption is None:
+                    reason = "empty_caption" if isinstance(sent.get("raw"), str) else "missing_caption"
+                    out.reject(path, f"{where}.sentences[{j}]", reason, sent)
+                    continue
+                out.pair(f"{self.name}:{sent_id}", image_key, uri, caption, split, coco_id, flickr_id)
+
+
+# --- generic tables ---------------------------------------------------------------------------
+
+
+class Table:
+    """Parquet / CSV / TSV / JSONL rows with ``image_url`` or ``image_path`` and ``caption``
+    (optional ``split``, ``id``). Pair id: ``id`` when given, else the row number."""
+
+    def __init__(self, source: TableSource):
+        self.source = source
+        self.name = source.source_name
+        self.total_bytes = file_size(source.path)
+        self.kind = Path(source.path).suffix.lower().lstrip(".")
+        if self.kind not in ("parquet", "csv", "tsv", "jsonl"):
+            raise InputDataError(f"{source.path}: unsupported table type '.{self.kind}': expected .parquet, .csv, .tsv or .jsonl")
+        self.root = source.image_root or str(Path(source.path).parent)
+
+    def _rows(self) -> Iterator[tuple[str, Any, int]]:
+        """(locator, row dict or error text, bytes) in file order."""
+        path = self.source.path
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            if not {"caption"} <= set(pf.schema_arrow.names) or not {"image_url", "image_path"} & set(pf.schema_arrow.names):
+                raise InputDataError(f"{path}: expected columns 'caption' and 'image_url' or 'image_path'; found {pf.schema_arrow.names}")
+            per_row = self.total_bytes / max(1, pf.metadata.num_rows)
+            row = 0
+            for batch in pf.iter_batches(batch_size=8192):
+                for rec in batch.to_pylist():
+                    row += 1
+                    yield f"row {row}", rec, int(per_row)
+        elif self.kind == "jsonl":
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        yield f"line {line_no}", None, len(raw)
+                        continue
+                    try:
+                        rec = json.loads(raw)
+                    except UnicodeDecodeError as exc:
+                        rec = f"undecodable_text:{exc.reason}: {raw[:200]!r}"
+                    except ValueError as exc:
+                        rec = f"bad_json:{exc}"
+                    yield f"line {line_no}", rec, len(raw)
+        else:
+            with open(path, "rb") as fb:
+                text = io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape", newline="")
+                reader = csv.DictReader(text, delimiter="\t" if self.kind == "tsv" else ",")
+                names = reader.fieldnames or []
+                if "caption" not in names or not {"image_url", "image_path"} & set(names):
+                    raise InputDataError(f"{path}: expected a header with 'caption' and 'image_url' or 'image_path'; found {names}")
+                for row_no, rec in enumerate(reader, 1):
+                    yield f"row {row_no}", rec, 0
+
+    def chunks(self, n: int) -> Iterator[Chunk]:
+        for i, batch in enumerate(batched(self._rows(), n)):
+            yield Chunk(i, batch, sum(b for _, _, b in batch))
+
+    def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
+        path, name = self.source.path, self.name
+        out.records += len(chunk.records)
+        for where, rec, _ in chunk.records:
+            if rec is None:
+                out.blank_lines += 1
+                continue
+            if isinstance(rec, str):  # a line that did not parse
+                reason, _, detail = rec.partition(":")
+                out.reject(path, where, reason, detail)
+                continue
+            if not isinstance(rec, dict):
+                out.reject(path, where, "bad_record", rec)
+                continue
+            if any(isinstance(v, str) and _has_surrogates(v) for v in rec.values()):
+                out.reject(path, where, "undecodable_text", rec)
+                continue
+            url, rel = rec.get("image_url"), rec.get("image_path")
+            if url:
+                if problem := url_problem(str(url).strip()):
+                    out.reject(path, where, problem, rec)
+                    continue
+                uri = str(url).strip()
+                image_key = url_key(uri)
+            elif rel:
+                rel = str(rel).strip()
+                uri = rel if rel.startswith("/") else join_location(self.root, rel)
+                image_key = "file:" + hashlib.sha1(uri.encode("utf-8")).hexdigest()[:20]
+            else:
+                out.reject(path, where, "missing_url", rec)
+                continue
+            caption = clean_caption(rec.get("caption"))
+            if caption is None:
+                reason = "empty_caption" if isinstance(rec.get("caption"), str) else "missing_caption"
+                out.reject(path, where, reason, rec)
+                continue
+            pair_id = rec.get("id")
+            pair_id = f"{name}:{pair_id}" if pair_id not in (None, "") else f"{name}:{where.split()[-1]}"
+            split = rec.get("split") or self.source.split
+            out.pair(pair_id, image_key, uri, caption, str(split), None, flickr_id_from_url(uri))
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+FORMATS = {
+    "coco": Coco,
+    "vg": VisualGenome,
+    "cc": ConceptualCaptions,
+    "sbu": Sbu,
+    "karpathy": Karpathy,
+    "table": Table,
+}
+
+
+def open_format(source: Any):
+    return FORMATS[source.format](source)

@@ -1,0 +1,201 @@
+"""Artifacts: the sharded, manifest-published output of one stage for one cache key.
+
+Layout under the storage root::
+
+    artifacts/<stage>/<key>/<table>/<shard>.parquet   data, one file per table per shard
+    artifacts/<stage>/<key>/_shards/<shard>.json       shard marker: written after its data
+    artifacts/<stage>/<key>/_manifest.json             written last: the artifact is complete
+
+A shard with a marker is done and never redone; a manifest makes the artifact visible to readers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fingerprint import sha256_file, sha256_json
+from storage import Storage, StorageError
+
+ARTIFACTS = "artifacts"
+MANIFEST = "_manifest.json"
+SHARDS = "_shards"
+
+
+@dataclass(frozen=True)
+class TableFile:
+    path: str  # relative to the artifact folder
+    sha256: str
+    rows: int
+    bytes: int
+
+
+@dataclass
+class ShardRecord:
+    shard: str
+    files: dict[str, TableFile]  # table -> file
+    stats: dict[str, Any]
+    seconds: float
+    run_id: str
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ShardRecord":
+        files = {t: TableFile(**f) for t, f in data["files"].items()}
+        return cls(data["shard"], files, data["stats"], data["seconds"], data["run_id"])
+
+
+@dataclass
+class Manifest:
+    stage: str
+    stage_version: int
+    key: str
+    config_sha256: str
+    inputs: dict[str, str]  # input name -> content sha256 (upstream artifacts and input files)
+    code_version: str
+    tables: dict[str, list[TableFile]]
+    counts: dict[str, Any]
+    content_sha256: str  # over every data file's name and digest: equal iff the data is equal
+    created_at: str
+    shards: int = 0
+    seconds: float = 0.0
+    uri: str = ""
+
+    def rows(self, table: str) -> int:
+        return sum(f.rows for f in self.tables.get(table, []))
+
+    def table_sha256(self, table: str) -> str:
+        return sha256_json([[f.path, f.sha256] for f in self.tables.get(table, [])])
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        data = json.loads(text)
+        data["tables"] = {t: [TableFile(**f) for f in files] for t, files in data["tables"].items()}
+        return cls(**data)
+
+
+def content_sha256(tables: dict[str, list[TableFile]]) -> str:
+    return sha256_json({t: [[f.path, f.sha256] for f in files] for t, files in sorted(tables.items())})
+
+
+def merge_counts(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Sum numeric leaves of nested dicts (shard stats → stage counts)."""
+    for k, v in more.items():
+        if isinstance(v, dict):
+            merge_counts(into.setdefault(k, {}), v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            into[k] = into.get(k, 0) + v
+    return into
+
+
+@dataclass
+class Artifact:
+    storage: Storage
+    stage: str
+    key: str
+    prefix: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prefix = f"{ARTIFACTS}/{self.stage}/{self.key}"
+
+    @property
+    def uri(self) -> str:
+        return self.storage.url(self.prefix)
+
+    def file_key(self, relpath: str) -> str:
+        return f"{self.prefix}/{relpath}"
+
+    def manifest(self) -> Manifest | None:
+        key = f"{self.prefix}/{MANIFEST}"
+        if not self.storage.exists(key):
+            return None
+        try:
+            return Manifest.from_json(self.storage.read_bytes(key).decode("utf-8"))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StorageError(f"{self.storage.url(key)}: unreadable manifest ({exc}); remove it to rebuild") from None
+
+    def done_shards(self) -> dict[str, ShardRecord]:
+        done = {}
+        for key in self.storage.list(f"{self.prefix}/{SHARDS}"):
+            if not key.endswith(".json"):
+                continue
+            try:
+                rec = ShardRecord.from_json(json.loads(self.storage.read_bytes(key)))
+            except (ValueError, KeyError, TypeError):
+                continue  # an unreadable marker means the shard is not done: it will be redone
+            done[rec.shard] = rec
+        return done
+
+    def write_shard(
+        self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], run_id: str, started: float
+    ) -> ShardRecord:
+        """Write each table's file, then the marker. Re-writing a shard yields identical bytes."""
+        files: dict[str, TableFile] = {}
+        with tempfile.TemporaryDirectory(prefix="uniter-shard-") as tmp:
+            for table, data in tables.items():
+                local = Path(tmp) / f"{table}.parquet"
+                # NOTE: fixed writer options keep the bytes deterministic, so a resumed run
+                # reproduces exactly the files of an uninterrupted one.
+                pq.write_table(data, local, compression="zstd", row_group_size=64 * 1024)
+                relpath = f"{table}/{shard}.parquet"
+                self.storage.put_file(self.file_key(relpath), local)
+                files[table] = TableFile(relpath, sha256_file(local), data.num_rows, local.stat().st_size)
+        record = ShardRecord(shard, files, stats, round(time.time() - started, 3), run_id)
+        marker = json.dumps(asdict(record), sort_keys=True).encode()
+        self.storage.put(f"{self.prefix}/{SHARDS}/{shard}.json", marker)
+        return record
+
+    def publish(
+        self,
+        *,
+        stage_version: int,
+        config_sha256: str,
+        inputs: dict[str, str],
+        code_version: str,
+        shards: dict[str, ShardRecord],
+        seconds: float,
+    ) -> Manifest:
+        tables: dict[str, list[TableFile]] = {}
+        counts: dict[str, Any] = {}
+        for name in sorted(shards):
+            rec = shards[name]
+            for table, f in rec.files.items():
+                tables.setdefault(table, []).append(f)
+            merge_counts(counts, rec.stats)
+        manifest = Manifest(
+            stage=self.stage,
+            stage_version=stage_version,
+            key=self.key,
+            config_sha256=config_sha256,
+            inputs=inputs,
+            code_version=code_version,
+            tables=tables,
+            counts=counts,
+            content_sha256=content_sha256(tables),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            shards=len(shards),
+            seconds=round(seconds, 3),
+            uri=self.uri,
+        )
+        self.storage.put(f"{self.prefix}/{MANIFEST}", manifest.to_json().encode())
+        return manifest
+
+    def clear(self) -> None:
+        # Manifest first: from then on the artifact is invisible, even if the rest fails midway.
+        self.storage.remove(f"{self.prefix}/{MANIFEST}")
+        self.storage.remove(self.prefix)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

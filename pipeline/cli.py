@@ -1,0 +1,239 @@
+"""`uniter`: run stages, show their status, query the catalog, run the demo.
+
+stdout carries results (a single JSON object with ``--json``); logs and progress go to stderr.
+Exit codes: 0 success, 2 a problem with input/config/storage (message says what), 1 a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import UniterError
+
+log = logging.getLogger("uniter")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=_stderr_console(), show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], format="%(message)s")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _emit(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=1, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _progress(args):
+    from pipeline.progress import NullProgress, RichProgress
+
+    return NullProgress() if args.quiet else RichProgress()
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_run(args) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    if args.stage == "all":
+        return _run_all(args, cfg)
+    from pipeline.runner import run_stage, storage_for
+
+    storage = storage_for(cfg)
+    result = run_stage(args.stage, cfg, storage, force=args.force, progress=_progress(args), config_path=args.config)
+    summary = result.to_json(storage)
+    if args.json:
+        _emit(summary)
+    else:
+        _print_run(summary)
+    return 0
+
+
+def _run_all(args, cfg) -> int:
+    from flows.pipeline import full_pipeline
+
+    started = time.time()
+    results = full_pipeline(config_path=str(Path(args.config).resolve()), force=args.force)
+    if args.json:
+        _emit({"flow": "full-pipeline", "stages": results, "seconds": round(time.time() - started, 3)})
+    else:
+        for summary in results:
+            _print_run(summary)
+    return 0
+
+
+def _print_run(summary: dict) -> None:
+    con = _stderr_console()
+    verb = "cached — nothing to do" if summary["status"] == "cached" else f"ran in {summary['seconds']:.1f} s"
+    con.print(f"[bold]{summary['stage']}[/]: {verb} (key {summary['key'][:12]}…)")
+    for out in summary["outputs"]:
+        con.print(f"  {out['table']}: {out['rows']:,} rows in {out['files']} files → {out['uri']}")
+    reasons = summary["counts"].get("reject_reasons") or {}
+    if reasons:
+        con.print("  reject reasons: " + ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())))
+
+
+def cmd_status(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import stage_status
+
+    rows = stage_status(load_config(args.config))
+    if args.json:
+        _emit({"stages": rows})
+        return 0
+    from rich.table import Table
+
+    table = Table("stage", "status", "key", "detail")
+    for row in rows:
+        if row["status"] == "complete":
+            detail = ", ".join(f"{t} {n:,} rows" for t, n in row["rows"].items())
+        elif row["status"] == "partial":
+            detail = f"{row['shards']} shards done; `uniter run {row['stage']}` resumes"
+        elif row["status"] == "blocked":
+            detail = "needs " + ", ".join(row["needs"])
+        else:
+            detail = ""
+        table.add_row(row["stage"], row["status"], (row["key"] or "-")[:12], detail)
+    from rich.console import Console
+
+    Console().print(table)
+    return 0
+
+
+def cmd_sql(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.runner import catalog_tables, storage_for
+    from storage.catalog import Catalog
+
+    cfg = load_config(args.config)
+    storage = storage_for(cfg)
+    catalog = Catalog(storage, catalog_tables(cfg, storage))
+    try:
+        result = catalog.sql(args.query)
+    finally:
+        catalog.close()
+    if args.json:
+        _emit({"columns": result.columns, "rows": [dict(zip(result.columns, r)) for r in result.rows]})
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*result.columns)
+    for row in result.rows:
+        table.add_row(*("NULL" if v is None else str(v) for v in row))
+    Console().print(table)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """What `make demo` runs: the whole DAG on the bundled sample, on local disk and Prefect's
+    embedded server, then a look at the result through the catalog."""
+    args.config = str(args.config or DEMO_CONFIG)
+    args.stage = "all"
+    args.force = False
+    con = _stderr_console()
+    con.print(f"[bold]uniter demo[/]: config {args.config}")
+    code = cmd_run(args)
+    if code or args.json:
+        return code
+    con.print("\n[bold]pairs per source and split[/] (uniter sql):")
+    args.query = "select source, split, count(*) as pairs, count(distinct image_key) as images from pairs group by all order by all"
+    cmd_sql(args)
+    from pipeline.config import load_config
+
+    con.print(f"\nArtifacts live under {load_config(args.config).storage.uri} — try `uniter status -c {args.config}`.")
+    return 0
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="uniter", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, config_required=True):
+        p.add_argument("-c", "--config", required=config_required, help="pipeline YAML config")
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("run", help="run one stage (or 'all' as a Prefect flow)")
+    p.add_argument("stage", help="stage name or 'all'")
+    p.add_argument("--force", action="store_true", help="discard the stage's artifact for this key and rebuild")
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="per stage: complete, partial, missing or blocked")
+    common(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sql", help="query the catalog (views: pairs, rejects, …)")
+    p.add_argument("query")
+    common(p)
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("demo", help="run the pipeline on the bundled sample")
+    common(p, config_required=False)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # NOTE: Prefect's temporary server sends telemetry from a background task that races the
+    # flow for its SQLite file ("database is locked" tracebacks); nothing here needs it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if getattr(args, "stage", None) not in (None, "all"):
+        from pipeline.dag import get_stage
+
+        try:
+            get_stage(args.stage)
+        except UniterError as exc:
+            print(f"uniter: error: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("uniter: interrupted; finished shards are kept and the next run resumes from them", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 — the one place that turns errors into exit codes
+        from storage.base import StorageError
+        from storage.catalog import CatalogError
+
+        if args.verbose:
+            raise
+        if isinstance(exc, (UniterError, StorageError, CatalogError)):
+            print(f"uniter: error: {exc}", file=sys.stderr)
+            return 2
+        print(
+            f"uniter: unexpected {type(exc).__name__}: {exc}\n(re-run with -v for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

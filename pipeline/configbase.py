@@ -1,0 +1,95 @@
+"""Building blocks for typed configs: strict models, input files resolved and fingerprinted by content.
+
+Relative paths in a config file are resolved against the folder of that file (passed to
+pydantic as validation context ``base_dir``), so a config means the same from any CWD.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from pydantic_core import core_schema
+
+URL_SCHEMES = ("http://", "https://", "s3://", "file://")
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors; values are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SectionConfig(StrictModel):
+    """A stage's config section. Fields named in ``NOT_IN_KEY`` do not change the stage's output
+    (parallelism, progress), so they are left out of its cache key."""
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset()
+
+
+def _base_dir(info: core_schema.ValidationInfo) -> Path:
+    ctx = info.context or {}
+    return Path(ctx.get("base_dir", "."))
+
+
+def _resolve(value: str, info: core_schema.ValidationInfo) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = _base_dir(info) / path
+    return Path(os.path.normpath(path.absolute()))
+
+
+class InputFile(str):
+    """A local file the stage reads. Must exist. In cache keys it stands for its sha256, not its path,
+    so moving a file keeps the cache and editing it invalidates the cache."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "InputFile":
+        path = _resolve(value, info)
+        if path.is_dir():
+            raise ValueError(f"expected a file, found a folder: {path}")
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return cls(str(path))
+
+
+class Location(str):
+    """A folder or URL prefix (local path, http(s)://, s3://, file://). Local paths become absolute;
+    they are not required to exist yet (they are read by a later stage, possibly on another host)."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "Location":
+        if value.startswith(URL_SCHEMES):
+            return cls(value.rstrip("/"))
+        if "://" in value:
+            raise ValueError(f"unsupported scheme in {value!r}: expected a local path or one of {', '.join(URL_SCHEMES)}")
+        return cls(str(_resolve(value, info)))
+
+
+class StorageUri(str):
+    """Where artifacts live: a local folder (made absolute) or ``s3://bucket/prefix``."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "StorageUri":
+        if value.startswith("s3://"):
+            bucket = value[5:].split("/", 1)[0]
+            if len(bucket) < 3:
+                raise ValueError(f"invalid S3 URI {value!r}: expected s3://bucket[/prefix] with a bucket name of 3+ characters")
+            return cls(value.rstrip("/"))
+        if "://" in value:
+            raise ValueError(f"unsupported storage URI {value!r}: expected a local folder or s3://bucket/prefix")
+        return cls(str(_resolve(value, info)))

@@ -1,0 +1,245 @@
+"""Run one stage: compute its content key, return the cached artifact or build (and resume) it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic_core import to_jsonable_python
+
+from pipeline.artifact import Artifact, Manifest
+from pipeline.config import PipelineConfig
+from pipeline.configbase import InputFile, SectionConfig
+from pipeline.dag import STAGES, get_stage
+from pipeline.errors import MissingInputError
+from pipeline.fingerprint import file_fingerprint, sha256_json
+from pipeline.progress import NullProgress, Progress
+from pipeline.stage import Stage, StageContext
+from storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+def storage_for(cfg: PipelineConfig) -> Storage:
+    return open_storage(cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Git sha of the checkout when there is one, else the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"uniter-pipeline {version('uniter-pipeline')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def key_payload(value: Any, files: dict[str, str]) -> Any:
+    """The config as it enters the cache key: input files stand for their content digest.
+    ``files`` collects ``{"file:<path>": sha256}`` for the manifest's provenance."""
+    if isinstance(value, InputFile):
+        digest = file_fingerprint(value)
+        files[f"file:{value}"] = digest
+        return {"sha256": digest}
+    if isinstance(value, BaseModel):
+        skip = value.NOT_IN_KEY if isinstance(value, SectionConfig) else frozenset()
+        return {name: key_payload(getattr(value, name), files) for name in type(value).model_fields if name not in skip}
+    if isinstance(value, (list, tuple)):
+        return [key_payload(v, files) for v in value]
+    if isinstance(value, dict):
+        return {str(k): key_payload(v, files) for k, v in value.items()}
+    return to_jsonable_python(value)
+
+
+@dataclass
+class Plan:
+    """What a stage would run on: its key, or the upstream stages still missing."""
+
+    stage: Stage
+    key: str | None
+    config_sha256: str
+    inputs: dict[str, str]
+    input_manifests: dict[str, Manifest]
+    missing: list[str] = field(default_factory=list)
+
+
+class Planner:
+    """Computes keys for the whole DAG, reading each upstream manifest once."""
+
+    def __init__(self, cfg: PipelineConfig, storage: Storage):
+        self.cfg, self.storage = cfg, storage
+        self._plans: dict[str, Plan] = {}
+        self._manifests: dict[str, Manifest | None] = {}
+
+    def plan(self, name: str) -> Plan:
+        if name in self._plans:
+            return self._plans[name]
+        stage = get_stage(name)
+        files: dict[str, str] = {}
+        config_sha = sha256_json(key_payload(getattr(self.cfg, name), files))
+        inputs: dict[str, str] = {}
+        manifests: dict[str, Manifest] = {}
+        missing: list[str] = []
+        for up in stage.inputs:
+            manifest = self.manifest(up)
+            if manifest is None:
+                missing.append(up)
+            else:
+                manifests[up] = manifest
+                inputs[up] = manifest.content_sha256
+        key = None
+        if not missing:
+            # Content only: stage identity + config (files by digest) + upstream content digests.
+            key = sha256_json({"stage": name, "version": stage.version, "config": config_sha, "inputs": inputs})
+        plan = Plan(stage, key, config_sha, {**inputs, **files}, manifests, missing)
+        self._plans[name] = plan
+        return plan
+
+    def manifest(self, name: str) -> Manifest | None:
+        """The complete artifact of ``name`` for the current config, if built."""
+        if name not in self._manifests:
+            plan = self.plan(name)
+            self._manifests[name] = Artifact(self.storage, name, plan.key).manifest() if plan.key else None
+        return self._manifests[name]
+
+
+@dataclass
+class StageRun:
+    """The outcome of ``uniter run STAGE``; ``to_json`` is the ``--json`` contract."""
+
+    stage: str
+    status: str  # "ran" | "cached"
+    manifest: Manifest
+    seconds: float
+    resumed_shards: int = 0
+
+    def outputs(self, storage: Storage) -> list[dict[str, Any]]:
+        art = Artifact(storage, self.stage, self.manifest.key)
+        return [
+            {
+                "table": table,
+                "uri": storage.url(f"{art.prefix}/{table}"),
+                "sha256": self.manifest.table_sha256(table),
+                "rows": self.manifest.rows(table),
+                "files": len(files),
+            }
+            for table, files in sorted(self.manifest.tables.items())
+        ]
+
+    def to_json(self, storage: Storage) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "status": self.status,
+            "key": self.manifest.key,
+            "inputs": self.manifest.inputs,
+            "outputs": self.outputs(storage),
+            "counts": self.manifest.counts,
+            "content_sha256": self.manifest.content_sha256,
+            "resumed_shards": self.resumed_shards,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def missing_input_message(name: str, missing: list[str], config_path: str | None) -> str:
+    cfg = f" -c {config_path}" if config_path else ""
+    first = missing[0]
+    return (
+        f"stage '{name}' needs the output of '{first}' for this config, which is not built yet. "
+        f"Run `uniter run {first}{cfg}` first (or `uniter run all{cfg}`)."
+    )
+
+
+def run_stage(
+    name: str,
+    cfg: PipelineConfig,
+    storage: Storage | None = None,
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    config_path: str | None = None,
+) -> StageRun:
+    """Run ``name`` and nothing else. Cached when its key already has a complete artifact."""
+    started = time.time()
+    storage = storage or storage_for(cfg)
+    plan = Planner(cfg, storage).plan(name)
+    if plan.missing:
+        raise MissingInputError(missing_input_message(name, plan.missing, config_path))
+    art = Artifact(storage, name, plan.key)
+    if force:
+        art.clear()
+    elif (manifest := art.manifest()) is not None:
+        log.info("%s: cached (key %s…), nothing to do", name, plan.key[:12])
+        return StageRun(name, "cached", manifest, time.time() - started)
+
+    ctx = StageContext(
+        stage=plan.stage,
+        config=getattr(cfg, name),
+        storage=storage,
+        output=art,
+        inputs=plan.input_manifests,
+        run_id=uuid.uuid4().hex,
+        progress=progress or NullProgress(),
+        done=art.done_shards(),
+    )
+    resumed = len(ctx.done)
+    if resumed:
+        log.info("%s: resuming, %d shards already done", name, resumed)
+    plan.stage.run(ctx)
+    manifest = art.publish(
+        stage_version=plan.stage.version,
+        config_sha256=plan.config_sha256,
+        inputs=plan.inputs,
+        code_version=code_version(),
+        shards=ctx.done,
+        seconds=time.time() - started,
+    )
+    log.info("%s: published %s (%d shards, %d written now)", name, art.uri, len(ctx.done), ctx.written)
+    return StageRun(name, "ran", manifest, time.time() - started, resumed_shards=resumed)
+
+
+def stage_status(cfg: PipelineConfig, storage: Storage | None = None) -> list[dict[str, Any]]:
+    """Per stage: complete / partial (n shards) / missing / blocked (an input is not built)."""
+    storage = storage or storage_for(cfg)
+    planner = Planner(cfg, storage)
+    rows = []
+    for name in STAGES:
+        plan = planner.plan(name)
+        row: dict[str, Any] = {"stage": name, "key": plan.key}
+        if plan.missing:
+            row.update(status="blocked", needs=plan.missing)
+        elif (manifest := planner.manifest(name)) is not None:
+            row.update(status="complete", shards=manifest.shards, rows={t: manifest.rows(t) for t in manifest.tables})
+        else:
+            done = Artifact(storage, name, plan.key).done_shards()
+            row.update(status="partial" if done else "missing", shards=len(done))
+        rows.append(row)
+    return rows
+
+
+def catalog_tables(cfg: PipelineConfig, storage: Storage) -> dict[str, list[str]]:
+    """``{table: [parquet keys]}`` of every stage whose current artifact is complete."""
+    planner = Planner(cfg, storage)
+    tables: dict[str, list[str]] = {}
+    for name in STAGES:
+        manifest = planner.manifest(name)
+        if manifest is None:
+            continue
+        art = Artifact(storage, name, manifest.key)
+        for table, files in manifest.tables.items():
+            tables[table] = [art.file_key(f.path) for f in files]
+    return tables

@@ -1,0 +1,77 @@
+"""The stage contract: a plain function over artifacts, with a version, sharded and resumable."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+
+from pipeline.artifact import Artifact, Manifest, ShardRecord
+from pipeline.progress import NullProgress, Progress
+from storage import Storage
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A node of the DAG.
+
+    ``run(ctx)`` writes shards through ``ctx``; the runner publishes the manifest. Bump
+    ``version`` whenever a code change alters the output, so old caches are not reused.
+    """
+
+    name: str
+    version: int
+    run: Callable[["StageContext"], None]
+    inputs: tuple[str, ...] = ()  # upstream stage names
+    tables: tuple[str, ...] = ()  # tables the artifact holds (catalog views)
+    description: str = ""
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: its config section, its inputs, and a shard writer."""
+
+    stage: Stage
+    config: Any  # the stage's validated config section
+    storage: Storage
+    output: Artifact
+    inputs: dict[str, Manifest]
+    run_id: str
+    progress: Progress = field(default_factory=NullProgress)
+    done: dict[str, ShardRecord] = field(default_factory=dict)
+    written: int = 0
+
+    def shard_done(self, shard: str) -> bool:
+        return shard in self.done
+
+    def write_shard(self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float) -> None:
+        self.done[shard] = self.output.write_shard(shard, tables, stats, self.run_id, started)
+        self.written += 1
+
+    def input_files(self, stage: str, table: str) -> list[str]:
+        """Storage keys of an upstream table's Parquet files, in shard order."""
+        manifest = self.inputs[stage]
+        art = Artifact(self.storage, stage, manifest.key)
+        return [art.file_key(f.path) for f in manifest.tables.get(table, [])]
+
+
+def now() -> float:
+    return time.time()
+
+
+def shard_id(prefix: str, index: int) -> str:
+    """Zero-padded shard ids sort in shard order."""
+    return f"{prefix}-{index:05d}"
+
+
+def batched(items: Iterable, n: int) -> Iterable[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,54 @@
+"""The one storage interface: every stage, the artifact layer and the catalog depend only on this."""
+
+from __future__ import annotations
+
+import posixpath
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message names the URI and what went wrong."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Objects addressed by relative POSIX keys (``artifacts/ingest/<key>/pairs/x.parquet``).
+
+    Contract shared by every implementation:
+    - ``put`` / ``put_file`` are atomic: a reader sees the old object (or none) or the whole new one.
+    - ``list`` never returns an object that is still being written.
+    """
+
+    uri: str  # the root: an absolute local directory or ``s3://bucket/prefix``
+
+    def url(self, key: str) -> str:
+        """Full address of ``key`` as DuckDB and users see it (absolute path or ``s3://…``)."""
+
+    def open(self, key: str) -> BinaryIO:
+        """A seekable, buffered binary reader over the object."""
+
+    def read_bytes(self, key: str) -> bytes: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def put_file(self, key: str, local_path: Path) -> None:
+        """Publish a finished local file under ``key`` (atomic)."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys of all objects under ``prefix`` (a folder-like prefix), sorted."""
+
+    def remove(self, prefix: str) -> None:
+        """Remove the object ``prefix`` or everything under it; missing is not an error."""
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape the root or are ambiguous (``..``, absolute, empty parts)."""
+    if not key or key.startswith("/") or "\\" in key:
+        raise StorageError(f"invalid storage key {key!r}: expected a relative POSIX path")
+    norm = posixpath.normpath(key)
+    if norm != key.rstrip("/") or norm.startswith("..") or "/../" in f"/{norm}/":
+        raise StorageError(f"invalid storage key {key!r}: expected a normalized relative path")
+    return norm
