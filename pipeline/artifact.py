@@ -11,7 +11,6 @@ A shard with a marker is done and never redone; a manifest makes the artifact vi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
@@ -85,6 +84,26 @@ class Manifest:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class EncodedTable:
+    local_path: str
+    sha256: str
+    rows: int
+    bytes: int
+
+
+def encode_tables(tables: dict[str, pa.Table], folder: Path) -> dict[str, EncodedTable]:
+    """Write each table as Parquet into ``folder`` (pure: safe to run in a worker process)."""
+    encoded = {}
+    for table, data in tables.items():
+        local = folder / f"{table}.parquet"
+        # NOTE: fixed writer options keep the bytes deterministic, so a resumed run
+        # reproduces exactly the files of an uninterrupted one.
+        pq.write_table(data, local, compression="zstd", row_group_size=64 * 1024)
+        encoded[table] = EncodedTable(str(local), sha256_file(local), data.num_rows, local.stat().st_size)
+    return encoded
+
+
 def content_sha256(tables: dict[str, list[TableFile]]) -> str:
     return sha256_json({t: [[f.path, f.sha256] for f in files] for t, files in sorted(tables.items())})
 
@@ -141,16 +160,18 @@ class Artifact:
         self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], run_id: str, started: float
     ) -> ShardRecord:
         """Write each table's file, then the marker. Re-writing a shard yields identical bytes."""
-        files: dict[str, TableFile] = {}
         with tempfile.TemporaryDirectory(prefix="uniter-shard-") as tmp:
-            for table, data in tables.items():
-                local = Path(tmp) / f"{table}.parquet"
-                # NOTE: fixed writer options keep the bytes deterministic, so a resumed run
-                # reproduces exactly the files of an uninterrupted one.
-                pq.write_table(data, local, compression="zstd", row_group_size=64 * 1024)
-                relpath = f"{table}/{shard}.parquet"
-                self.storage.put_file(self.file_key(relpath), local)
-                files[table] = TableFile(relpath, sha256_file(local), data.num_rows, local.stat().st_size)
+            return self.publish_shard(shard, encode_tables(tables, Path(tmp)), stats, run_id, started)
+
+    def publish_shard(
+        self, shard: str, encoded: dict[str, "EncodedTable"], stats: dict[str, Any], run_id: str, started: float
+    ) -> ShardRecord:
+        """Upload files encoded by `encode_tables` (possibly in a worker process), then the marker."""
+        files: dict[str, TableFile] = {}
+        for table, enc in encoded.items():
+            relpath = f"{table}/{shard}.parquet"
+            self.storage.put_file(self.file_key(relpath), Path(enc.local_path))
+            files[table] = TableFile(relpath, enc.sha256, enc.rows, enc.bytes)
         record = ShardRecord(shard, files, stats, round(time.time() - started, 3), run_id)
         marker = json.dumps(asdict(record), sort_keys=True).encode()
         self.storage.put(f"{self.prefix}/{SHARDS}/{shard}.json", marker)
@@ -196,6 +217,3 @@ class Artifact:
         self.storage.remove(f"{self.prefix}/{MANIFEST}")
         self.storage.remove(self.prefix)
 
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()

@@ -26,12 +26,19 @@ def downstream(name: str) -> list[str]:
     return [s for s in STAGES if s in affected and s != name]
 
 
-def _check_order() -> None:
+def check_dag(stages: dict[str, Stage]) -> None:
+    """Inputs come first; table names are unique (they are the catalog's view names)."""
     seen: set[str] = set()
-    for stage in STAGES.values():
+    tables: dict[str, str] = {}
+    for stage in stages.values():
         unknown = [i for i in stage.inputs if i not in seen]
-        assert not unknown, f"stage {stage.name} reads {unknown} which are not listed before it"
+        if unknown:
+            raise ValueError(f"stage {stage.name} reads {unknown}, which are not listed before it")
+        for table in stage.tables:
+            if table in tables:
+                raise ValueError(f"table {table!r} of stage {stage.name} is already a table of {tables[table]}")
+            tables[table] = stage.name
         seen.add(stage.name)
 
 
-_check_order()
+check_dag(STAGES)

@@ -91,7 +91,7 @@ class Planner:
             return self._plans[name]
         stage = get_stage(name)
         files: dict[str, str] = {}
-        config_sha = sha256_json(key_payload(getattr(self.cfg, name), files))
+        config_sha = sha256_json(key_payload(getattr(self.cfg, name, None), files))
         inputs: dict[str, str] = {}
         manifests: dict[str, Manifest] = {}
         missing: list[str] = []
@@ -188,7 +188,7 @@ def run_stage(
 
     ctx = StageContext(
         stage=plan.stage,
-        config=getattr(cfg, name),
+        config=getattr(cfg, name, None),
         storage=storage,
         output=art,
         inputs=plan.input_manifests,

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 
-from pipeline.artifact import Artifact, Manifest, ShardRecord
+from pipeline.artifact import Artifact, EncodedTable, Manifest, ShardRecord
 from pipeline.progress import NullProgress, Progress
 from storage import Storage
 
@@ -48,6 +48,11 @@ class StageContext:
 
     def write_shard(self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float) -> None:
         self.done[shard] = self.output.write_shard(shard, tables, stats, self.run_id, started)
+        self.written += 1
+
+    def publish_shard(self, shard: str, encoded: dict[str, EncodedTable], stats: dict[str, Any], started: float) -> None:
+        """For shards whose files a worker process already encoded (`encode_tables`)."""
+        self.done[shard] = self.output.publish_shard(shard, encoded, stats, self.run_id, started)
         self.written += 1
 
     def input_files(self, stage: str, table: str) -> list[str]:

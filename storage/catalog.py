@@ -56,7 +56,11 @@ class Catalog:
             if not keys:
                 continue
             urls = ", ".join(_quote(storage.url(k)) for k in keys)
-            self.con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet([{urls}])')
+            try:
+                # DuckDB binds the view now: it reads the Parquet footers (schema) here.
+                self.con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet([{urls}])')
+            except duckdb.Error as exc:
+                raise CatalogError(f"table {name!r} ({len(keys)} files under {storage.uri}): {exc}") from None
             self.views[name] = len(keys)
 
     def _connect_s3(self) -> None:

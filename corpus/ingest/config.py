@@ -117,8 +117,9 @@ class IngestConfig(SectionConfig):
     sources: list[Source] = Field(min_length=1)
     # Input records per shard (lines, annotations, regions, images). Changing it re-shards the output.
     shard_rows: int = Field(default=100_000, ge=1)
-    # Processes normalizing shards of line formats (CC, SBU) in parallel; 1 = in-process.
-    workers: int = Field(default=1, ge=1, le=64)
+    # Processes normalizing shards of the big line formats (CC, SBU) in parallel; 1 = in-process,
+    # unset = one per CPU core. Does not change the output (not part of the cache key).
+    workers: int | None = Field(default=None, ge=1, le=256)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "IngestConfig":

@@ -67,17 +67,19 @@ def line_col(path: str, offset: int) -> tuple[int, int]:
 
 
 def _error_offset(exc: Exception, reader: CountingReader) -> int | None:
-    """yajl reports a snippet and a caret under the bad character; find the snippet in the block."""
+    """Byte offset of a yajl syntax error. yajl prints ~30 characters either side of the error,
+    newlines shown as spaces, with a caret under the bad byte: find that text in the block."""
     lines = str(exc).splitlines()
     if "premature EOF" in (lines[0] if lines else ""):
         return reader.pos
     if len(lines) >= 3 and "^" in lines[2]:
-        snippet_line, caret = lines[1], lines[2].index("^")
-        lead = len(snippet_line) - len(snippet_line.lstrip(" "))
-        snippet = snippet_line[lead:].encode("utf-8", "replace")
-        idx = reader.last.find(snippet) if snippet else -1
-        if idx >= 0 and reader.last.find(snippet, idx + 1) < 0:
-            return reader.last_start + idx + max(0, caret - lead)
+        caret = lines[2].index("^")
+        before, after = lines[1][:caret].lstrip(" "), lines[1][caret:]
+        needle = (before + after).encode("utf-8", "replace")
+        for block in (reader.last.replace(b"\n", b" ").replace(b"\r", b" "), reader.last):
+            idx = block.find(needle) if needle else -1
+            if idx >= 0 and block.find(needle, idx + 1) < 0:
+                return reader.last_start + idx + len(before.encode("utf-8", "replace"))
     return None
 
 
@@ -130,6 +132,8 @@ class JsonArrayStream:
         self.pos = 0
 
     def __iter__(self) -> Iterator[Any]:
+        if file_size(self.path) == 0:
+            raise InputDataError(f"{self.path}: empty file, expected JSON")
         expected = "start_map" if self.key else "start_array"
         event, _ = _first_event(self.path)
         if event != expected:

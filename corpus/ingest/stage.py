@@ -1,41 +1,62 @@
-"""The ingest stage: every configured source → shards of the `pairs` and `rejects` tables."""
+"""The ingest stage: every configured source → shards of the `pairs` and `rejects` tables.
+
+reader (formats.*.chunks) → worker (normalize + Parquet encode, in-process or a process pool)
+→ writer (publish the shard's files, then its marker).
+"""
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Iterator
-
 import multiprocessing
+import os
+import shutil
+import tempfile
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterator
 
 from corpus.ingest.formats import Chunk, open_format
 from corpus.ingest.writer import ShardBuilder
+from pipeline.artifact import encode_tables
 from pipeline.stage import Stage, StageContext, now, shard_id
 
 log = logging.getLogger(__name__)
 
+# Formats whose chunks are cheap to ship to another process (raw lines). The JSON formats hold an
+# image index that every worker would need a copy of, and ijson parsing dominates them anyway.
+PARALLEL_FORMATS = ("cc", "sbu")
+PARALLEL_MIN_BYTES = 32 << 20
 
-def normalize_chunk(fmt, chunk: Chunk) -> tuple[dict, dict, float]:
-    """Worker: one chunk → (tables, stats, start time). Module-level so a process pool can run it."""
+
+def process_chunk(fmt, chunk: Chunk, folder: str) -> tuple[dict, dict, float]:
+    """Worker: normalize one chunk and encode its tables into ``folder``. Module-level: picklable."""
     started = now()
     out = ShardBuilder(fmt.name)
     fmt.normalize(chunk, out)
-    return out.tables(), out.stats(), started
+    return encode_tables(out.tables(), Path(folder)), out.stats(), started
 
 
 def run_ingest(ctx: StageContext) -> None:
     cfg = ctx.config
-    for source in cfg.sources:
-        fmt = open_format(source)
-        with ctx.progress.task(f"ingest {fmt.name}", total=fmt.total_bytes, unit="B") as bar:
-            todo = _pending(ctx, fmt, cfg.shard_rows, bar)
-            # Line formats ship raw lines to worker processes cheaply; JSON formats keep an image
-            # index in memory that would have to be copied to every worker, so they stay in-process.
-            parallel = cfg.workers > 1 and source.format in ("cc", "sbu")
-            results = _parallel(fmt, todo, cfg.workers) if parallel else (normalize_chunk(fmt, c) + (c,) for c in todo)
-            for tables, stats, started, chunk in results:
-                ctx.write_shard(shard_id(fmt.name, chunk.index), tables, stats, started)
-                bar.advance(chunk.nbytes)
+    with tempfile.TemporaryDirectory(prefix="uniter-ingest-") as scratch:
+        for source in cfg.sources:
+            fmt = open_format(source)
+            workers = _workers(cfg.workers, source.format, fmt.total_bytes)
+            with ctx.progress.task(f"ingest {fmt.name}", total=fmt.total_bytes, unit="B") as bar:
+                todo = _pending(ctx, fmt, cfg.shard_rows, bar)
+                for chunk, (encoded, stats, started), folder in _process(fmt, todo, workers, Path(scratch)):
+                    ctx.publish_shard(shard_id(fmt.name, chunk.index), encoded, stats, started)
+                    shutil.rmtree(folder, ignore_errors=True)
+                    bar.advance(chunk.nbytes)
+
+
+def _workers(configured: int | None, format_name: str, total_bytes: int) -> int:
+    if format_name not in PARALLEL_FORMATS:
+        return 1
+    if configured is None:
+        # Starting worker processes costs ~1 s (imports): not worth it for small files.
+        return (os.cpu_count() or 1) if total_bytes >= PARALLEL_MIN_BYTES else 1
+    return configured
 
 
 def _pending(ctx: StageContext, fmt, shard_rows: int, bar) -> Iterator[Chunk]:
@@ -47,20 +68,30 @@ def _pending(ctx: StageContext, fmt, shard_rows: int, bar) -> Iterator[Chunk]:
             yield chunk
 
 
-def _parallel(fmt, chunks: Iterator[Chunk], workers: int):
-    """Normalize chunks in worker processes, at most 2 per worker in flight (bounded memory),
-    yielding results in chunk order."""
-    # NOTE: forkserver, not fork: the parent may hold threads (boto3, DuckDB) that fork would copy locked.
-    ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        pending: list[tuple[Future, Chunk]] = []
+def _process(fmt, chunks: Iterator[Chunk], workers: int, scratch: Path):
+    """Yield ``(chunk, result, folder)`` in chunk order. With several workers at most two chunks
+    per worker are in flight, so memory stays bounded whatever the input size."""
+    def folder_for(chunk: Chunk) -> Path:
+        folder = scratch / f"{fmt.name}-{chunk.index:05d}"
+        folder.mkdir()
+        return folder
+
+    if workers == 1:
         for chunk in chunks:
-            pending.append((pool.submit(normalize_chunk, fmt, chunk), chunk))
+            folder = folder_for(chunk)
+            yield chunk, process_chunk(fmt, chunk, str(folder)), folder
+        return
+    # NOTE: forkserver, not fork: the parent may hold threads (boto3, DuckDB) that fork copies locked.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        pending: list[tuple[Chunk, Future, Path]] = []
+        for chunk in chunks:
+            folder = folder_for(chunk)
+            pending.append((chunk, pool.submit(process_chunk, fmt, chunk, str(folder)), folder))
             if len(pending) >= 2 * workers:
-                fut, done_chunk = pending.pop(0)
-                yield fut.result() + (done_chunk,)
-        for fut, done_chunk in pending:
-            yield fut.result() + (done_chunk,)
+                done_chunk, fut, done_folder = pending.pop(0)
+                yield done_chunk, fut.result(), done_folder
+        for done_chunk, fut, done_folder in pending:
+            yield done_chunk, fut.result(), done_folder
 
 
 INGEST = Stage(

@@ -41,26 +41,17 @@ DETAIL_CHARS = 300
 
 
 class ShardBuilder:
-    """Collects one shard's pairs and rejects column by column (cheap appends on the hot path)."""
+    """Collects one shard's pairs and rejects: row by row (`pair`) for the JSON formats, or as
+    whole columns (`extend`) for the vectorized line formats."""
 
     def __init__(self, source: str):
         self.source = source
-        self.cols: dict[str, list] = {f.name: [] for f in PAIRS_SCHEMA}
+        self.cols: dict[str, list] = {f.name: [] for f in PAIRS_SCHEMA if f.name != "source"}
+        self.batches: list[pa.RecordBatch] = []
         self.rejects: dict[str, list] = {f.name: [] for f in REJECTS_SCHEMA}
         self.reasons: Counter[str] = Counter()
         self.records = 0  # input records seen (lines, annotations, regions, images)
         self.blank_lines = 0
-        c = self.cols
-        self._append = [
-            c["pair_id"].append,
-            c["image_key"].append,
-            c["image_uri"].append,
-            c["caption"].append,
-            c["split"].append,
-            c["coco_id"].append,
-            c["flickr_id"].append,
-            c["vg_id"].append,
-        ]
 
     def pair(
         self,
@@ -74,22 +65,34 @@ class ShardBuilder:
         vg_id: int | None = None,
         region: tuple[int, int, int, int, int] | None = None,
     ) -> None:
-        a = self._append
-        a[0](pair_id)
-        a[1](image_key)
-        a[2](image_uri)
-        a[3](caption)
-        a[4](split)
-        a[5](coco_id)
-        a[6](flickr_id)
-        a[7](vg_id)
         c = self.cols
+        c["pair_id"].append(pair_id)
+        c["image_key"].append(image_key)
+        c["image_uri"].append(image_uri)
+        c["caption"].append(caption)
+        c["split"].append(split)
+        c["coco_id"].append(coco_id)
+        c["flickr_id"].append(flickr_id)
+        c["vg_id"].append(vg_id)
         rid, x, y, w, h = region if region is not None else (None, None, None, None, None)
         c["region_id"].append(rid)
         c["region_x"].append(x)
         c["region_y"].append(y)
         c["region_w"].append(w)
         c["region_h"].append(h)
+
+    def extend(self, columns: dict[str, pa.Array]) -> None:
+        """Append whole columns (equal lengths); columns not given are null."""
+        n = len(next(iter(columns.values())))
+        arrays = []
+        for f in PAIRS_SCHEMA:
+            if f.name == "source":
+                arrays.append(pa.array([self.source] * n, pa.string()))
+            elif f.name in columns:
+                arrays.append(pa.array(columns[f.name], type=f.type) if isinstance(columns[f.name], list) else columns[f.name].cast(f.type))
+            else:
+                arrays.append(pa.nulls(n, f.type))
+        self.batches.append(pa.RecordBatch.from_arrays(arrays, schema=PAIRS_SCHEMA))
 
     def reject(self, file: str, record: str, reason: str, detail: Any = "") -> None:
         r = self.rejects
@@ -101,17 +104,24 @@ class ShardBuilder:
         r["detail"].append(text[:DETAIL_CHARS])
         self.reasons[reason] += 1
 
+    @property
+    def n_pairs(self) -> int:
+        return len(self.cols["pair_id"]) + sum(b.num_rows for b in self.batches)
+
     def tables(self) -> dict[str, pa.Table]:
+        batches = list(self.batches)
         n = len(self.cols["pair_id"])
-        self.cols["source"] = [self.source] * n
-        pairs = pa.table({f.name: pa.array(self.cols[f.name], type=f.type) for f in PAIRS_SCHEMA}, schema=PAIRS_SCHEMA)
+        if n or not batches:
+            cols = {**self.cols, "source": [self.source] * n}
+            batches.insert(0, pa.RecordBatch.from_pydict({f.name: pa.array(cols[f.name], f.type) for f in PAIRS_SCHEMA}, schema=PAIRS_SCHEMA))
+        pairs = pa.Table.from_batches(batches, schema=PAIRS_SCHEMA).combine_chunks()
         rejects = pa.table(
             {f.name: pa.array(self.rejects[f.name], type=f.type) for f in REJECTS_SCHEMA}, schema=REJECTS_SCHEMA
         )
         return {"pairs": pairs, "rejects": rejects}
 
     def stats(self) -> dict[str, Any]:
-        n_pairs = len(self.cols["pair_id"])
+        n_pairs = self.n_pairs
         return {
             "pairs": n_pairs,
             "rejects": sum(self.reasons.values()),

@@ -1,0 +1,109 @@
+"""The `uniter` console script, as a user runs it: JSON on stdout, messages on stderr, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import S3_SECRET, write_config
+
+UNITER = str(Path(sys.executable).parent / "uniter")
+
+
+def uniter(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([UNITER, *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture
+def cfg_path(tmp_path, storage_spec):
+    (tmp_path / "cc.tsv").write_text("a cat\thttp://example.org/1.jpg\na dog\thttp://example.org/2.jpg\n\tbad\n")
+    (tmp_path / "caps.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.jpg", "coco_url": "http://images.cocodataset.org/train2014/1.jpg"}],
+        "annotations": [{"id": 10, "image_id": 1, "caption": "a bird"}],
+    }))
+    sources = [{"format": "cc", "path": "cc.tsv"}, {"format": "coco", "path": "caps.json", "split": "val"}]
+    return write_config(tmp_path / "cfg.yaml", storage_spec, sources)
+
+
+def test_run_twice_json_then_cached(cfg_path):
+    first = uniter("run", "ingest", "-c", str(cfg_path), "--json")
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)  # stdout is exactly one JSON object
+    assert set(out) >= {"stage", "status", "key", "inputs", "outputs", "counts", "seconds"}
+    assert (out["stage"], out["status"]) == ("ingest", "ran")
+    assert {o["table"]: o["rows"] for o in out["outputs"]} == {"pairs": 3, "rejects": 1}
+    assert all(len(o["sha256"]) == 64 and o["uri"] for o in out["outputs"])
+    assert out["counts"]["reject_reasons"] == {"bad_url": 1}
+
+    second = uniter("run", "ingest", "-c", str(cfg_path), "--json")
+    again = json.loads(second.stdout)
+    assert again["status"] == "cached" and again["key"] == out["key"] and again["outputs"] == out["outputs"]
+    assert S3_SECRET not in first.stdout + first.stderr + second.stdout + second.stderr
+
+
+def test_status_and_sql(cfg_path):
+    status = json.loads(uniter("status", "-c", str(cfg_path), "--json").stdout)
+    assert status["stages"][0]["status"] == "missing"
+    assert uniter("run", "ingest", "-c", str(cfg_path), "-q").returncode == 0
+    status = json.loads(uniter("status", "-c", str(cfg_path), "--json").stdout)
+    assert status["stages"][0]["status"] == "complete"
+
+    sql = uniter("sql", "-c", str(cfg_path), "--json", "select source, split, count(*) as n from pairs group by all order by all")
+    assert sql.returncode == 0, sql.stderr
+    assert json.loads(sql.stdout)["rows"] == [
+        {"source": "cc", "split": "train", "n": 2},
+        {"source": "coco", "split": "val", "n": 1},
+    ]
+    human = uniter("sql", "-c", str(cfg_path), "select reason from rejects")
+    assert human.returncode == 0 and "bad_url" in human.stdout
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_errors_are_one_paragraph_with_exit_code_2(tmp_path, cfg_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest:\n  sources: [{format: cc, path: nope.tsv}]\n")
+    res = uniter("run", "ingest", "-c", str(bad))
+    assert res.returncode == 2
+    assert f"{bad}: invalid config" in res.stderr and "file not found" in res.stderr
+    assert "Traceback" not in res.stderr
+
+    res = uniter("run", "crawlx", "-c", str(cfg_path))
+    assert res.returncode == 2 and "unknown stage 'crawlx'" in res.stderr
+
+    (tmp_path / "trunc.json").write_text('{"images": [], "annotations": [{"id": 1,')
+    trunc = write_config(tmp_path / "trunc.yaml", {"uri": str(tmp_path / "d")}, [{"format": "coco", "path": "trunc.json"}])
+    res = uniter("run", "ingest", "-c", str(trunc), "--json")
+    assert res.returncode == 2 and res.stdout == ""
+    assert f"{tmp_path / 'trunc.json'}: invalid JSON at line 1" in res.stderr and "Traceback" not in res.stderr
+
+    res = uniter("sql", "-c", str(cfg_path), "select * from pairs")
+    assert res.returncode == 2 and "Tables available: none yet" in res.stderr
+
+
+def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
+    """What `make demo` runs, redirected to a temporary storage root (Prefect's temporary server)."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    doc = yaml.safe_load((configs / "demo.yaml").read_text())
+    doc["storage"]["uri"] = str(tmp_path / "data")
+    for src in doc["ingest"]["sources"]:
+        for k in ("path", "image_data", "region_descriptions", "urls", "captions", "image_root"):
+            if k in src:
+                src[k] = str((configs / src[k]).resolve())
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+
+    res = uniter("demo", "-c", str(cfg), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    (ingest,) = out["stages"]
+    assert ingest["status"] == "ran"
+    assert ingest["counts"]["pairs_by_source"] == {"cc": 5, "coco": 8, "karpathy_coco": 8, "karpathy_f30k": 4, "sbu": 3, "vg": 5}
+    assert ingest["counts"]["reject_reasons"] == {"bad_url": 1, "empty_caption": 4, "undecodable_text": 1, "unknown_image": 1}
+    again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
+    assert again["stages"][0]["status"] == "cached"

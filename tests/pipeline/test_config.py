@@ -1,0 +1,92 @@
+"""Config validation: every problem names the file, the key path and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "ann.tsv").write_text("a cat\thttp://x.org/1.jpg\n")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def _error(path: Path) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    return str(exc.value)
+
+
+def test_shipped_configs_are_valid():
+    demo = load_config(ROOT / "configs" / "demo.yaml")
+    assert demo.storage.uri == str(ROOT / "data")  # relative to the config file, not the CWD
+    assert [s.source_name for s in demo.ingest.sources] == ["coco", "vg", "cc", "sbu", "karpathy_coco", "karpathy_f30k"]
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    path = _write(tmp_path, "storage: {uri: out}\ningest:\n  sources: [{format: cc, path: ann.tsv}]\n")
+    monkeypatch.chdir("/")
+    cfg = load_config(path)
+    assert cfg.storage.uri == str(tmp_path / "out")
+    assert cfg.ingest.sources[0].path == str(tmp_path / "ann.tsv")
+
+
+def test_unknown_key_names_path_and_allowed_keys(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: cc, path: ann.tsv, captions_col: 2}]\n"))
+    assert str(tmp_path / "cfg.yaml") in msg
+    assert "ingest.sources[0].captions_col: unknown key" in msg
+    assert "allowed here: name, split, format, path" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: cc, path: ann.tsv}]\nstorge: {uri: x}\n"))
+    assert "storge: unknown key (allowed here: storage, ingest)" in msg
+
+
+def test_wrong_type(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  shard_rows: many\n  sources: [{format: cc, path: ann.tsv}]\n"))
+    assert "ingest.shard_rows:" in msg and "valid integer" in msg and "'many'" in msg
+
+
+def test_missing_file_names_the_resolved_path(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: coco, path: nope.json}]\n"))
+    assert f"ingest.sources[0].path: file not found: {tmp_path / 'nope.json'}" in msg
+
+
+def test_missing_required_key(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: sbu, urls: ann.tsv}]\n"))
+    assert "ingest.sources[0].captions: required key is missing" in msg
+    assert "ingest: required key is missing" in _error(_write(tmp_path, "storage: {uri: x}\n"))
+
+
+def test_unknown_format(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: laion, path: ann.tsv}]\n"))
+    assert "ingest.sources[0]" in msg and "'laion'" in msg and "'coco'" in msg
+
+
+def test_cross_field_rules(tmp_path):
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: karpathy, dataset: flickr30k, path: ann.tsv}]\n"))
+    assert "needs image_root" in msg
+    msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: cc, path: ann.tsv}, {format: cc, path: ann.tsv}]\n"))
+    assert "two sources are named 'cc'" in msg
+
+
+def test_bad_storage_uri(tmp_path):
+    msg = _error(_write(tmp_path, "storage: {uri: 'gs://b/x'}\ningest:\n  sources: [{format: cc, path: ann.tsv}]\n"))
+    assert "storage.uri: unsupported storage URI" in msg
+    msg = _error(_write(tmp_path, "storage: {uri: 's3://ab'}\ningest:\n  sources: [{format: cc, path: ann.tsv}]\n"))
+    assert "3+ characters" in msg
+
+
+def test_not_yaml_or_not_a_mapping(tmp_path):
+    assert "invalid YAML at line 2, column 18" in _error(_write(tmp_path, "ingest:\n  sources: {a: [b}\n"))
+    assert "expected a mapping of sections" in _error(_write(tmp_path, "- just\n- a list\n"))
+    assert "config file not found" in _error(tmp_path / "absent.yaml")

@@ -1,0 +1,87 @@
+"""The storage interface, on a local folder and on a real S3-protocol server (moto, loopback)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from storage import StorageError
+from storage.local import LocalStorage
+
+
+def test_put_read_exists_list_remove(storage):
+    storage.put("a/b/one.json", b"1")
+    storage.put("a/b/two.json", b"22")
+    storage.put("a/bc/three.json", b"333")
+    assert storage.read_bytes("a/b/two.json") == b"22"
+    assert storage.exists("a/b/one.json")
+    assert not storage.exists("a/b/none.json")
+    assert storage.list("a/b") == ["a/b/one.json", "a/b/two.json"]  # not a/bc
+    assert storage.list("a") == ["a/b/one.json", "a/b/two.json", "a/bc/three.json"]
+    assert storage.list("nothing/here") == []
+
+    storage.remove("a/b")
+    assert storage.list("a") == ["a/bc/three.json"]
+    storage.remove("a/bc/three.json")
+    storage.remove("a/bc/three.json")  # missing is not an error
+    assert storage.list("a") == []
+
+
+def test_put_file_and_seekable_open(storage, tmp_path):
+    data = bytes(range(256)) * 5000  # 1.28 MB: several reads through the buffer
+    local = tmp_path / "blob.bin"
+    local.write_bytes(data)
+    storage.put_file("x/blob.bin", local)
+    assert local.exists(), "put_file must not consume the caller's file"
+    with storage.open("x/blob.bin") as f:
+        f.seek(-10, 2)
+        assert f.read() == data[-10:]
+        f.seek(1000)
+        assert f.read(5) == data[1000:1005]
+        f.seek(0)
+        assert f.read() == data
+
+
+def test_missing_object_errors_name_the_uri(storage):
+    with pytest.raises(StorageError, match="no such object") as exc:
+        storage.read_bytes("not/there.json")
+    assert "not/there.json" in str(exc.value)
+    with pytest.raises(StorageError, match="no such object"):
+        storage.open("not/there.json")
+
+
+@pytest.mark.parametrize("key", ["../escape", "/abs", "a/../../b", "a/./b", ""])
+def test_keys_cannot_escape_the_root(storage, key):
+    with pytest.raises(StorageError, match="invalid storage key"):
+        storage.put(key, b"x")
+
+
+def test_local_put_is_atomic_and_hides_temporaries(tmp_path):
+    """Readers racing a writer see the old or the new object, never a torn one."""
+    store = LocalStorage(tmp_path)
+    old, new = b"o" * 1_000_000, b"n" * 2_000_000
+    store.put("obj", old)
+    seen: set[int] = set()
+    listed: set[tuple[str, ...]] = set()
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            seen.add(len(store.read_bytes("obj")))
+            listed.add(tuple(store.list("obj")))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for _ in range(20):
+        store.put("obj", new)
+        store.put("obj", old)
+    stop.set()
+    t.join()
+    assert seen <= {len(old), len(new)}
+    assert listed == {("obj",)}
+    # An interrupted writer's temporary file is never listed.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / ".x.parquet.tmp-123").write_bytes(b"partial")
+    (tmp_path / "d" / "x.json").write_bytes(b"{}")
+    assert store.list("d") == ["d/x.json"]
