@@ -134,7 +134,7 @@ def cmd_sql(args) -> int:
     finally:
         catalog.close()
     if args.json:
-        _emit({"columns": result.columns, "rows": [dict(zip(result.columns, r)) for r in result.rows]})
+        _emit({"columns": result.columns, "rows": [dict(zip(result.columns, r, strict=True)) for r in result.rows]})
         return 0
     from rich.console import Console
     from rich.table import Table

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator, Protocol
 
 
@@ -11,7 +11,8 @@ class ProgressTask(Protocol):
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: float | None = None, unit: str = "") -> "contextmanager[ProgressTask]": ...
+    def task(self, description: str, total: float | None = None, unit: str = "") -> AbstractContextManager[ProgressTask]:
+        """A bar for one piece of work; ``unit="B"`` shows bytes and throughput."""
 
 
 class _NullTask:

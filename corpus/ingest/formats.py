@@ -229,7 +229,7 @@ class Sbu:
     def chunks(self, n: int) -> Iterator[Chunk]:
         urls = read_line_chunks(self.source.urls, n)
         caps = read_line_chunks(self.source.captions, n)
-        for i, ((start, u, ub), (_, c, cb)) in enumerate(zip(urls, caps)):
+        for i, ((start, u, ub), (_, c, cb)) in enumerate(zip(urls, caps, strict=True)):
             yield Chunk(i, (start, u, c), ub + cb)
 
     def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
@@ -237,7 +237,7 @@ class Sbu:
         src = self.source
         out.records += len(raw_urls)
         nums, caps, urls = [], [], []
-        for line_no, raw_url, raw_cap in zip(range(start, start + len(raw_urls)), raw_urls, raw_caps):
+        for line_no, raw_url, raw_cap in zip(range(start, start + len(raw_urls)), raw_urls, raw_caps, strict=True):
             try:
                 url = raw_url.decode("utf-8")
             except UnicodeDecodeError:

@@ -90,3 +90,11 @@ def test_not_yaml_or_not_a_mapping(tmp_path):
     assert "invalid YAML at line 2, column 18" in _error(_write(tmp_path, "ingest:\n  sources: {a: [b}\n"))
     assert "expected a mapping of sections" in _error(_write(tmp_path, "- just\n- a list\n"))
     assert "config file not found" in _error(tmp_path / "absent.yaml")
+
+
+def test_example_full_config_is_valid_but_for_the_missing_datasets():
+    """The commented example is structurally valid; only the dataset files are absent here."""
+    msg = _error(ROOT / "configs" / "example-full.yaml")
+    problems = [line for line in msg.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 10
+    assert all("file not found" in p for p in problems), problems

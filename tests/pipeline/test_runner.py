@@ -82,7 +82,7 @@ def test_config_change_invalidates_but_parallelism_does_not(tmp_path, storage_sp
 
 
 def test_key_follows_file_content_not_path(tmp_path, storage_spec, cc_file):
-    base = run_stage("ingest", _config(tmp_path, storage_spec, cc_file))
+    run_stage("ingest", _config(tmp_path, storage_spec, cc_file))
     moved = tmp_path / "elsewhere.tsv"
     shutil.copy(cc_file, moved)
     assert run_stage("ingest", _config(tmp_path, storage_spec, moved)).status == "cached"
