@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -95,19 +96,19 @@ def url_key(url: str) -> str:
     return "url:" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:20]
 
 
-_duckdb = None
+_local = threading.local()
 
 
 def url_keys(urls: pa.Array) -> pa.Array:
     """`url_key` of a whole column (DuckDB's vectorized sha256: same digests, ~4x faster)."""
-    global _duckdb
-    if _duckdb is None:
+    con = getattr(_local, "duckdb", None)
+    if con is None:  # one connection per thread: DuckDB connections are not thread-safe
         import duckdb
 
-        # One thread: ingest already runs one worker process per core.
-        _duckdb = duckdb.connect(config={"threads": 1})
+        # One DuckDB thread: ingest already runs one worker process per core.
+        con = _local.duckdb = duckdb.connect(config={"threads": 1})
     url_table = pa.table({"u": urls})  # noqa: F841 — DuckDB reads it by its name
-    return _duckdb.sql("select 'url:' || left(sha256(u), 20) as k from url_table").arrow().read_all().column("k").combine_chunks()
+    return con.sql("select 'url:' || left(sha256(u), 20) as k from url_table").arrow().read_all().column("k").combine_chunks()
 
 
 def clean_captions(captions: pa.Array) -> pa.Array:
