@@ -92,14 +92,15 @@ class EncodedTable:
     bytes: int
 
 
-def encode_tables(tables: dict[str, pa.Table], folder: Path) -> dict[str, EncodedTable]:
+def encode_tables(tables: dict[str, pa.Table], folder: Path, compression: dict[str, str] | None = None) -> dict[str, EncodedTable]:
     """Write each table as Parquet into ``folder`` (pure: safe to run in a worker process)."""
     encoded = {}
     for table, data in tables.items():
         local = folder / f"{table}.parquet"
         # NOTE: fixed writer options keep the bytes deterministic, so a resumed run
         # reproduces exactly the files of an uninterrupted one.
-        pq.write_table(data, local, compression="zstd", row_group_size=64 * 1024)
+        codec = (compression or {}).get(table, "zstd")
+        pq.write_table(data, local, compression=codec, row_group_size=64 * 1024)
         encoded[table] = EncodedTable(str(local), sha256_file(local), data.num_rows, local.stat().st_size)
     return encoded
 
@@ -157,11 +158,12 @@ class Artifact:
         return done
 
     def write_shard(
-        self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], run_id: str, started: float
+        self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], run_id: str, started: float,
+        compression: dict[str, str] | None = None,
     ) -> ShardRecord:
         """Write each table's file, then the marker. Re-writing a shard yields identical bytes."""
         with tempfile.TemporaryDirectory(prefix="uniter-shard-") as tmp:
-            return self.publish_shard(shard, encode_tables(tables, Path(tmp)), stats, run_id, started)
+            return self.publish_shard(shard, encode_tables(tables, Path(tmp), compression), stats, run_id, started)
 
     def publish_shard(
         self, shard: str, encoded: dict[str, "EncodedTable"], stats: dict[str, Any], run_id: str, started: float
@@ -186,6 +188,7 @@ class Artifact:
         code_version: str,
         shards: dict[str, ShardRecord],
         seconds: float,
+        summarize=None,
     ) -> Manifest:
         tables: dict[str, list[TableFile]] = {}
         counts: dict[str, Any] = {}
@@ -194,6 +197,8 @@ class Artifact:
             for table, f in rec.files.items():
                 tables.setdefault(table, []).append(f)
             merge_counts(counts, rec.stats)
+        if summarize is not None:
+            counts.update(summarize(counts))
         manifest = Manifest(
             stage=self.stage,
             stage_version=stage_version,

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from corpus.crawl.config import CrawlConfig
 from corpus.ingest.config import IngestConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
@@ -27,6 +28,7 @@ class StorageConfig(StrictModel):
 class PipelineConfig(StrictModel):
     storage: StorageConfig = StorageConfig()
     ingest: IngestConfig
+    crawl: CrawlConfig = CrawlConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

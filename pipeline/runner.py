@@ -207,6 +207,7 @@ def run_stage(
         code_version=code_version(),
         shards=ctx.done,
         seconds=time.time() - started,
+        summarize=plan.stage.summarize,
     )
     log.info("%s: published %s (%d shards, %d written now)", name, art.uri, len(ctx.done), ctx.written)
     return StageRun(name, "ran", manifest, time.time() - started, resumed_shards=resumed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -27,6 +28,10 @@ class Stage:
     inputs: tuple[str, ...] = ()  # upstream stage names
     tables: tuple[str, ...] = ()  # tables the artifact holds (catalog views)
     description: str = ""
+    # Derived figures added to the summed shard stats at publication (e.g. a success rate).
+    summarize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Parquet codec per table where zstd is wasted work (already-compressed image bytes).
+    compression: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -42,18 +47,24 @@ class StageContext:
     progress: Progress = field(default_factory=NullProgress)
     done: dict[str, ShardRecord] = field(default_factory=dict)
     written: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def shard_done(self, shard: str) -> bool:
         return shard in self.done
 
     def write_shard(self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float) -> None:
-        self.done[shard] = self.output.write_shard(shard, tables, stats, self.run_id, started)
-        self.written += 1
+        """Encode and publish one shard (safe to call from several threads)."""
+        record = self.output.write_shard(shard, tables, stats, self.run_id, started, self.stage.compression)
+        with self._lock:
+            self.done[shard] = record
+            self.written += 1
 
     def publish_shard(self, shard: str, encoded: dict[str, EncodedTable], stats: dict[str, Any], started: float) -> None:
         """For shards whose files a worker process already encoded (`encode_tables`)."""
-        self.done[shard] = self.output.publish_shard(shard, encoded, stats, self.run_id, started)
-        self.written += 1
+        record = self.output.publish_shard(shard, encoded, stats, self.run_id, started)
+        with self._lock:
+            self.done[shard] = record
+            self.written += 1
 
     def input_files(self, stage: str, table: str) -> list[str]:
         """Storage keys of an upstream table's Parquet files, in shard order."""

@@ -46,9 +46,9 @@ def _quote(value: str) -> str:
 class Catalog:
     """Read-only SQL over the views given as ``{view name: [storage keys of its Parquet files]}``."""
 
-    def __init__(self, storage: Storage, tables: dict[str, list[str]]):
+    def __init__(self, storage: Storage, tables: dict[str, list[str]], settings: dict | None = None):
         self.storage = storage
-        self.con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+        self.con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, **(settings or {})})
         if storage.uri.startswith("s3://"):
             self._connect_s3()
         self.views: dict[str, int] = {}
@@ -96,6 +96,14 @@ class Catalog:
             raise CatalogError(f"{exc}\nTables available: {known}.") from None
         except duckdb.Error as exc:
             raise CatalogError(str(exc)) from None
+
+    def stream(self, query: str, batch_rows: int = 100_000):
+        """The result of ``query`` as Arrow record batches, without materializing it."""
+        try:
+            reader = self.con.execute(query).fetch_record_batch(batch_rows)
+        except duckdb.Error as exc:
+            raise CatalogError(str(exc)) from None
+        yield from reader
 
     def close(self) -> None:
         self.con.close()

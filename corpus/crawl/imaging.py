@@ -1,0 +1,114 @@
+"""Validate, normalize and hash one downloaded image (runs in worker processes).
+
+Every body is decoded — a file that does not decode is not an image, whatever its Content-Type —
+oriented by EXIF, converted to 8-bit RGB, shrunk so its longer side is at most `max_side`, and
+re-encoded as JPEG. sha256 is taken over the original bytes; pHash over the decoded image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from corpus.imagehash import phash
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    max_side: int = 1000
+    jpeg_quality: int = 90
+    max_pixels: int = 89_478_485  # Pillow's default bomb threshold (~ 9459×9459)
+
+
+@dataclass
+class Processed:
+    jpeg: bytes
+    width: int
+    height: int
+    orig_width: int
+    orig_height: int
+    orig_format: str
+    sha256: str
+    phash: int
+
+
+class ImageRejected(Exception):
+    """The body is not a usable image; ``reason`` is the failure code recorded in `failures`."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def process_image(data: bytes, opts: ImageOptions) -> Processed:
+    sha = hashlib.sha256(data).hexdigest()
+    image, (orig_w, orig_h), fmt = _decode(data, opts)
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 — a broken EXIF block must not lose an otherwise good image
+        pass
+    image = to_rgb(image)
+    if max(image.size) > opts.max_side:
+        scale = opts.max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=opts.jpeg_quality)
+    return Processed(out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, sha, phash(image))
+
+
+def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, int], str]:
+    Image.MAX_IMAGE_PIXELS = opts.max_pixels
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between 1× and 2× the limit; for untrusted input that is a bomb too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            size, fmt = image.size, image.format or "?"
+            if fmt == "JPEG":
+                # Let libjpeg decode at a reduced scale (1/2…1/8): far less work for big photos.
+                image.draft("RGB", (opts.max_side, opts.max_side))
+            image.load()
+            return image, size, fmt
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected("decompression_bomb", str(exc)[:200]) from None
+    except UnidentifiedImageError:
+        raise ImageRejected("not_an_image", _sniff(data)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports truncated or corrupt data as OSError ("image file is truncated", …).
+        raise ImageRejected("corrupt_image", str(exc)[:200]) from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: palette and alpha composited on white, CMYK converted, 16-bit and
+    float images scaled down to 8 bits (not clipped)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        mode = "L"
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+def _sniff(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
+        return "HTML document"
+    if not data:
+        return "empty body"
+    return f"unrecognized bytes {data[:16]!r}"

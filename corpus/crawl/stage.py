@@ -1,0 +1,221 @@
+"""The crawl stage: every distinct image of `pairs` → `images` (validated JPEG + hashes) and `failures`.
+
+reader (distinct image keys, sorted, cut into shards) → fetch (async HTTP / local roots)
+→ worker (decode, orient, RGB, resize, JPEG, sha256, pHash in a process pool) → writer (shard).
+
+Several shards are in flight at once, so one slow host at the end of a shard never idles the
+crawl; a shard is published when all its images are settled (fetched or failed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from corpus.crawl.fetch import Fetched, Fetcher
+from corpus.crawl.imaging import ImageOptions, ImageRejected, Processed, process_image
+from pipeline.stage import Stage, StageContext, now, shard_id
+from storage.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),  # the image_uri from pairs
+        pa.field("final_url", pa.string(), nullable=False),  # after redirects
+        pa.field("status", pa.string(), nullable=False),  # "ok"
+        pa.field("bytes", pa.binary(), nullable=False),  # JPEG, longer side <= max_side
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("orig_width", pa.int32(), nullable=False),
+        pa.field("orig_height", pa.int32(), nullable=False),
+        pa.field("orig_format", pa.string(), nullable=False),
+        pa.field("orig_bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),  # of the original bytes
+        pa.field("phash", pa.int64(), nullable=False),  # 64-bit pHash of the decoded image
+    ]
+)
+
+FAILURES_SCHEMA = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),  # http_404, timeout, too_large, not_an_image, …
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("http_status", pa.int32()),
+        pa.field("attempts", pa.int32(), nullable=False),
+    ]
+)
+
+
+@dataclass
+class Outcome:
+    key: str
+    fetched: Fetched
+    image: Processed | None = None
+    reason: str | None = None
+    detail: str = ""
+
+
+def process_or_reject(data: bytes, opts: ImageOptions) -> Processed | tuple[str, str]:
+    """Worker entry point. Returns the failure as a tuple: custom exceptions don't pickle back."""
+    try:
+        return process_image(data, opts)
+    except ImageRejected as exc:
+        return exc.reason, exc.detail
+
+
+def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, Iterator[tuple[int, list[str], list[str]]]]:
+    """(number of distinct images, iterator of (shard index, keys, uris)), sorted by image key so the
+    same pairs always give the same shards. DuckDB sorts out of core; we stream its result."""
+    keys = ctx.input_files("ingest", "pairs")
+    catalog = Catalog(ctx.storage, {"pairs": keys}, settings={"memory_limit": "2GB", "preserve_insertion_order": True})
+    total = catalog.sql("select count(distinct image_key) from pairs").rows[0][0]
+    query = "select image_key, min(image_uri) as image_uri from pairs group by image_key order by image_key"
+
+    def shards():
+        index, buf_k, buf_u = 0, [], []
+        try:
+            for batch in catalog.stream(query):
+                buf_k.extend(batch.column(0).to_pylist())
+                buf_u.extend(batch.column(1).to_pylist())
+                while len(buf_k) >= shard_images:
+                    yield index, buf_k[:shard_images], buf_u[:shard_images]
+                    buf_k, buf_u, index = buf_k[shard_images:], buf_u[shard_images:], index + 1
+            if buf_k:
+                yield index, buf_k, buf_u
+        finally:
+            catalog.close()
+
+    return total, shards()
+
+
+def run_crawl(ctx: StageContext) -> None:
+    cfg = ctx.config
+    total, shards = plan_shards(ctx, cfg.shard_images)
+    done_images = sum(rec.stats.get("images", 0) + rec.stats.get("failures", 0) for rec in ctx.done.values())
+    with ctx.progress.task("crawl", total=total) as bar:
+        bar.advance(done_images)
+        asyncio.run(_crawl(ctx, shards, bar))
+
+
+async def _crawl(ctx: StageContext, shards, bar) -> None:
+    cfg = ctx.config
+    workers = cfg.workers or os.cpu_count() or 1
+    opts = ImageOptions(max_side=cfg.max_side, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels)
+    # NOTE: forkserver, not fork: the event loop, aiohttp and DuckDB threads must not be copied.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
+    decode_slots = asyncio.Semaphore(2 * workers)  # bounded queue between download and decode
+    shard_slots = asyncio.Semaphore(cfg.open_shards)
+    loop = asyncio.get_running_loop()
+
+    async def settle(fetcher: Fetcher, key: str, uri: str) -> Outcome:
+        fetched = await fetcher.fetch(uri)
+        if fetched.body is None:
+            out = Outcome(key, fetched, reason=fetched.reason, detail=fetched.detail)
+        else:
+            async with decode_slots:
+                result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
+            if isinstance(result, Processed):
+                out = Outcome(key, fetched, image=result)
+            else:
+                out = Outcome(key, fetched, reason=result[0], detail=result[1])
+        bar.advance(1)
+        return out
+
+    async def crawl_shard(fetcher: Fetcher, index: int, keys: list[str], uris: list[str]) -> None:
+        try:
+            started = now()
+            outcomes = await asyncio.gather(*(settle(fetcher, k, u) for k, u in zip(keys, uris, strict=True)))
+            tables, stats = shard_tables(outcomes)
+            await asyncio.to_thread(ctx.write_shard, shard_id("images", index), tables, stats, started)
+        finally:
+            shard_slots.release()
+
+    try:
+        async with Fetcher(cfg) as fetcher:
+            running: set[asyncio.Task] = set()
+            for index, keys, uris in shards:
+                if ctx.shard_done(shard_id("images", index)):
+                    continue
+                await shard_slots.acquire()
+                task = asyncio.create_task(crawl_shard(fetcher, index, keys, uris))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                failed = [t for t in list(running) if t.done() and t.exception()]
+                if failed:
+                    raise failed[0].exception()
+            if running:
+                await asyncio.gather(*running)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def shard_tables(outcomes: list[Outcome]) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Rows sorted by image key: a shard's content does not depend on completion order."""
+    outcomes = sorted(outcomes, key=lambda o: o.key)
+    ok = [o for o in outcomes if o.image is not None]
+    bad = [o for o in outcomes if o.image is None]
+    images = pa.table(
+        {
+            "image_key": [o.key for o in ok],
+            "url": [o.fetched.url for o in ok],
+            "final_url": [o.fetched.final_url or o.fetched.url for o in ok],
+            "status": ["ok"] * len(ok),
+            "bytes": [o.image.jpeg for o in ok],
+            "width": [o.image.width for o in ok],
+            "height": [o.image.height for o in ok],
+            "orig_width": [o.image.orig_width for o in ok],
+            "orig_height": [o.image.orig_height for o in ok],
+            "orig_format": [o.image.orig_format for o in ok],
+            "orig_bytes": [len(o.fetched.body) for o in ok],
+            "sha256": [o.image.sha256 for o in ok],
+            "phash": [o.image.phash for o in ok],
+        },
+        schema=IMAGES_SCHEMA,
+    )
+    failures = pa.table(
+        {
+            "image_key": [o.key for o in bad],
+            "url": [o.fetched.url for o in bad],
+            "reason": [o.reason or "unknown" for o in bad],
+            "detail": [o.detail[:300] for o in bad],
+            "http_status": [o.fetched.http_status for o in bad],
+            "attempts": [o.fetched.attempts for o in bad],
+        },
+        schema=FAILURES_SCHEMA,
+    )
+    stats = {
+        "images": len(ok),
+        "failures": len(bad),
+        "failure_reasons": dict(sorted(Counter(o.reason or "unknown" for o in bad).items())),
+        "bytes_downloaded": sum(len(o.fetched.body) for o in ok),
+        "bytes_stored": sum(len(o.image.jpeg) for o in ok),
+    }
+    return {"images": images, "failures": failures}, stats
+
+
+def summarize(counts: dict[str, Any]) -> dict[str, Any]:
+    attempted = counts.get("images", 0) + counts.get("failures", 0)
+    return {"attempted": attempted, "success_rate": round(counts.get("images", 0) / attempted, 4) if attempted else 0.0}
+
+
+CRAWL = Stage(
+    name="crawl",
+    version=1,
+    run=run_crawl,
+    inputs=("ingest",),
+    tables=("images", "failures"),
+    description="every distinct image of pairs → validated, resized JPEG + sha256 + pHash; failures with reasons",
+    summarize=summarize,
+    compression={"images": "none"},  # JPEG bytes do not compress; the other columns are small
+)

@@ -1,0 +1,90 @@
+"""Decode, orient, convert, resize and hash: every awkward image file ends as 8-bit RGB JPEG."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from corpus.crawl.imaging import ImageOptions, ImageRejected, process_image
+from corpus.imagehash import hamming, phash
+from tests.fixtures import images as fx
+
+PHOTO = fx.synthetic_photo(1, (320, 240))
+
+
+def _decoded(jpeg: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(jpeg))
+    assert im.format == "JPEG" and im.mode == "RGB"
+    return im
+
+
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("jpeg", fx.jpeg(PHOTO)),
+        ("cmyk", fx.cmyk_jpeg(PHOTO)),
+        ("palette", fx.palette_png(PHOTO)),
+        ("alpha", fx.alpha_png(PHOTO)),
+        ("png16", fx.png16(PHOTO)),
+    ],
+)
+def test_every_mode_becomes_rgb_jpeg(name, data):
+    out = process_image(data, ImageOptions())
+    im = _decoded(out.jpeg)
+    assert (out.width, out.height) == im.size == (320, 240)
+    assert out.sha256 == hashlib.sha256(data).hexdigest()
+    if name != "alpha":  # (the alpha fixture masks the corners out: a different picture)
+        assert hamming(out.phash, phash(PHOTO)) <= 12, name  # still the same picture
+
+
+def test_alpha_is_composited_on_white():
+    out = _decoded(process_image(fx.alpha_png(PHOTO), ImageOptions()).jpeg)
+    corner = np.asarray(out)[:4, :4].mean()
+    assert corner > 240  # transparent corner → white, not black
+
+
+def test_png16_is_scaled_not_clipped():
+    out = np.asarray(_decoded(process_image(fx.png16(PHOTO), ImageOptions()).jpeg).convert("L"), dtype=float)
+    ref = np.asarray(PHOTO.convert("L"), dtype=float)
+    assert abs(out.mean() - ref.mean()) < 3
+
+
+def test_exif_orientation_is_applied():
+    out = process_image(fx.exif_rotated_jpeg(PHOTO), ImageOptions())
+    assert (out.width, out.height) == (320, 240)  # stored 240×320, shown 320×240
+    assert (out.orig_width, out.orig_height) == (240, 320)
+    assert hamming(out.phash, phash(PHOTO)) <= 6
+
+
+def test_resize_keeps_aspect_and_never_upscales():
+    big = fx.jpeg(fx.synthetic_photo(2, (1600, 900)))
+    out = process_image(big, ImageOptions(max_side=400))
+    assert (out.width, out.height) == (400, 225) and (out.orig_width, out.orig_height) == (1600, 900)
+    small = process_image(fx.jpeg(fx.synthetic_photo(3, (120, 80))), ImageOptions(max_side=400))
+    assert (small.width, small.height) == (120, 80)
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (fx.decompression_bomb_png(), "decompression_bomb"),
+        (fx.truncated_jpeg(PHOTO), "corrupt_image"),
+        (b"<!DOCTYPE html><html><body>nope</body></html>", "not_an_image"),
+        (b"", "not_an_image"),
+    ],
+)
+def test_bad_bodies_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected) as exc:
+        process_image(data, ImageOptions())
+    assert exc.value.reason == reason
+
+
+def test_bomb_limit_is_configurable():
+    data = fx.jpeg(fx.synthetic_photo(4, (300, 300)))
+    with pytest.raises(ImageRejected, match="decompression_bomb"):
+        process_image(data, ImageOptions(max_pixels=40_000))
+    assert process_image(data, ImageOptions(max_pixels=90_000)).width == 300
