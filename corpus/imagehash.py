@@ -1,7 +1,14 @@
-"""64-bit perceptual hash (pHash): the DCT of a 32×32 grayscale image, 8×8 lowest frequencies
-against their median. Same construction as the `imagehash` / imagededup PHash.
+"""64-bit perceptual hashes (pHash): the DCT of a 32×32 grayscale image, 8×8 lowest frequencies
+against their median — the construction of the `imagehash` / imagededup PHash — for the whole
+image and for five crop windows.
 
-Hashes are stored as signed int64 (Arrow/DuckDB BIGINT); Hamming distance = popcount(a XOR b).
+Why windows: a copy cropped by a few percent moves the whole 32×32 grid, and its pHash drifts by
+up to ~14 bits (measured), far beyond what separates re-encodes. Hashing the original's crop
+windows too (centre, and each side trimmed by `WINDOW_TRIM`) lets a cropped copy land within a few
+bits of one of them, so near duplicates are found at a small distance, where an exact, indexed
+join stays cheap (see corpus/dedup/join.py).
+
+Hashes are signed int64 (Arrow/DuckDB BIGINT); Hamming distance = popcount(a XOR b).
 """
 
 from __future__ import annotations
@@ -13,16 +20,44 @@ _N = 32
 # Unnormalized DCT-II basis (scale does not matter: bits compare coefficients with their median).
 _DCT = 2 * np.cos(np.pi * np.outer(np.arange(_N), 2 * np.arange(_N) + 1) / (2 * _N))
 _WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+_WORK_SIDE = 256  # hashes are computed from a grayscale copy this size: cheap and plenty for 32×32
+WINDOW_TRIM = 0.05
 
 
-def phash(image: Image.Image) -> int:
-    """pHash of a decoded image, as a signed 64-bit integer."""
-    small = image.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
-    pixels = np.asarray(small, dtype=np.float64)
+def _hash_gray(gray: Image.Image) -> int:
+    pixels = np.asarray(gray.resize((_N, _N), Image.Resampling.LANCZOS), dtype=np.float64)
     low = (_DCT @ pixels @ _DCT.T)[:8, :8]
     bits = (low > np.median(low)).ravel().astype(np.uint64)
     return int(np.sum(bits * _WEIGHTS, dtype=np.uint64).astype(np.int64))
 
 
+def _work_copy(image: Image.Image) -> Image.Image:
+    gray = image.convert("L")
+    if max(gray.size) > _WORK_SIDE:
+        scale = _WORK_SIDE / max(gray.size)
+        gray = gray.resize((max(1, round(gray.width * scale)), max(1, round(gray.height * scale))), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return gray
+
+
+def phash(image: Image.Image) -> int:
+    """pHash of the whole image, as a signed 64-bit integer."""
+    return _hash_gray(_work_copy(image))
+
+
+def phash_windows(image: Image.Image) -> tuple[int, list[int]]:
+    """(pHash of the whole image, pHashes of the centre window and of each side trimmed)."""
+    gray = _work_copy(image)
+    w, h = gray.size
+    dx, dy = int(w * WINDOW_TRIM), int(h * WINDOW_TRIM)
+    boxes = [(dx // 2, dy // 2, w - dx // 2, h - dy // 2), (dx, 0, w, h), (0, 0, w - dx, h), (0, dy, w, h), (0, 0, w, h - dy)]
+    return _hash_gray(gray), [_hash_gray(gray.crop(b)) for b in boxes]
+
+
 def hamming(a: int, b: int) -> int:
     return ((a ^ b) & 0xFFFFFFFFFFFFFFFF).bit_count()
+
+
+def window_distance(a: tuple[int, list[int]], b: tuple[int, list[int]]) -> int:
+    """Smallest distance between one image's whole-image hash and any hash of the other."""
+    (fa, wa), (fb, wb) = a, b
+    return min(hamming(fa, fb), *(hamming(fa, x) for x in wb), *(hamming(x, fb) for x in wa))

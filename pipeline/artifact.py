@@ -11,6 +11,7 @@ A shard with a marker is done and never redone; a manifest makes the artifact vi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -45,11 +46,13 @@ class ShardRecord:
     stats: dict[str, Any]
     seconds: float
     run_id: str
+    extras: dict[str, TableFile] = field(default_factory=dict)  # non-table files (reports), by name
 
     @classmethod
     def from_json(cls, data: dict) -> "ShardRecord":
         files = {t: TableFile(**f) for t, f in data["files"].items()}
-        return cls(data["shard"], files, data["stats"], data["seconds"], data["run_id"])
+        extras = {t: TableFile(**f) for t, f in data.get("extras", {}).items()}
+        return cls(data["shard"], files, data["stats"], data["seconds"], data["run_id"], extras)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Manifest:
     shards: int = 0
     seconds: float = 0.0
     uri: str = ""
+    files: dict[str, TableFile] = field(default_factory=dict)  # extra files (reports), by name
 
     def rows(self, table: str) -> int:
         return sum(f.rows for f in self.tables.get(table, []))
@@ -81,6 +85,7 @@ class Manifest:
     def from_json(cls, text: str) -> "Manifest":
         data = json.loads(text)
         data["tables"] = {t: [TableFile(**f) for f in files] for t, files in data["tables"].items()}
+        data["files"] = {n: TableFile(**f) for n, f in data.get("files", {}).items()}
         return cls(**data)
 
 
@@ -105,8 +110,11 @@ def encode_tables(tables: dict[str, pa.Table], folder: Path, compression: dict[s
     return encoded
 
 
-def content_sha256(tables: dict[str, list[TableFile]]) -> str:
-    return sha256_json({t: [[f.path, f.sha256] for f in files] for t, files in sorted(tables.items())})
+def content_sha256(tables: dict[str, list[TableFile]], files: dict[str, TableFile] | None = None) -> str:
+    digest = {t: [[f.path, f.sha256] for f in fs] for t, fs in sorted(tables.items())}
+    if files:  # (only when present, so artifacts without extra files keep their digests)
+        digest["__files__"] = [[f.path, f.sha256] for _, f in sorted(files.items())]
+    return sha256_json(digest)
 
 
 def merge_counts(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
@@ -159,14 +167,16 @@ class Artifact:
 
     def write_shard(
         self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], run_id: str, started: float,
-        compression: dict[str, str] | None = None,
+        compression: dict[str, str] | None = None, extras: dict[str, bytes] | None = None,
     ) -> ShardRecord:
         """Write each table's file, then the marker. Re-writing a shard yields identical bytes."""
         with tempfile.TemporaryDirectory(prefix="uniter-shard-") as tmp:
-            return self.publish_shard(shard, encode_tables(tables, Path(tmp), compression), stats, run_id, started)
+            encoded = encode_tables(tables, Path(tmp), compression)
+            return self.publish_shard(shard, encoded, stats, run_id, started, extras)
 
     def publish_shard(
-        self, shard: str, encoded: dict[str, "EncodedTable"], stats: dict[str, Any], run_id: str, started: float
+        self, shard: str, encoded: dict[str, "EncodedTable"], stats: dict[str, Any], run_id: str, started: float,
+        extras: dict[str, bytes] | None = None,
     ) -> ShardRecord:
         """Upload files encoded by `encode_tables` (possibly in a worker process), then the marker."""
         files: dict[str, TableFile] = {}
@@ -174,7 +184,12 @@ class Artifact:
             relpath = f"{table}/{shard}.parquet"
             self.storage.put_file(self.file_key(relpath), Path(enc.local_path))
             files[table] = TableFile(relpath, enc.sha256, enc.rows, enc.bytes)
-        record = ShardRecord(shard, files, stats, round(time.time() - started, 3), run_id)
+        extra_files: dict[str, TableFile] = {}
+        for name, data in (extras or {}).items():
+            relpath = f"files/{name}"
+            self.storage.put(self.file_key(relpath), data)
+            extra_files[name] = TableFile(relpath, sha256_bytes(data), 0, len(data))
+        record = ShardRecord(shard, files, stats, round(time.time() - started, 3), run_id, extra_files)
         marker = json.dumps(asdict(record), sort_keys=True).encode()
         self.storage.put(f"{self.prefix}/{SHARDS}/{shard}.json", marker)
         return record
@@ -191,11 +206,13 @@ class Artifact:
         summarize=None,
     ) -> Manifest:
         tables: dict[str, list[TableFile]] = {}
+        extra_files: dict[str, TableFile] = {}
         counts: dict[str, Any] = {}
         for name in sorted(shards):
             rec = shards[name]
             for table, f in rec.files.items():
                 tables.setdefault(table, []).append(f)
+            extra_files.update(rec.extras)
             merge_counts(counts, rec.stats)
         if summarize is not None:
             counts.update(summarize(counts))
@@ -208,11 +225,12 @@ class Artifact:
             code_version=code_version,
             tables=tables,
             counts=counts,
-            content_sha256=content_sha256(tables),
+            content_sha256=content_sha256(tables, extra_files),
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             shards=len(shards),
             seconds=round(seconds, 3),
             uri=self.uri,
+            files=extra_files,
         )
         self.storage.put(f"{self.prefix}/{MANIFEST}", manifest.to_json().encode())
         return manifest
@@ -222,3 +240,7 @@ class Artifact:
         self.storage.remove(f"{self.prefix}/{MANIFEST}")
         self.storage.remove(self.prefix)
 
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

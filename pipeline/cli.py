@@ -154,7 +154,11 @@ def cmd_demo(args) -> int:
     args.force = False
     con = _stderr_console()
     con.print(f"[bold]uniter demo[/]: config {args.config}")
-    code = cmd_run(args)
+    from pipeline.demo import serve_sample
+
+    with serve_sample() as web:
+        con.print(f"serving the sample's web images (CC, SBU) at {web}")
+        code = cmd_run(args)
     if code or args.json:
         return code
     con.print("\n[bold]pairs per source and split[/] (uniter sql):")

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError
 
 from corpus.crawl.config import CrawlConfig
+from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
@@ -29,6 +30,7 @@ class PipelineConfig(StrictModel):
     storage: StorageConfig = StorageConfig()
     ingest: IngestConfig
     crawl: CrawlConfig = CrawlConfig()
+    dedup: DedupConfig = DedupConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from corpus.crawl.stage import CRAWL
+from corpus.dedup.stage import DEDUP
 from corpus.ingest.stage import INGEST
 from pipeline.stage import Stage
 
 # In dependency order: every stage comes after the stages it reads.
-STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL)}
+STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP)}
 
 
 def get_stage(name: str) -> Stage:

@@ -91,7 +91,10 @@ class Planner:
             return self._plans[name]
         stage = get_stage(name)
         files: dict[str, str] = {}
-        config_sha = sha256_json(key_payload(getattr(self.cfg, name, None), files))
+        payload = key_payload(getattr(self.cfg, name, None), files)
+        if stage.extra_config:
+            payload = {"section": payload, "extra": {x: key_payload(getattr(self.cfg, x), files) for x in stage.extra_config}}
+        config_sha = sha256_json(payload)
         inputs: dict[str, str] = {}
         manifests: dict[str, Manifest] = {}
         missing: list[str] = []
@@ -194,6 +197,7 @@ def run_stage(
         inputs=plan.input_manifests,
         run_id=uuid.uuid4().hex,
         progress=progress or NullProgress(),
+        extra={x: getattr(cfg, x) for x in plan.stage.extra_config},
         done=art.done_shards(),
     )
     resumed = len(ctx.done)

@@ -32,6 +32,9 @@ class Stage:
     summarize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # Parquet codec per table where zstd is wasted work (already-compressed image bytes).
     compression: dict[str, str] = field(default_factory=dict)
+    # Other config sections the stage reads (dedup fetches evaluation images the way crawl does);
+    # they are part of its key and reach it as ``ctx.extra[name]``.
+    extra_config: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,6 +48,7 @@ class StageContext:
     inputs: dict[str, Manifest]
     run_id: str
     progress: Progress = field(default_factory=NullProgress)
+    extra: dict[str, Any] = field(default_factory=dict)
     done: dict[str, ShardRecord] = field(default_factory=dict)
     written: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -52,9 +56,12 @@ class StageContext:
     def shard_done(self, shard: str) -> bool:
         return shard in self.done
 
-    def write_shard(self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float) -> None:
-        """Encode and publish one shard (safe to call from several threads)."""
-        record = self.output.write_shard(shard, tables, stats, self.run_id, started, self.stage.compression)
+    def write_shard(
+        self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float, extras: dict[str, bytes] | None = None
+    ) -> None:
+        """Encode and publish one shard (safe to call from several threads). ``extras`` are
+        non-table files (reports) published with it."""
+        record = self.output.write_shard(shard, tables, stats, self.run_id, started, self.stage.compression, extras)
         with self._lock:
             self.done[shard] = record
             self.written += 1
@@ -65,6 +72,11 @@ class StageContext:
         with self._lock:
             self.done[shard] = record
             self.written += 1
+
+    def shard_files(self, shard: str, table: str) -> list[str]:
+        """Storage keys of this stage's own finished shard's table (a later step reads an earlier one)."""
+        rec = self.done[shard]
+        return [self.output.file_key(rec.files[table].path)] if table in rec.files else []
 
     def input_files(self, stage: str, table: str) -> list[str]:
         """Storage keys of an upstream table's Parquet files, in shard order."""

@@ -53,15 +53,22 @@ class Catalog:
             self._connect_s3()
         self.views: dict[str, int] = {}
         for name, keys in tables.items():
-            if not keys:
-                continue
-            urls = ", ".join(_quote(storage.url(k)) for k in keys)
-            try:
-                # DuckDB binds the view now: it reads the Parquet footers (schema) here.
-                self.con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM read_parquet([{urls}])')
-            except duckdb.Error as exc:
-                raise CatalogError(f"table {name!r} ({len(keys)} files under {storage.uri}): {exc}") from None
-            self.views[name] = len(keys)
+            if keys:
+                self.add_view(name, keys)
+
+    def add_view(self, name: str, keys: list[str]) -> None:
+        """(Re)define view ``name`` over the Parquet files at ``keys``."""
+        urls = ", ".join(_quote(self.storage.url(k)) for k in keys)
+        try:
+            # DuckDB binds the view now: it reads the Parquet footers (schema) here.
+            self.con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{urls}])')
+        except duckdb.Error as exc:
+            raise CatalogError(f"table {name!r} ({len(keys)} files under {self.storage.uri}): {exc}") from None
+        self.views[name] = len(keys)
+
+    def url(self, key: str) -> str:
+        """A storage key as a quoted SQL string literal for read_parquet."""
+        return _quote(self.storage.url(key))
 
     def _connect_s3(self) -> None:
         self.con.execute(f"LOAD {_quote(str(httpfs_extension_path()))}")

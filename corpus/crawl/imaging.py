@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from corpus.imagehash import phash
+from corpus.imagehash import phash_windows
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Processed:
     orig_format: str
     sha256: str
     phash: int
+    phash_windows: list[int]
 
 
 class ImageRejected(Exception):
@@ -59,7 +60,8 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=opts.jpeg_quality)
-    return Processed(out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, sha, phash(image))
+    full, windows = phash_windows(image)
+    return Processed(out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, sha, full, windows)
 
 
 def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, int], str]:

@@ -42,6 +42,7 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("orig_bytes", pa.int64(), nullable=False),
         pa.field("sha256", pa.string(), nullable=False),  # of the original bytes
         pa.field("phash", pa.int64(), nullable=False),  # 64-bit pHash of the decoded image
+        pa.field("phash_windows", pa.list_(pa.int64()), nullable=False),  # centre + 4 trimmed windows
     ]
 )
 
@@ -180,6 +181,7 @@ def shard_tables(outcomes: list[Outcome]) -> tuple[dict[str, pa.Table], dict[str
             "orig_bytes": [len(o.fetched.body) for o in ok],
             "sha256": [o.image.sha256 for o in ok],
             "phash": [o.image.phash for o in ok],
+            "phash_windows": [o.image.phash_windows for o in ok],
         },
         schema=IMAGES_SCHEMA,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import full_pipeline
@@ -14,6 +15,7 @@ from pipeline.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import storage_for
 from tests.conftest import S3_SECRET, write_config
+from tests.fixtures import images as fx
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,12 +25,22 @@ def prefect_server():
 
 
 def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
-    (tmp_path / "cc.tsv").write_text("".join(f"caption {i}\thttp://example.org/{i}.jpg\n" for i in range(30)))
-    cfg_path = write_config(tmp_path / "cfg.yaml", storage_spec, [{"format": "cc", "path": "cc.tsv"}], shard_rows=10)
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(6):
+        (images / f"{i}.jpg").write_bytes(fx.jpeg(fx.synthetic_photo(500 + i, (96, 64))))
+        rows.append({"image_path": f"images/{i}.jpg", "caption": f"photo {i}"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg_path = write_config(tmp_path / "cfg.yaml", storage_spec, [{"format": "table", "path": "pairs.jsonl"}], shard_rows=4)
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["crawl"] = {"file_roots": [str(images)], "workers": 1}
+    cfg_path.write_text(yaml.safe_dump(doc))
 
     first = full_pipeline(config_path=str(cfg_path))
-    assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran")]
-    assert first[0]["outputs"][0]["rows"] == 30
+    assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran"), ("crawl", "ran"), ("dedup", "ran")]
+    assert {o["table"]: o["rows"] for o in first[1]["outputs"]} == {"images": 6, "failures": 0}
+    assert {o["table"]: o["rows"] for o in first[2]["outputs"]}["corpus_pairs"] == 6
 
     # The task's result record lives inside the artifact it describes, on the pipeline's storage.
     cfg = load_config(cfg_path)
@@ -39,14 +51,19 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     json.loads(record)  # a JSON result record, not a pickle
 
     second = full_pipeline(config_path=str(cfg_path))
-    assert [(r["stage"], r["status"]) for r in second] == [("ingest", "cached")]
-    assert second[0]["content_sha256"] == first[0]["content_sha256"]
+    assert [r["status"] for r in second] == ["cached", "cached", "cached"]
+    assert [r["content_sha256"] for r in second] == [r["content_sha256"] for r in first]
+
+    # A change upstream re-runs that stage and everything downstream of it, nothing else.
+    doc["dedup"] = {"phash_max_distance": 2}
+    cfg_path.write_text(yaml.safe_dump(doc))
+    changed = full_pipeline(config_path=str(cfg_path))
+    assert [r["status"] for r in changed] == ["cached", "cached", "ran"]
+    with open(tmp_path / "pairs.jsonl", "a") as f:
+        f.write(json.dumps({"image_path": "images/0.jpg", "caption": "one more caption"}) + "\n")
+    changed = full_pipeline(config_path=str(cfg_path))
+    assert [r["status"] for r in changed] == ["ran", "ran", "ran"] and changed[0]["key"] != first[0]["key"]
 
     forced = full_pipeline(config_path=str(cfg_path), force=True)
-    assert forced[0]["status"] == "ran" and forced[0]["content_sha256"] == first[0]["content_sha256"]
-
-    # A content change is a new key: the stage runs again.
-    with open(tmp_path / "cc.tsv", "a") as f:
-        f.write("one more\thttp://example.org/x.jpg\n")
-    changed = full_pipeline(config_path=str(cfg_path))
-    assert changed[0]["status"] == "ran" and changed[0]["key"] != first[0]["key"]
+    assert [r["status"] for r in forced] == ["ran", "ran", "ran"]
+    assert [r["content_sha256"] for r in forced] == [r["content_sha256"] for r in changed]

@@ -91,19 +91,28 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     configs = Path(__file__).resolve().parents[2] / "configs"
     doc = yaml.safe_load((configs / "demo.yaml").read_text())
     doc["storage"]["uri"] = str(tmp_path / "data")
+
+    def absolute(section):
+        for k in ("path", "image_data", "region_descriptions", "urls", "captions", "image_root", "refs", "instances"):
+            if k in section:
+                section[k] = str((configs / section[k]).resolve())
+
     for src in doc["ingest"]["sources"]:
-        for k in ("path", "image_data", "region_descriptions", "urls", "captions", "image_root"):
-            if k in src:
-                src[k] = str((configs / src[k]).resolve())
+        absolute(src)
+    for ev in doc["dedup"]["eval_sets"]:
+        absolute(ev)
+    doc["crawl"]["file_roots"] = [str((configs / r).resolve()) for r in doc["crawl"]["file_roots"]]
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump(doc))
 
     res = uniter("demo", "-c", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
-    (ingest,) = out["stages"]
-    assert ingest["status"] == "ran"
+    ingest, crawl, dedup = json.loads(res.stdout)["stages"]
+    assert ingest["status"] == crawl["status"] == dedup["status"] == "ran"
     assert ingest["counts"]["pairs_by_source"] == {"cc": 5, "coco": 8, "karpathy_coco": 8, "karpathy_f30k": 4, "sbu": 3, "vg": 5}
     assert ingest["counts"]["reject_reasons"] == {"bad_url": 1, "empty_caption": 4, "undecodable_text": 1, "unknown_image": 1}
+    assert (crawl["counts"]["images"], crawl["counts"]["success_rate"]) == (19, 1.0)
+    assert (dedup["counts"]["exact_duplicates"], dedup["counts"]["near_duplicates"]) == (1, 3)
+    assert (dedup["counts"]["images_removed"], dedup["counts"]["images_kept"], dedup["counts"]["corpus_pairs"]) == (8, 9, 20)
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
-    assert again["stages"][0]["status"] == "cached"
+    assert [s["status"] for s in again["stages"]] == ["cached", "cached", "cached"]

@@ -107,11 +107,12 @@ def test_force_rebuilds_identical_bytes(tmp_path, storage_spec, cc_file):
 
 def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec, cc_file, monkeypatch):
     monkeypatch.setitem(STAGES, "count", COUNT)
-    assert downstream("ingest") == ["count"]
+    assert downstream("ingest") == ["crawl", "dedup", "count"] and downstream("crawl") == ["dedup"]
     cfg = _config(tmp_path, storage_spec, cc_file)
     with pytest.raises(MissingInputError, match=r"needs the output of 'ingest'.*Run `uniter run ingest -c cfg.yaml` first"):
         run_stage("count", cfg, config_path="cfg.yaml")
-    assert {r["stage"]: r["status"] for r in stage_status(cfg)} == {"ingest": "missing", "count": "blocked"}
+    blocked = {"ingest": "missing", "crawl": "blocked", "dedup": "blocked", "count": "blocked"}
+    assert {r["stage"]: r["status"] for r in stage_status(cfg)} == blocked
 
     ingest = run_stage("ingest", cfg)
     count = run_stage("count", cfg)
@@ -121,7 +122,7 @@ def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec,
 
     # A change upstream changes the downstream key too: both re-run, nothing else.
     cfg2 = _config(tmp_path, storage_spec, cc_file, source={"name": "cc3m"})
-    assert {r["stage"]: r["status"] for r in stage_status(cfg2)} == {"ingest": "missing", "count": "blocked"}
+    assert {r["stage"]: r["status"] for r in stage_status(cfg2)} == blocked
     run_stage("ingest", cfg2)
     count2 = run_stage("count", cfg2)
     assert count2.status == "ran" and count2.manifest.key != count.manifest.key
