@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lock bench clean
+.PHONY: demo test venv lock bench bench-crawl bench-dedup bench-peers clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: bench-ingest bench-crawl bench-dedup
+
+bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
+
+bench-crawl: $(STAMP) .venv-bench/.installed
+	$(BIN)/python benchmarks/crawl.py
+
+bench-dedup: $(STAMP) .venv-bench/.installed
+	$(BIN)/python benchmarks/dedup.py
+
+bench-peers: .venv-bench/.installed
+
+# Peer tools for the benchmarks (img2dataset, imagededup), pinned in benchmarks/requirements.txt.
+# NOTE: .venv-bench sees .venv's packages through a .pth file and installs only what is missing,
+# constrained by requirements.lock: torch is not installed twice and the project's pins never move.
+.venv-bench/.installed: benchmarks/requirements.txt requirements.lock $(STAMP)
+	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
+	echo "$(CURDIR)/$(VENV)/lib/python3.11/site-packages" > .venv-bench/lib/python3.11/site-packages/_project_venv.pth
+	.venv-bench/bin/python -m pip install -qq --disable-pip-version-check -c requirements.lock -r benchmarks/requirements.txt
+	@touch $@
 
 # Re-resolve the lock from pyproject.toml's ranges in a scratch venv (needs the package registry).
 lock:
@@ -38,4 +57,4 @@ lock:
 	rm -rf .lock-venv build *.egg-info
 
 clean:
-	rm -rf $(VENV) data
+	rm -rf $(VENV) .venv-bench data

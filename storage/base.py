@@ -32,8 +32,9 @@ class Storage(Protocol):
 
     def put(self, key: str, data: bytes) -> None: ...
 
-    def put_file(self, key: str, local_path: Path) -> None:
-        """Publish a finished local file under ``key`` (atomic)."""
+    def put_file(self, key: str, local_path: Path, move: bool = False) -> None:
+        """Publish a finished local file under ``key`` (atomic). ``move=True`` lets the storage
+        take the file instead of copying it (the caller must not need it afterwards)."""
 
     def exists(self, key: str) -> bool: ...
 

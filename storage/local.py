@@ -51,13 +51,17 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def put_file(self, key: str, local_path: Path) -> None:
+    def put_file(self, key: str, local_path: Path, move: bool = False) -> None:
         path = self._path(key)
         tmp = self._tmp_for(path)
         try:
-            # NOTE: copy then rename, never rename the caller's file: it may sit on another
-            # filesystem (rename would not be atomic there) and the caller may still need it.
-            shutil.copyfile(local_path, tmp)
+            # NOTE: into a temporary name beside the target, then rename: atomic only within one
+            # filesystem, so the caller's file is moved there only if it is ours to take and
+            # already on the same device; otherwise copied.
+            if move and os.stat(local_path).st_dev == os.stat(tmp.parent).st_dev:
+                os.replace(local_path, tmp)
+            else:
+                shutil.copyfile(local_path, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -76,7 +76,7 @@ class S3Storage:
         except Exception as exc:
             raise self._error(key, exc) from None
 
-    def put_file(self, key: str, local_path: Path) -> None:
+    def put_file(self, key: str, local_path: Path, move: bool = False) -> None:
         try:
             self.client.upload_file(str(local_path), self.bucket, self._key(key))
         except Exception as exc:

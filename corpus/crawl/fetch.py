@@ -276,7 +276,7 @@ class Fetcher:
                 if resp.content_length is not None and resp.content_length > cfg.max_bytes:
                     raise Refused("too_large", f"Content-Length {resp.content_length} > max_bytes {cfg.max_bytes}", status)
                 chunks, size = [], 0
-                async for chunk in resp.content.iter_chunked(1 << 16):
+                async for chunk in resp.content.iter_chunked(1 << 18):
                     size += len(chunk)
                     if size > cfg.max_bytes:
                         raise Refused("too_large", f"body over max_bytes {cfg.max_bytes}", status)

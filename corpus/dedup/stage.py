@@ -347,6 +347,8 @@ def report_markdown(report: dict) -> str:
         "|---|---:|---:|",
         *(f"| {name} | {v['items']:,} | {v['images_hashed']:,} |" for name, v in report["eval_sets"].items()),
         "",
+        "An image that several rules match is counted once under each of them.",
+        "",
         "| source | evaluation set | rule | images removed | pairs removed |",
         "|---|---|---|---:|---:|",
         *(f"| {r['source']} | {r['eval_set']} | {r['rule']} | {r['images']:,} | {r['pairs']:,} |" for r in report["removed"]),
