@@ -161,12 +161,20 @@ def cmd_demo(args) -> int:
         code = cmd_run(args)
     if code or args.json:
         return code
-    con.print("\n[bold]pairs per source and split[/] (uniter sql):")
-    args.query = "select source, split, count(*) as pairs, count(distinct image_key) as images from pairs group by all order by all"
+    con.print("\n[bold]pairs per source: ingested → in the clean corpus[/] (uniter sql):")
+    args.query = (
+        "select p.source, count(*) as ingested, count(c.pair_id) as kept from pairs p "
+        "left join corpus_pairs c on c.pair_id = p.pair_id group by all order by all"
+    )
     cmd_sql(args)
     from pipeline.config import load_config
+    from pipeline.runner import stage_status
 
-    con.print(f"\nArtifacts live under {load_config(args.config).storage.uri} — try `uniter status -c {args.config}`.")
+    cfg = load_config(args.config)
+    dedup = next(r for r in stage_status(cfg) if r["stage"] == "dedup")
+    if dedup["status"] == "complete":
+        con.print(f"\nDecontamination report: {cfg.storage.uri}/artifacts/dedup/{dedup['key']}/files/report.md")
+    con.print(f"Artifacts live under {cfg.storage.uri} — try `uniter status -c {args.config}`.")
     return 0
 
 

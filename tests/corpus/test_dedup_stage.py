@@ -180,3 +180,27 @@ def test_refs_pickles_load_only_builtins(tmp_path):
     (tmp_path / "dict.p").write_bytes(pickle.dumps({"not": "a list"}))
     with pytest.raises(InputDataError, match="expected a list of refs"):
         load_refs(str(tmp_path / "dict.p"))
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_dedup_resumes_from_finished_shards(corpus, storage_spec):
+    """A dedup that stopped after some of its shards resumes from them and ends byte-identical."""
+    from pipeline.artifact import Artifact
+
+    with srv.ImageServer({p: srv.serve(b) for p, b in WEB.items()}) as server:
+        cfg = load_config(corpus(server, storage_spec))
+        run_stage("ingest", cfg)
+        run_stage("crawl", cfg)
+        full = run_stage("dedup", cfg)
+        storage = storage_for(cfg)
+        art = Artifact(storage, "dedup", full.manifest.key)
+        shards = sorted(art.done_shards())
+        assert shards[0] == "eval-00000" and "map-00000" in shards and shards[-1] == "report-00000"
+        # as if killed after the map: the later shards and the manifest never got written
+        storage.remove(f"{art.prefix}/_manifest.json")
+        later = [s for s in shards if s.startswith(("images-", "pairs-", "report-"))]
+        for name in later[1:]:
+            storage.remove(f"{art.prefix}/_shards/{name}.json")
+        resumed = run_stage("dedup", cfg)
+    assert resumed.resumed_shards == len(shards) - len(later) + 1
+    assert resumed.manifest.content_sha256 == full.manifest.content_sha256
