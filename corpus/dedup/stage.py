@@ -49,13 +49,15 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlConfig) -> None:
     cfg = ctx.config
     items = [item for spec in cfg.eval_sets for item in read_eval_set(spec)]
     eval_shards = []
-    for index, chunk in enumerate(batched(items, cfg.eval_shard_images)):
-        name = shard_id("eval", index)
-        eval_shards.append(name)
-        if not ctx.shard_done(name):
-            started = now()
-            table, stats = hash_eval_images(chunk, crawl_cfg, cfg)
-            ctx.write_shard(name, {"eval_images": table}, stats, started)
+    with ctx.progress.task("dedup: evaluation images", total=len(items)) as bar:
+        for index, chunk in enumerate(batched(items, cfg.eval_shard_images)):
+            name = shard_id("eval", index)
+            eval_shards.append(name)
+            if not ctx.shard_done(name):
+                started = now()
+                table, stats = hash_eval_images(chunk, crawl_cfg, cfg)
+                ctx.write_shard(name, {"eval_images": table}, stats, started)
+            bar.advance(len(chunk))
 
     catalog = Catalog(
         ctx.storage,
@@ -74,8 +76,10 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlConfig) -> None:
             ctx.write_shard("map-00000", tables, stats, started)
         for table in ("image_map", "duplicates", "removed"):
             catalog.add_view(table, ctx.shard_files("map-00000", table))
-        write_kept_images(ctx, catalog)
-        write_kept_pairs(ctx, catalog)
+        n_files = len(ctx.input_files("crawl", "images")) + len(ctx.input_files("ingest", "pairs"))
+        with ctx.progress.task("dedup: clean corpus shards", total=n_files) as bar:
+            write_kept_images(ctx, catalog, bar)
+            write_kept_pairs(ctx, catalog, bar)
         if not ctx.shard_done("report-00000"):
             started = now()
             table, report, stats = build_report(catalog, cfg)
@@ -262,10 +266,11 @@ def appearance_matches(con, d: int) -> list[tuple]:
 # --- the clean corpus -------------------------------------------------------------------------
 
 
-def write_kept_images(ctx: StageContext, catalog: Catalog) -> None:
+def write_kept_images(ctx: StageContext, catalog: Catalog, bar) -> None:
     """One shard per crawl shard: the kept images and where their bytes are."""
     for index, key in enumerate(ctx.input_files("crawl", "images")):
         name = shard_id("images", index)
+        bar.advance(1)
         if ctx.shard_done(name):
             continue
         started = now()
@@ -279,11 +284,12 @@ def write_kept_images(ctx: StageContext, catalog: Catalog) -> None:
         ctx.write_shard(name, {"corpus_images": table}, {"corpus_images": table.num_rows}, started)
 
 
-def write_kept_pairs(ctx: StageContext, catalog: Catalog) -> None:
+def write_kept_pairs(ctx: StageContext, catalog: Catalog, bar) -> None:
     """One shard per ingest shard: pairs of kept images, re-pointed to their cluster's kept image.
     Pairs whose image was not crawled or was removed are dropped (counted in the report)."""
     for index, key in enumerate(ctx.input_files("ingest", "pairs")):
         name = shard_id("pairs", index)
+        bar.advance(1)
         if ctx.shard_done(name):
             continue
         started = now()
