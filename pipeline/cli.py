@@ -146,6 +146,37 @@ def cmd_sql(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write the current `features` artifact in the reference's npz layout or LXMERT's TSV."""
+    import pyarrow.parquet as pq
+
+    from feature_extraction.export import to_lxmert_tsv, to_npz
+    from feature_extraction.schema import unpack
+    from pipeline.artifact import Artifact
+    from pipeline.config import load_config
+    from pipeline.errors import MissingInputError
+    from pipeline.runner import Planner, storage_for
+
+    cfg = load_config(args.config)
+    storage = storage_for(cfg)
+    manifest = Planner(cfg, storage).manifest("extract")
+    if manifest is None:
+        raise MissingInputError(f"no features for this config yet: run `uniter run extract -c {args.config}` first")
+    art = Artifact(storage, "extract", manifest.key)
+
+    def rows():
+        for f in manifest.tables["features"]:
+            with storage.open(art.file_key(f.path)) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=256):
+                    yield from (unpack(r) for r in batch.to_pylist())
+
+    out = Path(args.out)
+    n = to_npz(rows(), out) if args.format == "npz" else to_lxmert_tsv(rows(), out)
+    summary = {"exported": n, "format": args.format, "out": str(out.resolve())}
+    _emit(summary) if args.json else _stderr_console().print(f"exported {n} images as {args.format} to {out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """What `make demo` runs: the whole DAG on the bundled sample, on local disk and Prefect's
     embedded server, then a look at the result through the catalog."""
@@ -205,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     common(p)
     p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("export", help="write features as UNITER npz files or an LXMERT TSV")
+    p.add_argument("what", choices=["features"])
+    p.add_argument("--format", choices=["npz", "lxmert"], required=True)
+    p.add_argument("--out", required=True, help="folder (npz) or .tsv file (lxmert)")
+    common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     common(p, config_required=False)

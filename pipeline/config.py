@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
+from feature_extraction.config import ExtractConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
 
@@ -31,6 +32,7 @@ class PipelineConfig(StrictModel):
     ingest: IngestConfig
     crawl: CrawlConfig = CrawlConfig()
     dedup: DedupConfig = DedupConfig()
+    extract: ExtractConfig = ExtractConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from corpus.crawl.stage import CRAWL
 from corpus.dedup.stage import DEDUP
 from corpus.ingest.stage import INGEST
+from feature_extraction.stage import EXTRACT
 from pipeline.stage import Stage
 
 # In dependency order: every stage comes after the stages it reads.
-STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP)}
+STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT)}
 
 
 def get_stage(name: str) -> Stage:

@@ -70,6 +70,10 @@ class Catalog:
         """A storage key as a quoted SQL string literal for read_parquet."""
         return _quote(self.storage.url(key))
 
+    @staticmethod
+    def literal(value: str) -> str:
+        return _quote(value)
+
     def _connect_s3(self) -> None:
         self.con.execute(f"LOAD {_quote(str(httpfs_extension_path()))}")
         creds = self.storage.credentials()  # type: ignore[attr-defined]

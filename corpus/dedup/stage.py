@@ -275,7 +275,7 @@ def write_kept_images(ctx: StageContext, catalog: Catalog, bar) -> None:
             continue
         started = now()
         table = catalog.con.execute(f"""
-            select i.image_key, i.sha256, i.phash, i.width, i.height, {catalog.url(key)} as crawl_file,
+            select i.image_key, i.sha256, i.phash, i.width, i.height, {catalog.literal(key)} as crawl_file,
                    i.file_row_number::BIGINT as crawl_row, m.cluster_size
             from read_parquet({catalog.url(key)}, file_row_number = true) i
             join image_map m on m.image_key = i.image_key
@@ -377,7 +377,7 @@ def _run(ctx: StageContext) -> None:
 
 DEDUP = Stage(
     name="dedup",
-    version=1,
+    version=2,  # 2: corpus_images.crawl_file is a storage key (was a URL)
     run=_run,
     inputs=("ingest", "crawl"),
     tables=("corpus_images", "corpus_pairs", "image_map", "duplicates", "removed", "eval_images", "decontamination"),

@@ -35,10 +35,11 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     cfg_path = write_config(tmp_path / "cfg.yaml", storage_spec, [{"format": "table", "path": "pairs.jsonl"}], shard_rows=4)
     doc = yaml.safe_load(cfg_path.read_text())
     doc["crawl"] = {"file_roots": [str(images)], "workers": 1}
+    doc["extract"] = {"loader_workers": 0}
     cfg_path.write_text(yaml.safe_dump(doc))
 
     first = full_pipeline(config_path=str(cfg_path))
-    assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran"), ("crawl", "ran"), ("dedup", "ran")]
+    assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran"), ("crawl", "ran"), ("dedup", "ran"), ("extract", "ran")]
     assert {o["table"]: o["rows"] for o in first[1]["outputs"]} == {"images": 6, "failures": 0}
     assert {o["table"]: o["rows"] for o in first[2]["outputs"]}["corpus_pairs"] == 6
 
@@ -51,19 +52,19 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     json.loads(record)  # a JSON result record, not a pickle
 
     second = full_pipeline(config_path=str(cfg_path))
-    assert [r["status"] for r in second] == ["cached", "cached", "cached"]
+    assert [r["status"] for r in second] == ["cached"] * 4
     assert [r["content_sha256"] for r in second] == [r["content_sha256"] for r in first]
 
     # A change upstream re-runs that stage and everything downstream of it, nothing else.
     doc["dedup"] = {"phash_max_distance": 2}
     cfg_path.write_text(yaml.safe_dump(doc))
     changed = full_pipeline(config_path=str(cfg_path))
-    assert [r["status"] for r in changed] == ["cached", "cached", "ran"]
+    assert [r["status"] for r in changed] == ["cached", "cached", "ran", "ran"]
     with open(tmp_path / "pairs.jsonl", "a") as f:
         f.write(json.dumps({"image_path": "images/0.jpg", "caption": "one more caption"}) + "\n")
     changed = full_pipeline(config_path=str(cfg_path))
-    assert [r["status"] for r in changed] == ["ran", "ran", "ran"] and changed[0]["key"] != first[0]["key"]
+    assert [r["status"] for r in changed] == ["ran"] * 4 and changed[0]["key"] != first[0]["key"]
 
     forced = full_pipeline(config_path=str(cfg_path), force=True)
-    assert [r["status"] for r in forced] == ["ran", "ran", "ran"]
+    assert [r["status"] for r in forced] == ["ran"] * 4
     assert [r["content_sha256"] for r in forced] == [r["content_sha256"] for r in changed]

@@ -107,12 +107,13 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
 
     res = uniter("demo", "-c", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
-    ingest, crawl, dedup = json.loads(res.stdout)["stages"]
-    assert ingest["status"] == crawl["status"] == dedup["status"] == "ran"
+    ingest, crawl, dedup, extract = json.loads(res.stdout)["stages"]
+    assert ingest["status"] == crawl["status"] == dedup["status"] == extract["status"] == "ran"
     assert ingest["counts"]["pairs_by_source"] == {"cc": 5, "coco": 8, "karpathy_coco": 8, "karpathy_f30k": 4, "sbu": 3, "vg": 5}
     assert ingest["counts"]["reject_reasons"] == {"bad_url": 1, "empty_caption": 4, "undecodable_text": 1, "unknown_image": 1}
     assert (crawl["counts"]["images"], crawl["counts"]["success_rate"]) == (19, 1.0)
     assert (dedup["counts"]["exact_duplicates"], dedup["counts"]["near_duplicates"]) == (1, 3)
     assert (dedup["counts"]["images_removed"], dedup["counts"]["images_kept"], dedup["counts"]["corpus_pairs"]) == (8, 9, 20)
+    assert extract["counts"]["images"] == 9 and extract["counts"]["mean_boxes"] == 36  # the grid backend
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
-    assert [s["status"] for s in again["stages"]] == ["cached", "cached", "cached"]
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4

@@ -1,0 +1,169 @@
+"""The extract stage end to end (ingest → crawl → dedup → extract) on generated images: both
+backends, local and S3, exporters, parallel processes, and SIGKILL + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from feature_extraction.export import read_lxmert_tsv, to_lxmert_tsv, to_npz
+from feature_extraction.grid import grid_features
+from feature_extraction.schema import unpack
+from pipeline.artifact import Artifact
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.runner import Planner, run_stage, storage_for
+from tests.conftest import read_table
+from tests.fixtures import images as fx
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_D2 = {"backend": "detectron2", "weights": "random", "min_size": 96, "max_size": 144, "rpn_post_nms_topk": 40,
+           "loader_workers": 0, "batch_size": 3}
+
+
+def corpus(tmp_path: Path, storage: dict, n: int, extract: dict, name: str = "cfg.yaml") -> Path:
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    rows = []
+    for i in range(n):
+        path = images / f"{i:04d}.jpg"
+        if not path.exists():
+            size = (120 + 40 * (i % 3), 90 + 30 * ((i + 1) % 3))  # mixed aspect ratios
+            path.write_bytes(fx.jpeg(fx.synthetic_photo(900 + i, size)))
+        rows.append({"image_path": f"images/{i:04d}.jpg", "caption": f"photo {i}"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = {"storage": storage, "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]},
+           "crawl": {"file_roots": [str(images)], "workers": 1, "shard_images": 50}, "extract": extract}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def build_upstream(cfg) -> None:
+    for stage in ("ingest", "crawl", "dedup"):
+        run_stage(stage, cfg)
+
+
+def features(cfg, result):
+    return [unpack(r) for r in read_table(storage_for(cfg), result.manifest, "features").to_pylist()]
+
+
+def test_grid_backend(tmp_path, storage_spec):
+    cfg = load_config(corpus(tmp_path, storage_spec, 12, {"grid_rows": 4, "grid_cols": 5, "shard_images": 5, "loader_workers": 0}))
+    build_upstream(cfg)
+    result = run_stage("extract", cfg)
+    rows = features(cfg, result)
+    assert len(rows) == 12 and result.manifest.shards == 3
+    for r in rows:
+        assert r.backend == "grid" and r.num_boxes == 20 and r.features.shape == (20, 2048)
+        assert r.soft_labels is None and r.object_ids is None
+        assert r.boxes[0].tolist() == [0, 0, round(r.image_w / 5), round(r.image_h / 4)]
+        assert r.boxes[-1][2] == r.image_w and r.boxes[-1][3] == r.image_h  # the grid tiles the image
+        assert r.norm_bb.min() >= 0 and r.norm_bb.max() <= 1
+    assert result.manifest.counts["mean_boxes"] == 20
+    assert run_stage("extract", cfg).status == "cached"
+    forced = run_stage("extract", cfg, force=True)
+    assert forced.manifest.content_sha256 == result.manifest.content_sha256  # deterministic
+
+
+def test_grid_features_are_a_function_of_the_pixels():
+    a = fx.synthetic_photo(1, (200, 150))
+    r1, r2 = grid_features("a", a), grid_features("a", a.copy())
+    assert r1.features.tobytes() == r2.features.tobytes()
+    other = grid_features("b", fx.synthetic_photo(2, (200, 150)))
+    assert not np.array_equal(other.features, r1.features)
+    tiny = grid_features("t", Image.new("RGB", (3, 2), (10, 20, 30)))  # smaller than the grid: still 36 cells
+    assert tiny.num_boxes == 36 and np.isfinite(tiny.features.astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_detectron2_backend_and_weight_files(tmp_path, storage_spec):
+    cfg = load_config(corpus(tmp_path, storage_spec, 5, TINY_D2))
+    build_upstream(cfg)
+    result = run_stage("extract", cfg)
+    rows = features(cfg, result)
+    assert len(rows) == 5
+    for r in rows:
+        assert 10 <= r.num_boxes <= 40 and r.backend == "detectron2"
+        assert np.all(np.diff(r.conf) <= 0)
+        assert r.soft_labels.shape == (r.num_boxes, 1601)
+        assert np.allclose(r.soft_labels.astype(np.float32).sum(1), 1, atol=2e-2)
+        assert r.boxes[:, 2].max() <= r.image_w and r.boxes[:, 3].max() <= r.image_h
+
+    # the same random weights saved as a Detectron2 pickle and loaded from the file: same features
+    from feature_extraction.butd import build_butd, butd_config, init_random
+    from feature_extraction.weights import save_detectron2_pickle
+
+    weights = tmp_path / "butd_random.pkl"
+    save_detectron2_pickle(init_random(build_butd(butd_config()), seed=0), weights)
+    cfg2 = load_config(corpus(tmp_path, storage_spec, 5, {**TINY_D2, "weights": str(weights)}, "cfg2.yaml"))
+    from_file = run_stage("extract", cfg2)
+    assert from_file.manifest.key != result.manifest.key
+    assert from_file.manifest.content_sha256 == result.manifest.content_sha256
+
+    # exporters: UNITER npz and LXMERT TSV
+    n = to_npz(rows, tmp_path / "npz")
+    z = np.load(tmp_path / "npz" / f"{rows[0].image_key.replace(':', '_')}.npz")
+    assert n == 5 and z["features"].shape == rows[0].features.shape and z["norm_bb"].shape == (rows[0].num_boxes, 6)
+    assert z["soft_labels"].dtype == np.float16
+    to_lxmert_tsv(rows, tmp_path / "feats.tsv")
+    back = read_lxmert_tsv(tmp_path / "feats.tsv")
+    assert [b["img_id"] for b in back] == [r.image_key for r in rows]
+    assert np.allclose(back[0]["features"], rows[0].features.astype(np.float32))
+    assert np.array_equal(back[0]["objects_id"], rows[0].object_ids)
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_parallel_processes_match_one_process(tmp_path, storage_spec):
+    one = load_config(corpus(tmp_path, {"uri": str(tmp_path / "d1")}, 10, {"shard_images": 3, "loader_workers": 0}, "one.yaml"))
+    two = load_config(corpus(tmp_path, {"uri": str(tmp_path / "d2")}, 10, {"shard_images": 3, "loader_workers": 0, "processes": 2}, "two.yaml"))
+    build_upstream(one)
+    build_upstream(two)
+    a, b = run_stage("extract", one), run_stage("extract", two)
+    assert a.manifest.key == b.manifest.key and a.manifest.content_sha256 == b.manifest.content_sha256
+    runs = {r.run_id.rsplit("-", 1)[-1] for r in Artifact(storage_for(two), "extract", b.manifest.key).done_shards().values()}
+    assert runs == {"0", "1"}  # both processes wrote shards
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_sigkill_then_resume(tmp_path, storage_spec):
+    extract = {"shard_images": 4, "loader_workers": 1, "grid_rows": 12, "grid_cols": 12}
+    cfg_path = corpus(tmp_path, storage_spec, 120, extract)
+    cfg = load_config(cfg_path)
+    build_upstream(cfg)
+    storage = storage_for(cfg)
+    art = Artifact(storage, "extract", Planner(cfg, storage).plan("extract").key)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "extract", "-c", str(cfg_path), "-q"],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 180
+    while len(art.done_shards()) < 3:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert art.manifest() is None
+    before = {n: r.run_id for n, r in art.done_shards().items()}
+    resumed = run_stage("extract", cfg)
+    assert resumed.resumed_shards == len(before) < 30
+    assert {n: r.run_id for n, r in art.done_shards().items() if n in before} == before
+
+    clean = load_config(corpus(tmp_path, {"uri": str(tmp_path / "clean")}, 120, extract, "clean.yaml"))
+    build_upstream(clean)
+    assert run_stage("extract", clean).manifest.content_sha256 == resumed.manifest.content_sha256
+
+
+def test_detector_without_weights_is_a_config_error(tmp_path):
+    path = corpus(tmp_path, {"uri": str(tmp_path / "d")}, 1, {"backend": "detectron2"})
+    with pytest.raises(ConfigError, match="backend 'detectron2' needs weights"):
+        load_config(path)
