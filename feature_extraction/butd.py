@@ -167,19 +167,19 @@ def detect(model: nn.Module, images: list[torch.Tensor], autocast_dtype: torch.d
         feats = {k: v.float() for k, v in feats.items()}
         proposals, _ = model.proposal_generator(batch, feats, None)
         heads = model.roi_heads
-        pooled_input = heads.pooler([feats[f] for f in heads.in_features], [p.proposal_boxes for p in proposals])
-        with _autocast(device, autocast_dtype):
-            box_feats = heads.res5(pooled_input)
-        pooled = box_feats.float().mean(dim=[2, 3])  # (ΣR, 2048): the BUTD feature
-        logits, deltas = heads.box_predictor(pooled)
-        attrs = heads.box_predictor.attributes(pooled, logits)
-        probs = F.softmax(logits, dim=-1)
-    out, start = [], 0
-    for p in proposals:
-        n = len(p)
-        sl = slice(start, start + n)
-        out.append(Detections(p.proposal_boxes.tensor, pooled[sl], probs[sl], deltas[sl], attrs[sl]))
-        start += n
+        out = []
+        # NOTE: the RoI head (res5 on 14×14 per region, ~90 % of the FLOPs) runs one image at a time:
+        # batching it gains nothing and its activations grow to GBs (measured on CPU: batch 4 of
+        # 300 regions was 25 % slower and used 2.3× the memory of one image at a time).
+        for i, p in enumerate(proposals):
+            level = [feats[f][i : i + 1] for f in heads.in_features]
+            pooled_input = heads.pooler(level, [p.proposal_boxes]).contiguous(memory_format=torch.channels_last)
+            with _autocast(device, autocast_dtype):
+                box_feats = heads.res5(pooled_input)
+            pooled = box_feats.float().mean(dim=[2, 3])  # (R, 2048): the BUTD feature
+            logits, deltas = heads.box_predictor(pooled)
+            attrs = heads.box_predictor.attributes(pooled, logits)
+            out.append(Detections(p.proposal_boxes.tensor, pooled, F.softmax(logits, dim=-1), deltas, attrs))
     return out
 
 
