@@ -8,15 +8,20 @@ from prefect import flow
 
 from flows.stages import result_storage, stage_task_for
 from pipeline.config import load_config
-from pipeline.dag import STAGES
+from pipeline.dag import STAGES, get_stage
 
 
 @flow(name="full-pipeline", log_prints=False)
-def full_pipeline(config_path: str, force: bool = False) -> list[dict[str, Any]]:
-    """Run every stage; unchanged stages are cache hits, a change re-runs it and what reads it."""
+def full_pipeline(config_path: str, force: bool = False, until: str | None = None) -> list[dict[str, Any]]:
+    """Run every stage (or up to `until`, e.g. "extract" to rebuild the pretraining corpus without
+    training); unchanged stages are cache hits, a change re-runs it and what reads it."""
+    names = list(STAGES)
+    if until is not None:
+        get_stage(until)  # a clear error for an unknown name
+        names = names[: names.index(until) + 1]
     results_block = result_storage(load_config(config_path))
     results = []
-    for name in STAGES:
+    for name in names:
         # Sequential on purpose: a stage's key needs its inputs' content digests.
         state = stage_task_for(name, results_block, force)(name, config_path, force, return_state=True)
         summary = dict(state.result())

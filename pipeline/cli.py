@@ -74,7 +74,8 @@ def _run_all(args, cfg) -> int:
     from flows.pipeline import full_pipeline
 
     started = time.time()
-    results = full_pipeline(config_path=str(Path(args.config).resolve()), force=args.force)
+    results = full_pipeline(config_path=str(Path(args.config).resolve()), force=args.force,
+                            until=getattr(args, "until", None))
     if args.json:
         _emit({"flow": "full-pipeline", "stages": results, "seconds": round(time.time() - started, 3)})
     else:
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one stage (or 'all' as a Prefect flow)")
     p.add_argument("stage", help="stage name or 'all'")
     p.add_argument("--force", action="store_true", help="discard the stage's artifact for this key and rebuild")
+    p.add_argument("--until", metavar="STAGE", help="with 'all': stop after this stage (e.g. extract)")
     common(p)
     p.set_defaults(func=cmd_run)
 

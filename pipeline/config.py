@@ -14,6 +14,7 @@ from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
 from feature_extraction.config import ExtractConfig
+from uniter.pretrain.config import PretrainConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
 
@@ -33,6 +34,7 @@ class PipelineConfig(StrictModel):
     crawl: CrawlConfig = CrawlConfig()
     dedup: DedupConfig = DedupConfig()
     extract: ExtractConfig = ExtractConfig()
+    pretrain: PretrainConfig = PretrainConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

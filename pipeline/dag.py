@@ -6,10 +6,11 @@ from corpus.crawl.stage import CRAWL
 from corpus.dedup.stage import DEDUP
 from corpus.ingest.stage import INGEST
 from feature_extraction.stage import EXTRACT
+from uniter.pretrain.stage import PRETRAIN
 from pipeline.stage import Stage
 
 # In dependency order: every stage comes after the stages it reads.
-STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT)}
+STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT, PRETRAIN)}
 
 
 def get_stage(name: str) -> Stage:

@@ -38,7 +38,7 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     doc["extract"] = {"loader_workers": 0}
     cfg_path.write_text(yaml.safe_dump(doc))
 
-    first = full_pipeline(config_path=str(cfg_path))
+    first = full_pipeline(config_path=str(cfg_path), until="extract")
     assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran"), ("crawl", "ran"), ("dedup", "ran"), ("extract", "ran")]
     assert {o["table"]: o["rows"] for o in first[1]["outputs"]} == {"images": 6, "failures": 0}
     assert {o["table"]: o["rows"] for o in first[2]["outputs"]}["corpus_pairs"] == 6
@@ -51,20 +51,20 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     assert first[0]["content_sha256"] in record and S3_SECRET not in record
     json.loads(record)  # a JSON result record, not a pickle
 
-    second = full_pipeline(config_path=str(cfg_path))
+    second = full_pipeline(config_path=str(cfg_path), until="extract")
     assert [r["status"] for r in second] == ["cached"] * 4
     assert [r["content_sha256"] for r in second] == [r["content_sha256"] for r in first]
 
     # A change upstream re-runs that stage and everything downstream of it, nothing else.
     doc["dedup"] = {"phash_max_distance": 2}
     cfg_path.write_text(yaml.safe_dump(doc))
-    changed = full_pipeline(config_path=str(cfg_path))
+    changed = full_pipeline(config_path=str(cfg_path), until="extract")
     assert [r["status"] for r in changed] == ["cached", "cached", "ran", "ran"]
     with open(tmp_path / "pairs.jsonl", "a") as f:
         f.write(json.dumps({"image_path": "images/0.jpg", "caption": "one more caption"}) + "\n")
-    changed = full_pipeline(config_path=str(cfg_path))
+    changed = full_pipeline(config_path=str(cfg_path), until="extract")
     assert [r["status"] for r in changed] == ["ran"] * 4 and changed[0]["key"] != first[0]["key"]
 
-    forced = full_pipeline(config_path=str(cfg_path), force=True)
+    forced = full_pipeline(config_path=str(cfg_path), force=True, until="extract")
     assert [r["status"] for r in forced] == ["ran"] * 4
     assert [r["content_sha256"] for r in forced] == [r["content_sha256"] for r in changed]

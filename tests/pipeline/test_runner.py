@@ -107,11 +107,13 @@ def test_force_rebuilds_identical_bytes(tmp_path, storage_spec, cc_file):
 
 def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec, cc_file, monkeypatch):
     monkeypatch.setitem(STAGES, "count", COUNT)
-    assert downstream("ingest") == ["crawl", "dedup", "extract", "count"] and downstream("crawl") == ["dedup", "extract"]
+    assert downstream("ingest") == ["crawl", "dedup", "extract", "pretrain", "count"]
+    assert downstream("crawl") == ["dedup", "extract", "pretrain"]
     cfg = _config(tmp_path, storage_spec, cc_file)
     with pytest.raises(MissingInputError, match=r"needs the output of 'ingest'.*Run `uniter run ingest -c cfg.yaml` first"):
         run_stage("count", cfg, config_path="cfg.yaml")
-    blocked = {"ingest": "missing", "crawl": "blocked", "dedup": "blocked", "extract": "blocked", "count": "blocked"}
+    blocked = {"ingest": "missing", "crawl": "blocked", "dedup": "blocked", "extract": "blocked", "pretrain": "blocked",
+               "count": "blocked"}
     assert {r["stage"]: r["status"] for r in stage_status(cfg)} == blocked
 
     ingest = run_stage("ingest", cfg)

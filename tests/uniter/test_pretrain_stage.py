@@ -1,0 +1,142 @@
+"""The pretrain stage on DeepSpeed (CPU, gloo): trains and publishes a loadable model; 2 processes
+equal 1 process with twice the accumulation; SIGKILL + resume repeats an uninterrupted run exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.artifact import Artifact
+from pipeline.config import load_config
+from pipeline.runner import Planner, run_stage, storage_for
+from tests.conftest import read_table
+from tests.feature_extraction.test_extract_stage import build_upstream, corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def vocab(tmp_path_factory) -> str:
+    """A small WordPiece vocabulary trained on the fixture captions (no model hub here)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    folder = tmp_path_factory.mktemp("vocab")
+    captions = [f"photo {i} of a thing on the table near a window" for i in range(200)]
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(captions, vocab_size=120, min_frequency=1)
+    tok.save_model(str(folder))
+    return str(folder / "vocab.txt")
+
+
+def pretrain_cfg(vocab: str, **kw) -> dict:
+    base = {
+        "model": "debug", "init_from_bert": None, "tokenizer": vocab, "steps": 12, "warmup": 2, "lr": 1e-3,
+        "batch_tokens": 256, "bucket_size": 64, "val_percent": 20, "validate_every": 6, "checkpoint_every": 4,
+        "log_every": 4, "loader_workers": 0, "deepspeed": {"gradient_accumulation_steps": 2},
+    }
+    base.update(kw)
+    return base
+
+
+def make(tmp_path: Path, storage: dict, vocab: str, name: str = "cfg.yaml", **pretrain) -> Path:
+    path = corpus(tmp_path, storage, 16, {"loader_workers": 0}, name)
+    doc = yaml.safe_load(path.read_text())
+    doc["pretrain"] = pretrain_cfg(vocab, **pretrain)
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def history(cfg, result) -> list[tuple]:
+    rows = read_table(storage_for(cfg), result.manifest, "metrics").to_pylist()
+    return [(r["step"], r["name"], r["value"]) for r in rows]
+
+
+def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab):
+    cfg = load_config(make(tmp_path, storage_spec, vocab))
+    build_upstream(cfg)
+    run_stage("extract", cfg)
+    result = run_stage("pretrain", cfg)
+    counts = result.manifest.counts
+    assert counts["steps"] == 12 and counts["tasks_off"] == {"mrc": 1, "mrckl": 1}  # grid features: no soft labels
+    rows = history(cfg, result)
+    assert {n for _, n, _ in rows} >= {"loss/itm", "loss/mlm", "loss/mrfr", "lr", "val/mlm_acc", "val/itm_acc", "val/ot_pos"}
+    assert [s for s, n, _ in rows if n.startswith("loss/")] == list(range(12))  # one task per step
+    assert [s for s, n, _ in rows if n == "lr"] == [0, 4, 8]
+    events = storage_for(cfg).list(Artifact(storage_for(cfg), "pretrain", result.manifest.key).file_key("tensorboard"))
+    assert events and all("tfevents" in k for k in events)
+    assert "model/config.json" in result.manifest.files and "model/model.safetensors" in result.manifest.files
+    storage = storage_for(cfg)
+    art = Artifact(storage, "pretrain", result.manifest.key)
+    local = tmp_path / "model"
+    local.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (local / name).write_bytes(storage.read_bytes(art.file_key(f"files/model/{name}")))
+    from uniter.modeling_uniter import UniterForPretraining
+
+    model = UniterForPretraining.from_pretrained(local)
+    assert model.config.hidden_size == 64 and model.config.vocab_size <= 130
+    assert run_stage("pretrain", cfg).status == "cached"
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec, vocab):
+    one = load_config(make(tmp_path, {"uri": str(tmp_path / "d1")}, vocab, "one.yaml", steps=6,
+                           deepspeed={"gradient_accumulation_steps": 2}, checkpoint_every=100))
+    two = load_config(make(tmp_path, {"uri": str(tmp_path / "d2")}, vocab, "two.yaml", steps=6, processes=2,
+                           deepspeed={"gradient_accumulation_steps": 1}, checkpoint_every=100))
+    for cfg in (one, two):
+        build_upstream(cfg)
+        run_stage("extract", cfg)
+    a, b = history(one, run_stage("pretrain", one)), history(two, run_stage("pretrain", two))
+    losses_a = [(s, n, v) for s, n, v in a if n.startswith("loss/")]
+    losses_b = [(s, n, v) for s, n, v in b if n.startswith("loss/")]
+    assert [x[:2] for x in losses_a] == [x[:2] for x in losses_b]  # same task at every step
+    for (_, _, va), (_, _, vb) in zip(losses_a, losses_b, strict=True):
+        assert abs(va - vb) < 1e-4 * max(1, abs(va)), (losses_a, losses_b)
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_sigkill_then_resume_repeats_the_run_exactly(tmp_path, storage_spec, vocab):
+    cfg_path = make(tmp_path, storage_spec, vocab, steps=40, checkpoint_every=5, validate_every=20, log_every=5)
+    cfg = load_config(cfg_path)
+    build_upstream(cfg)
+    run_stage("extract", cfg)
+    storage = storage_for(cfg)
+    art = Artifact(storage, "pretrain", Planner(cfg, storage).plan("pretrain").key)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "pretrain", "-c", str(cfg_path), "-q"],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not any(s.startswith("ckpt-00000010") for s in art.done_shards()):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert art.manifest() is None
+    resumed = run_stage("pretrain", cfg)
+    assert resumed.resumed_shards >= 2  # it continued from a checkpoint
+
+    clean = load_config(make(tmp_path, {"uri": str(tmp_path / "clean")}, vocab, "clean.yaml", steps=40,
+                             checkpoint_every=5, validate_every=20, log_every=5))
+    build_upstream(clean)
+    run_stage("extract", clean)
+    assert history(cfg, resumed) == history(clean, run_stage("pretrain", clean))  # exactly, step by step
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_ablation_switches(tmp_path, storage_spec, vocab):
+    cfg = load_config(make(tmp_path, storage_spec, vocab, steps=4, tasks={"mlm": 1}, joint_masking=True, ot_lambda=0,
+                           checkpoint_every=100, validate_every=100))
+    build_upstream(cfg)
+    run_stage("extract", cfg)
+    result = run_stage("pretrain", cfg)
+    names = {n for _, n, _ in history(cfg, result)}
+    assert {n for n in names if n.startswith("loss/")} == {"loss/mlm"}  # the other tasks are off
+    assert result.manifest.counts["steps"] == 4

@@ -1,0 +1,78 @@
+"""The `pretrain` config section: model, tasks and their mix, data, DeepSpeed."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.configbase import SectionConfig
+
+TASK_NAMES = ("itm", "mlm", "mrfr", "mrc", "mrckl")
+
+
+class PretrainConfig(SectionConfig):
+    """UNITER pretraining as the reference recipe (uniter-recipe.md §2, §4)."""
+
+    # Parallelism and bookkeeping do not change what is learned (the data order and every random
+    # draw are functions of the seed and the step, not of the process layout).
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset(
+        {"processes", "loader_workers", "log_every", "checkpoint_every", "tensorboard_dir"})
+
+    model: Literal["debug", "base", "large"] = "base"
+    model_overrides: dict[str, Any] = {}  # UniterConfig fields, e.g. {hidden_dropout_prob: 0.0}
+    # Text side initialised from a BERT checkpoint (HF folder, or pkg://<package>/<folder>); None = random.
+    init_from_bert: str | None = "bert-base-cased"
+    tokenizer: str = "bert-base-cased"  # a BERT WordPiece vocab: HF name, folder, vocab.txt or pkg://…
+    lowercase: bool | None = None  # None: the tokenizer's own setting
+    max_txt_len: int = Field(default=60, ge=1)  # longer texts are dropped, as the reference does
+    conf_thresh: float = 0.2
+    min_bb: int = Field(default=10, ge=1)
+    max_bb: int = Field(default=100, ge=1)
+
+    # Mix ratios per task (0 switches a task off); default ITM:MLM:MRFR:MRC-kl = 3:4:2:2.
+    tasks: dict[str, float] = {"itm": 3, "mlm": 4, "mrfr": 2, "mrckl": 2}
+    dataset_weights: dict[str, float] = {}  # per `pairs.source`; unlisted sources weigh 1
+    joint_masking: bool = False  # ablation baseline: mask text and regions in the same batch
+    mlm_prob: float = Field(default=0.15, gt=0, lt=1)
+    mrm_prob: float = Field(default=0.15, gt=0, lt=1)
+    itm_neg_prob: float = Field(default=0.5, ge=0, le=1)
+    ot_lambda: float = Field(default=0.1, ge=0)  # WRA weight inside ITM; 0 switches WRA off
+
+    batch_tokens: int = Field(default=10240, ge=8)  # per micro-batch per process, text + regions, padding incl.
+    bucket_size: int = Field(default=8192, ge=8)
+    steps: int = Field(default=200_000, ge=1)
+    warmup: int = Field(default=10_000, ge=0)
+    lr: float = Field(default=5e-5, gt=0)
+    seed: int = 42
+    val_percent: float = Field(default=1.0, ge=0, lt=100)  # images held out for validation
+    validate_every: int = Field(default=5000, ge=1)
+    checkpoint_every: int = Field(default=1000, ge=1)
+    log_every: int = Field(default=100, ge=1)
+    # TensorBoard event files are written here during the run (point `tensorboard --logdir` at it)
+    # and copied into the artifact (`tensorboard/`) at every checkpoint. None: a temporary folder.
+    tensorboard_dir: str | None = None
+    # DeepSpeed's own JSON, merged over our defaults: bf16/fp16, zero_optimization, gradient_accumulation_steps…
+    deepspeed: dict[str, Any] = {}
+    device: Literal["cpu", "cuda"] = "cpu"
+    processes: int = Field(default=1, ge=1)  # CPU processes (gloo) or GPUs (NCCL)
+    loader_workers: int = Field(default=2, ge=0)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(TASK_NAMES))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}: expected some of {', '.join(TASK_NAMES)}")
+        if not any(v > 0 for v in value.values()):
+            raise ValueError("every task has ratio 0: at least one task must be on")
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "PretrainConfig":
+        if self.min_bb > self.max_bb:
+            raise ValueError(f"min_bb ({self.min_bb}) > max_bb ({self.max_bb})")
+        return self
+
+    def accumulation(self) -> int:
+        return int(self.deepspeed.get("gradient_accumulation_steps", 1))
