@@ -9,6 +9,12 @@ from pydantic import Field, model_validator
 from pipeline.configbase import InputFile, SectionConfig
 
 
+class WeightsFile(InputFile):
+    """A weights file, or "random": the real model with deterministic random weights (tests, benchmarks)."""
+
+    KEYWORDS = frozenset({"random"})
+
+
 class ExtractConfig(SectionConfig):
     """Region features of every image of the clean corpus."""
 
@@ -18,7 +24,7 @@ class ExtractConfig(SectionConfig):
     backend: Literal["detectron2", "grid"] = "grid"
     # The BUTD detector's weights: a Detectron2 pickle ({"model": {name: array}}) or a torch state
     # dict. "random" builds the real model with deterministic random weights (tests, benchmarks).
-    weights: InputFile | Literal["random"] | None = None
+    weights: WeightsFile | None = None
     depth: Literal[50, 101] = 101
     selection: Literal["caffe", "lxmert36"] = "caffe"
     conf_thresh: float = Field(default=0.2, ge=0, le=1)

@@ -43,7 +43,10 @@ def _resolve(value: str, info: core_schema.ValidationInfo) -> Path:
 
 class InputFile(str):
     """A local file the stage reads. Must exist. In cache keys it stands for its sha256, not its path,
-    so moving a file keeps the cache and editing it invalidates the cache."""
+    so moving a file keeps the cache and editing it invalidates the cache. A subclass may accept
+    keywords in place of a file (KEYWORDS)."""
+
+    KEYWORDS: frozenset[str] = frozenset()
 
     @classmethod
     def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
@@ -51,11 +54,14 @@ class InputFile(str):
 
     @classmethod
     def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "InputFile":
+        if value in cls.KEYWORDS:
+            return cls(value)
         path = _resolve(value, info)
         if path.is_dir():
             raise ValueError(f"expected a file, found a folder: {path}")
         if not path.is_file():
-            raise ValueError(f"file not found: {path}")
+            hint = f" (or one of: {', '.join(sorted(cls.KEYWORDS))})" if cls.KEYWORDS else ""
+            raise ValueError(f"file not found: {path}{hint}")
         return cls(str(path))
 
 

@@ -52,6 +52,8 @@ def code_version() -> str:
 def key_payload(value: Any, files: dict[str, str]) -> Any:
     """The config as it enters the cache key: input files stand for their content digest.
     ``files`` collects ``{"file:<path>": sha256}`` for the manifest's provenance."""
+    if isinstance(value, InputFile) and value in type(value).KEYWORDS:
+        return str(value)
     if isinstance(value, InputFile):
         digest = file_fingerprint(value)
         files[f"file:{value}"] = digest

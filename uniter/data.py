@@ -97,6 +97,8 @@ def build_texts(storage: Storage, keys: list[str], content_sha: str, tokenizer, 
     for key in keys:
         with storage.open(key) as f:
             table = pq.read_table(f, columns=["pair_id", "source", "image_key", "caption"])
+        if not table.num_rows:  # a shard whose pairs were all removed upstream
+            continue
         ids = tokenizer(table.column("caption").to_pylist(), add_special_tokens=False)["input_ids"]
         keep = np.array([len(x) <= max_txt_len for x in ids], dtype=bool)
         dropped += int((~keep).sum())

@@ -116,9 +116,11 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     assert (dedup["counts"]["exact_duplicates"], dedup["counts"]["near_duplicates"]) == (1, 3)
     assert (dedup["counts"]["images_removed"], dedup["counts"]["images_kept"], dedup["counts"]["corpus_pairs"]) == (8, 9, 20)
     assert extract["counts"]["images"] == 9 and extract["counts"]["mean_boxes"] == 36  # the grid backend
-    # a few hundred steps of the debug model: it learns (MLM accuracy on held-out images beats chance by far)
-    assert pretrain["counts"]["steps"] == DEMO_STEPS and pretrain["counts"]["tasks_off"] == {"mrc": 1, "mrckl": 1}
-    assert pretrain["counts"]["final"]["val/itm_acc"] >= 0.0 and 0 < pretrain["counts"]["final"]["loss/mlm"] < 10
-    assert any(f.startswith("model/") for f in pretrain["files"]) if "files" in pretrain else True
+    # a few hundred steps of the debug model (grid features: no MRC), and it learns: the MLM loss
+    # ends far below chance, ln(30522 word pieces) ≈ 10.3
+    counts = pretrain["counts"]
+    assert counts["steps"] == DEMO_STEPS and counts["tasks_off"] == {"mrc": 1, "mrckl": 1}
+    assert counts["final"]["loss/mlm"] < 6 and {"val/itm_acc", "val/mlm_acc", "val/ot_pos", "val/ot_neg"} <= set(counts["final"])
+    assert pretrain["outputs"][0]["table"] == "metrics" and pretrain["outputs"][0]["rows"] > DEMO_STEPS  # a loss per step
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
     assert [s["status"] for s in again["stages"]] == ["cached"] * 5

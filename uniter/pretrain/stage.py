@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ def run_pretrain(ctx: StageContext) -> None:
 def train_process(rank: int, world: int, job: Job) -> None:
     """One training process (of `world`)."""
     cfg = job.cfg
+    # stdout belongs to the parent's --json summary; DeepSpeed prints build notes there
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(job.port))
     if cfg.device == "cpu":
