@@ -22,24 +22,26 @@ def ipot(cost: torch.Tensor, x_pad: torch.Tensor, y_pad: torch.Tensor, beta: flo
          inner: int = 1) -> torch.Tensor:
     """Transport plans (B, m, n) between the m-side and n-side of each problem; padded rows and
     columns carry nothing. Marginals: 1/m_real on each real row, 1/n_real on each real column."""
-    b, m, n = cost.shape
     dtype = cost.dtype
     x_real, y_real = (~x_pad).to(dtype), (~y_pad).to(dtype)  # (B, m), (B, n)
-    m_len = x_real.sum(1, keepdim=True)  # (B, 1)
-    n_len = y_real.sum(1, keepdim=True)
-    joint = x_real.unsqueeze(2) * y_real.unsqueeze(1)  # (B, m, n): 1 where both sides are real
-    kernel = torch.exp(-cost / beta) * joint
-    plan = joint.clone()
-    a = x_real / m_len  # (B, m): scaling of the rows
-    # A huge denominator on padded positions drives their scalings to ~0 (never divide by zero).
-    x_block, y_block = (1 - x_real) * 1e4, (1 - y_real) * 1e4
-    for _ in range(iterations):
-        q = kernel * plan  # (B, m, n)
+    kernel = torch.exp(cost / -beta).mul_(x_real.unsqueeze(2)).mul_(y_real.unsqueeze(1))  # 0 where padded
+    # Padded rows/columns have zero sums; adding 1 there keeps the reciprocal finite (their q is 0).
+    x_block, y_block = (1 - x_real).unsqueeze(2), (1 - y_real).unsqueeze(1)  # (B, m, 1), (B, 1, n)
+    m_len, n_len = x_real.sum(1)[:, None, None], y_real.sum(1)[:, None, None]  # (B, 1, 1)
+    # Row-vector bmm and in-place ops: at these sizes the loop is bound by per-op overhead, not
+    # arithmetic. The marginals' 1/m, 1/n stay in the updates: without them the scalings drift by
+    # (m/n)^t and overflow after ~60 iterations.
+    a = x_real.unsqueeze(1) / m_len  # (B, 1, m)
+    q = kernel.clone()  # q = kernel ⊙ plan, the plan starting at all ones
+    for it in range(iterations):
         for _ in range(inner):
-            b_scale = 1.0 / (n_len * torch.einsum("bmn,bm->bn", q, a) + y_block)  # (B, n)
-            a = 1.0 / (m_len * torch.einsum("bmn,bn->bm", q, b_scale) + x_block)  # (B, m)
-        plan = a.unsqueeze(2) * q * b_scale.unsqueeze(1)
-    return plan * joint
+            b = torch.bmm(a, q).mul_(n_len).add_(y_block).reciprocal_()  # (B, 1, n) = 1 / (n qᵀa)
+            a_col = torch.matmul(q, b.transpose(1, 2)).mul_(m_len).add_(x_block).reciprocal_()  # (B, m, 1) = 1 / (m q b)
+            a = a_col.transpose(1, 2)
+        q.mul_(a_col).mul_(b)  # the plan diag(a) q diag(b): each real row sums to 1/m
+        if it + 1 < iterations:
+            q.mul_(kernel)
+    return q
 
 
 def optimal_transport_distance(x: torch.Tensor, y: torch.Tensor, x_pad: torch.Tensor, y_pad: torch.Tensor,

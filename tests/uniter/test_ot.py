@@ -54,3 +54,23 @@ def test_gradient_flows_through_the_cost_only():
     d = optimal_transport_distance(x, y, torch.zeros(1, 6, dtype=torch.bool), torch.zeros(1, 8, dtype=torch.bool))
     d.sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_float32_at_uniter_sizes_stays_finite_and_converges():
+    """60 words × 100 regions in fp32 (as in training), run far past the recipe's 50 iterations:
+    the scalings must not drift into overflow, and the distance keeps approaching the exact one."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(4, 60, 64, generator=g), torch.randn(4, 100, 64, generator=g)
+    x_pad = torch.arange(60)[None] >= torch.tensor([60, 45, 30, 20])[:, None]
+    y_pad = torch.arange(100)[None] >= torch.tensor([100, 80, 50, 10])[:, None]
+    errors = []
+    for iterations in (50, 400):
+        ours = optimal_transport_distance(x, y, x_pad, y_pad, iterations=iterations)
+        assert torch.isfinite(ours).all()
+        exact = []
+        for i in range(4):
+            m, n = int((~x_pad[i]).sum()), int((~y_pad[i]).sum())
+            cost = cosine_cost(x[i : i + 1, :m].double(), y[i : i + 1, :n].double())[0].numpy()
+            exact.append(ot.emd2(np.full(m, 1 / m), np.full(n, 1 / n), cost))
+        errors.append(float(np.abs(ours.double().numpy() - np.array(exact)).max()))
+    assert errors[1] < errors[0] and errors[1] < 1e-3, errors

@@ -86,11 +86,14 @@ def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab):
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
-def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec, vocab):
+@pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
+def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec, vocab, launcher):
     one = load_config(make(tmp_path, {"uri": str(tmp_path / "d1")}, vocab, "one.yaml", steps=6,
                            deepspeed={"gradient_accumulation_steps": 2}, checkpoint_every=100))
+    # ZeRO-1 shards the optimizer state: each process writes its own part of the checkpoint at step 4
     two = load_config(make(tmp_path, {"uri": str(tmp_path / "d2")}, vocab, "two.yaml", steps=6, processes=2,
-                           deepspeed={"gradient_accumulation_steps": 1}, checkpoint_every=100))
+                           launcher=launcher, checkpoint_every=4,
+                           deepspeed={"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}}))
     for cfg in (one, two):
         build_upstream(cfg)
         run_stage("extract", cfg)
@@ -100,6 +103,9 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec
     assert [x[:2] for x in losses_a] == [x[:2] for x in losses_b]  # same task at every step
     for (_, _, va), (_, _, vb) in zip(losses_a, losses_b, strict=True):
         assert abs(va - vb) < 1e-4 * max(1, abs(va)), (losses_a, losses_b)
+    art = Artifact(storage_for(two), "pretrain", Planner(two, storage_for(two)).plan("pretrain").key)
+    parts = storage_for(two).list(art.file_key("checkpoints/ckpt-00000004"))
+    assert sum("optim_states" in k for k in parts) == 2, parts  # both processes' optimizer shards stored
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
@@ -140,3 +146,10 @@ def test_ablation_switches(tmp_path, storage_spec, vocab):
     names = {n for _, n, _ in history(cfg, result)}
     assert {n for n in names if n.startswith("loss/")} == {"loss/mlm"}  # the other tasks are off
     assert result.manifest.counts["steps"] == 4
+
+
+def test_launch_entry_outside_a_launcher_says_what_to_do(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-m", "uniter.pretrain.launch", str(tmp_path / "job.json")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "run it under torchrun or deepspeed" in done.stderr

@@ -17,7 +17,7 @@ class PretrainConfig(SectionConfig):
     # Parallelism and bookkeeping do not change what is learned (the data order and every random
     # draw are functions of the seed and the step, not of the process layout).
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset(
-        {"processes", "loader_workers", "log_every", "checkpoint_every", "tensorboard_dir"})
+        {"processes", "launcher", "launcher_args", "loader_workers", "log_every", "checkpoint_every", "tensorboard_dir"})
 
     model: Literal["debug", "base", "large"] = "base"
     model_overrides: dict[str, Any] = {}  # UniterConfig fields, e.g. {hidden_dropout_prob: 0.0}
@@ -55,7 +55,12 @@ class PretrainConfig(SectionConfig):
     # DeepSpeed's own JSON, merged over our defaults: bf16/fp16, zero_optimization, gradient_accumulation_steps…
     deepspeed: dict[str, Any] = {}
     device: Literal["cpu", "cuda"] = "cpu"
-    processes: int = Field(default=1, ge=1)  # CPU processes (gloo) or GPUs (NCCL)
+    processes: int = Field(default=1, ge=1)  # per node: CPU processes (gloo) or GPUs (NCCL)
+    # spawn: the stage starts `processes` workers itself (one node). torchrun: it runs
+    # `torchrun --nproc-per-node processes [launcher_args] -m uniter.pretrain.launch JOB`; give the
+    # rendezvous in launcher_args for several nodes (default --standalone), see docs/pretrain.md.
+    launcher: Literal["spawn", "torchrun"] = "spawn"
+    launcher_args: list[str] = []
     loader_workers: int = Field(default=2, ge=0)
 
     @field_validator("tasks")

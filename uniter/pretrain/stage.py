@@ -1,27 +1,32 @@
 """The pretrain stage: clean pairs + region features → a UNITER checkpoint (save_pretrained).
 
-Training runs in `processes` spawned processes (one per GPU, or gloo on CPU), even when there is
-one: DeepSpeed's distributed state then lives and dies with them. Checkpoints go to the storage
-every `checkpoint_every` steps (files under the artifact, then a `ckpt-<step>` marker); a killed
-run resumes from the newest. The final shard holds the metrics and the model files.
+Training runs in worker processes (one per GPU, or gloo on CPU), even when there is one:
+DeepSpeed's distributed state then lives and dies with them. `launcher: spawn` starts them here;
+`launcher: torchrun` hands a job file to torchrun (`uniter.pretrain.launch` is the entry point,
+which the deepspeed launcher can run too), so several nodes can join. Checkpoints go to the storage
+every `checkpoint_every` steps (files under the artifact, then a `ckpt-<step>` marker); a killed run
+resumes from the newest. The final shard holds the metrics and the model files.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
 from pipeline.artifact import Artifact
+from pipeline.errors import UniterError
 from pipeline.stage import Stage, StageContext, now
 from storage import Storage, open_storage
 from uniter.data import Corpus, build_features, build_texts, load_tokenizer
@@ -33,6 +38,9 @@ CKPT = "ckpt"
 
 @dataclass(frozen=True)
 class Job:
+    """Everything a worker process needs, as plain data: it travels to spawned processes and, as
+    JSON, to processes a launcher starts on other nodes (which rebuild the local caches)."""
+
     cfg: PretrainConfig
     storage_uri: str
     endpoint_url: str | None
@@ -40,42 +48,79 @@ class Job:
     stage: str
     key: str
     run_id: str
-    text_path: str
-    feature_paths: list[str]
-    local_dir: str  # checkpoints are written here first, then uploaded
+    text_keys: list[str]  # corpus_pairs shards and their table digest
+    text_sha: str
+    feature_inputs: list[tuple[str, str]]  # (features shard key, sha256)
+    local_dir: str  # checkpoints are written here first (the same path on every node), then uploaded
     port: int
 
     def storage(self) -> Storage:
         return open_storage(self.storage_uri, endpoint_url=self.endpoint_url, region=self.region)
 
+    def local_inputs(self, tokenizer) -> tuple[Path, list[Path]]:
+        """The memory-mappable caches on this node (built once, then found by content)."""
+        storage = self.storage()
+        return (build_texts(storage, self.text_keys, self.text_sha, tokenizer, self.cfg.max_txt_len),
+                [build_features(storage, k, sha) for k, sha in self.feature_inputs])
+
+    def to_json(self) -> str:
+        data = asdict(self) | {"cfg": self.cfg.model_dump(mode="json")}
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Job":
+        data = json.loads(text)
+        data["cfg"] = PretrainConfig.model_validate(data["cfg"])
+        data["feature_inputs"] = [tuple(x) for x in data["feature_inputs"]]
+        return cls(**data)
+
 
 def run_pretrain(ctx: StageContext) -> None:
     cfg: PretrainConfig = ctx.config
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.lowercase)
-    pairs = ctx.inputs["dedup"]
-    text_path = build_texts(ctx.storage, ctx.input_files("dedup", "corpus_pairs"), pairs.table_sha256("corpus_pairs"),
-                            tokenizer, cfg.max_txt_len)
     features = ctx.inputs["extract"].tables.get("features", [])
-    feature_paths = [build_features(ctx.storage, k, f.sha256) for k, f in zip(ctx.input_files("extract", "features"), features, strict=True)]
     with tempfile.TemporaryDirectory(prefix="uniter-pretrain-") as local:
         job = Job(cfg, ctx.storage.uri, getattr(ctx.storage, "endpoint_url", None), getattr(ctx.storage, "region", None),
-                  ctx.output.stage, ctx.output.key, ctx.run_id, str(text_path), [str(p) for p in feature_paths], local, _free_port())
-        torch.multiprocessing.start_processes(train_process, args=(cfg.processes, job), nprocs=cfg.processes,
-                                              start_method="spawn")
+                  ctx.output.stage, ctx.output.key, ctx.run_id, ctx.input_files("dedup", "corpus_pairs"),
+                  ctx.inputs["dedup"].table_sha256("corpus_pairs"),
+                  [(k, f.sha256) for k, f in zip(ctx.input_files("extract", "features"), features, strict=True)],
+                  local, _free_port())
+        job.local_inputs(load_tokenizer(cfg.tokenizer, cfg.lowercase))  # once here, not in every worker
+        if cfg.launcher == "spawn":
+            torch.multiprocessing.start_processes(train_process, args=(cfg.processes, job), nprocs=cfg.processes,
+                                                  start_method="spawn")
+        else:
+            run_torchrun(job, Path(local))
     ctx.done.update(ctx.output.done_shards())
 
 
-def train_process(rank: int, world: int, job: Job) -> None:
-    """One training process (of `world`)."""
+def run_torchrun(job: Job, local: Path) -> None:
+    cfg = job.cfg
+    job_file = local / "job.json"
+    job_file.write_text(job.to_json())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.processes),
+           *(cfg.launcher_args or ["--standalone"]), "-m", "uniter.pretrain.launch", str(job_file)]
+    log.info("pretrain: %s", " ".join(cmd))
+    # the workers' stdout goes to our stderr: stdout belongs to the --json summary
+    done = subprocess.run(cmd, stdout=sys.stderr, check=False)
+    if done.returncode != 0:
+        raise UniterError(f"pretrain: torchrun exited with status {done.returncode} (the workers' errors are above)")
+
+
+def train_process(rank: int, world: int, job: Job, local_rank: int | None = None) -> None:
+    """One training process (of `world`). Spawned here (local_rank None: rank on this node, and the
+    rendezvous is ours) or started by a launcher that set RANK, WORLD_SIZE and MASTER_* itself."""
     cfg = job.cfg
     # stdout belongs to the parent's --json summary; DeepSpeed prints build notes there
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(job.port))
+    if local_rank is None:
+        local_rank = rank
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(job.port))
     if cfg.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     logging.basicConfig(level=logging.INFO, format=f"[pretrain {rank}/{world}] %(message)s")
     import deepspeed
 
@@ -84,12 +129,13 @@ def train_process(rank: int, world: int, job: Job) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl", verbose=False)
     if cfg.device == "cuda":
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(local_rank)
+    Path(job.local_dir).mkdir(parents=True, exist_ok=True)
     storage = job.storage()
     art = Artifact(storage, job.stage, job.key)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.lowercase)
-    corpus = Corpus(Path(job.text_path), [Path(p) for p in job.feature_paths], cfg.conf_thresh, cfg.min_bb, cfg.max_bb,
-                    cfg.val_percent)
+    text_path, feature_paths = job.local_inputs(tokenizer)
+    corpus = Corpus(text_path, feature_paths, cfg.conf_thresh, cfg.min_bb, cfg.max_bb, cfg.val_percent)
     tasks_off = ()
     if not corpus.has_soft_labels and any(cfg.tasks.get(t, 0) > 0 for t in ("mrc", "mrckl")):
         tasks_off = ("mrc", "mrckl")
@@ -97,7 +143,7 @@ def train_process(rank: int, world: int, job: Job) -> None:
             log.warning("the features carry no soft labels (grid backend): MRC and MRC-kl are off for this run")
     model = build_model(cfg, tokenizer)
     trainer = Trainer(cfg, corpus, Vocab.from_tokenizer(tokenizer), model, rank, world, tasks_off)
-    resume(trainer, art, job, rank)
+    resume(trainer, art, job, rank, local_rank)
     board = Board(job, art, len(trainer.history)) if rank == 0 else None
     started, last_log = time.time(), time.time()
 
@@ -114,7 +160,7 @@ def train_process(rank: int, world: int, job: Job) -> None:
             log.info("step %d/%d %s %.4f (%.1f s)", t.step, cfg.steps, last["name"], last["value"], time.time() - last_log)
             last_log = time.time()
         if t.step % cfg.checkpoint_every == 0 and t.step < cfg.steps:
-            save_checkpoint(t, art, job, rank)
+            save_checkpoint(t, art, job, rank, local_rank)
             if board is not None:
                 board.upload()
 
@@ -173,29 +219,33 @@ def _tag(step: int) -> str:
     return f"{CKPT}-{step:08d}"
 
 
-def save_checkpoint(trainer, art: Artifact, job: Job, rank: int) -> None:
-    """All processes write their part locally; process 0 uploads, then writes the marker."""
+def save_checkpoint(trainer, art: Artifact, job: Job, rank: int, local_rank: int) -> None:
+    """All processes write their part locally; the first process of each node uploads what its node
+    wrote, then process 0 writes the marker (so the marker means: every part is stored)."""
     tag = _tag(trainer.step)
     trainer.engine.save_checkpoint(job.local_dir, tag=tag, client_state={"trainer": trainer.state_dict()})
     torch.distributed.barrier()
-    if rank == 0:
-        started = now()
-        folder = Path(job.local_dir) / tag
+    started = now()
+    folder = Path(job.local_dir) / tag
+    if local_rank == 0:
         for path in sorted(folder.rglob("*")):
             if path.is_file():
                 art.storage.put_file(art.file_key(f"checkpoints/{tag}/{path.relative_to(folder).as_posix()}"), path)
+    torch.distributed.barrier()
+    if rank == 0:
         art.publish_shard(tag, {}, {}, job.run_id, started)
+    if local_rank == 0:
         shutil.rmtree(folder, ignore_errors=True)
     torch.distributed.barrier()
 
 
-def resume(trainer, art: Artifact, job: Job, rank: int) -> None:
-    """Load the newest published checkpoint of this key, if any."""
+def resume(trainer, art: Artifact, job: Job, rank: int, local_rank: int) -> None:
+    """Load the newest published checkpoint of this key, if any (every node fetches all its parts)."""
     tags = sorted(s for s in art.done_shards() if s.startswith(CKPT + "-"))
     if not tags:
         return
     tag = tags[-1]
-    if rank == 0:
+    if local_rank == 0:
         prefix = art.file_key(f"checkpoints/{tag}")
         for key in art.storage.list(prefix):
             local = Path(job.local_dir) / tag / key[len(prefix) + 1 :]
