@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation: the downstream tasks' readers, metrics and heads."""

@@ -1,0 +1,164 @@
+"""VQA v2: the official question/annotation files, answer normalization, the answer vocabulary,
+soft targets, and the official accuracy (the 10-choose-9 average).
+
+Normalization follows the VQA evaluation's rules: punctuation removed (or turned into a space
+where it separates words), periods kept inside numbers, commas kept between digits, lower case,
+number words → digits, articles dropped, apostrophe-less contractions restored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import InputDataError
+
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+# Written without their apostrophe → the canonical form (the answers humans typed use both).
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
+    "Im": "I'm", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
+    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
+    "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "thats": "that's", "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
+_DIGIT_COMMA = re.compile(r"(\d)(,)(\d)")
+
+
+def normalize_answer(text: str) -> str:
+    """An answer as the VQA evaluation compares it."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    for p in _PUNCT:
+        # next to a space (or in a text with a digit-comma-digit) a mark is dropped; between words it separates them
+        if f"{p} " in text or f" {p}" in text or _DIGIT_COMMA.search(text):
+            text = text.replace(p, "")
+        else:
+            text = text.replace(p, " ")
+    text = _PERIOD.sub("", text)
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """The official accuracy of one prediction against the human answers (normally 10): the mean,
+    over each answer left out in turn, of min(1, #matching among the others / 3)."""
+    pred = normalize_answer(prediction)
+    gts = [normalize_answer(a) for a in answers]
+    if len(gts) == 1:
+        return float(pred == gts[0])
+    scores = []
+    for i in range(len(gts)):
+        matches = sum(1 for j, g in enumerate(gts) if j != i and g == pred)
+        scores.append(min(1.0, matches / 3))
+    return sum(scores) / len(scores)
+
+
+def soft_targets(answers: list[str], vocab: dict[str, int]) -> dict[int, float]:
+    """Training targets: min(1, #humans who gave the answer / 3), for answers in the vocabulary."""
+    counts = Counter(normalize_answer(a) for a in answers)
+    return {vocab[a]: min(1.0, c / 3) for a, c in counts.items() if a in vocab}
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int
+    image_id: int
+    question: str
+    answers: tuple[str, ...]  # the human answers (empty for the test splits)
+    answer_type: str  # "yes/no", "number", "other" ("" without annotations)
+    question_type: str
+
+
+def _load_json(path: Path, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise InputDataError(f"{path}: {what} file not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputDataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+
+
+def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = None) -> list[Question]:
+    """Questions (`v2_OpenEnded_mscoco_<split>_questions.json`) joined with their annotations
+    (`v2_mscoco_<split>_annotations.json`; None for test splits)."""
+    questions_path = Path(questions_path)
+    doc = _load_json(questions_path, "VQA questions")
+    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+        raise InputDataError(f'{questions_path}: expected a JSON object with a "questions" list (VQA v2 questions file)')
+    annotations: dict[int, dict] = {}
+    if annotations_path is not None:
+        annotations_path = Path(annotations_path)
+        ann_doc = _load_json(annotations_path, "VQA annotations")
+        if not isinstance(ann_doc, dict) or not isinstance(ann_doc.get("annotations"), list):
+            raise InputDataError(f'{annotations_path}: expected a JSON object with an "annotations" list '
+                                 "(VQA v2 annotations file)")
+        for i, ann in enumerate(ann_doc["annotations"]):
+            try:
+                answers = ann["answers"]
+                annotations[int(ann["question_id"])] = {
+                    "answers": tuple(str(a["answer"]) for a in answers),
+                    "answer_type": str(ann.get("answer_type", "")),
+                    "question_type": str(ann.get("question_type", "")),
+                }
+            except (KeyError, TypeError, ValueError) as exc:
+                raise InputDataError(f"{annotations_path}: annotations[{i}]: expected question_id and answers "
+                                     f"[{{answer: …}}, …] ({type(exc).__name__}: {exc})") from None
+    out = []
+    for i, q in enumerate(doc["questions"]):
+        try:
+            qid, image_id, text = int(q["question_id"]), int(q["image_id"]), str(q["question"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputDataError(f"{questions_path}: questions[{i}]: expected question_id, image_id and question "
+                                 f"({type(exc).__name__}: {exc})") from None
+        ann = annotations.get(qid)
+        if annotations_path is not None and ann is None:
+            raise InputDataError(f"{annotations_path}: no annotation for question_id {qid} (questions[{i}] of "
+                                 f"{questions_path.name}): the two files are of different splits?")
+        ann = ann or {"answers": (), "answer_type": "", "question_type": ""}
+        out.append(Question(qid, image_id, text, ann["answers"], ann["answer_type"], ann["question_type"]))
+    return out
+
+
+def answer_vocab(questions: list[Question], size: int = 3129) -> list[str]:
+    """The `size` most frequent normalized answers (each human answer counts), ties broken by text."""
+    counts = Counter(normalize_answer(a) for q in questions for a in q.answers)
+    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
+
+
+def write_results(predictions: dict[int, str], path: str | Path) -> None:
+    """The official results file: [{"question_id": …, "answer": …}, …] in question order."""
+    rows = [{"question_id": qid, "answer": ans} for qid, ans in sorted(predictions.items())]
+    Path(path).write_text(json.dumps(rows))
+
+
+def evaluate(predictions: dict[int, str], questions: list[Question]) -> dict[str, float]:
+    """Overall accuracy (in %) and per answer type, over the questions with answers."""
+    per_type: dict[str, list[float]] = {}
+    for q in questions:
+        if not q.answers:
+            continue
+        acc = vqa_accuracy(predictions.get(q.question_id, ""), list(q.answers))
+        per_type.setdefault("overall", []).append(acc)
+        per_type.setdefault(q.answer_type or "unknown", []).append(acc)
+    return {k: 100 * sum(v) / len(v) for k, v in per_type.items()}
