@@ -26,6 +26,8 @@ class UniterConfig(PretrainedConfig):
         img_pos_dim: int = 7,  # x1, y1, x2, y2, w, h, w·h (normalized)
         img_label_dim: int = 1601,  # detector classes incl. background (column 0)
         pad_token_id: int = 0,
+        num_answers: int = 3129,  # VQA head
+        nlvr2_head: str = "pair-biattn",  # NLVR2 head: pair or pair-biattn
         tie_word_embeddings: bool = True,  # MLM decoder = word embeddings; MRFR output = image input Linear
         **kwargs,
     ):
@@ -53,6 +55,8 @@ class UniterConfig(PretrainedConfig):
         self.img_dim = img_dim
         self.img_pos_dim = img_pos_dim
         self.img_label_dim = img_label_dim
+        self.num_answers = num_answers
+        self.nlvr2_head = nlvr2_head
 
 
 def base(**overrides) -> UniterConfig:

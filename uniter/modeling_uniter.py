@@ -1,4 +1,4 @@
-"""UNITER, one file, top to bottom: embeddings → encoder → pooler → model → pretraining heads.
+"""UNITER, one file, top to bottom: embeddings → encoder → pooler → model → pretraining and downstream heads.
 
 Submodule names are BERT's (`embeddings.word_embeddings`, `encoder.layer.N.attention.self.query`,
 `pooler.dense`, `cls.predictions.*`), so a BERT checkpoint loads by name (`uniter.` for `bert.`).
@@ -365,3 +365,141 @@ class UniterForPretraining(UniterPreTrainedModel):
         txt = torch.gather(hidden, 1, batch["ot_txt_index"].unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
         img = torch.gather(hidden, 1, batch["ot_img_index"].unsqueeze(-1).expand(-1, -1, hidden.size(-1)))
         return optimal_transport_distance(txt.float(), img.float(), batch["ot_txt_pad"], batch["ot_img_pad"])
+
+
+# --- downstream heads -------------------------------------------------------------------------
+# Each loads a pretraining checkpoint with `from_pretrained` (the `uniter.` weights by name; the
+# new head is initialised) and computes its loss in `forward` when targets are in the batch.
+
+
+@dataclass
+class UniterDownstreamOutput(ModelOutput):
+    loss: torch.Tensor = None  # scalar, when the batch carries targets
+    logits: torch.Tensor = None  # VQA (B, answers); NLVR2 (B, 2); retrieval (B,); RE (B, N)
+
+
+def _encode(uniter: UniterModel, batch: dict) -> UniterModelOutput:
+    return uniter(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), img_feat=batch["img_feat"],
+                  img_pos_feat=batch["img_pos_feat"], attention_mask=batch["attn_masks"],
+                  gather_index=batch["gather_index"], img_type_ids=batch.get("img_type_ids"))
+
+
+class UniterForVqa(UniterPreTrainedModel):
+    """Pooled [CLS] → Linear(H, 2H) → GELU → LN → Linear(2H, answers); BCE on soft scores × answers."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(config)
+        self.uniter = UniterModel(config)
+        h = config.hidden_size
+        self.vqa_output = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+                                        nn.Linear(2 * h, config.num_answers))
+        self.post_init()
+
+    def forward(self, batch: dict) -> UniterDownstreamOutput:
+        logits = self.vqa_output(_encode(self.uniter, batch).pooler_output)  # (B, answers)
+        loss = None
+        if "targets" in batch:  # (B, answers) soft scores; the reference's instance-level scale
+            loss = F.binary_cross_entropy_with_logits(logits, batch["targets"]) * logits.size(1)
+        return UniterDownstreamOutput(loss, logits)
+
+
+class UniterForNlvr2(UniterPreTrainedModel):
+    """Rows 2i and 2i+1 of the batch are statement i's text with its left and right image (type
+    ids 1 and 2). `pair`: the two [CLS] outputs concatenated → MLP → 2. `pair-biattn` (the
+    reference's): each sequence attends to the other, FC(2H → H) + ReLU, attention pooling → 2."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(config)
+        self.uniter = UniterModel(config)
+        h = config.hidden_size
+        if config.nlvr2_head == "pair":
+            self.nlvr2_output = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.GELU(),
+                                              nn.LayerNorm(2 * h, eps=config.layer_norm_eps), nn.Linear(2 * h, 2))
+        elif config.nlvr2_head == "pair-biattn":
+            self.attention = nn.MultiheadAttention(h, config.num_attention_heads, dropout=config.attention_probs_dropout_prob,
+                                                   batch_first=True)
+            self.fuse = nn.Sequential(nn.Linear(2 * h, h), nn.ReLU())
+            self.attn_pool = nn.Linear(h, 1)
+            self.nlvr2_output = nn.Linear(2 * h, 2)
+        else:
+            raise ValueError(f"nlvr2_head {config.nlvr2_head!r}: expected pair or pair-biattn")
+        self.post_init()
+
+    def grow_type_embeddings(self) -> None:
+        """A third token type for the right image, copied from the image type (as the reference)."""
+        old = self.uniter.embeddings.token_type_embeddings
+        if old.num_embeddings >= 3:
+            return
+        new = nn.Embedding(3, old.embedding_dim).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight[:2] = old.weight
+            new.weight[2] = old.weight[1]
+        self.uniter.embeddings.token_type_embeddings = new
+        self.config.type_vocab_size = 3
+
+    def forward(self, batch: dict) -> UniterDownstreamOutput:
+        out = _encode(self.uniter, batch)
+        if self.config.nlvr2_head == "pair":
+            pooled = out.pooler_output.view(-1, 2 * self.config.hidden_size)  # (B/2, 2H)
+            logits = self.nlvr2_output(pooled)
+        else:
+            hidden = out.last_hidden_state  # (2S, L, H)
+            mask = batch["attn_masks"].bool()
+            left, right = hidden[0::2], hidden[1::2]
+            lmask, rmask = mask[0::2], mask[1::2]
+            l2r, _ = self.attention(left, right, right, key_padding_mask=~rmask, need_weights=False)
+            r2l, _ = self.attention(right, left, left, key_padding_mask=~lmask, need_weights=False)
+            pooled = []
+            for seq, ctx, m in ((left, l2r, lmask), (right, r2l, rmask)):
+                fused = self.fuse(torch.cat([seq, ctx], dim=-1))  # (S, L, H)
+                weights = self.attn_pool(fused).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)  # (S, L)
+                pooled.append(torch.einsum("sl,slh->sh", weights, fused))
+            logits = self.nlvr2_output(torch.cat(pooled, dim=-1))  # (S, 2)
+        loss = F.cross_entropy(logits, batch["targets"]) if "targets" in batch else None
+        return UniterDownstreamOutput(loss, logits)
+
+
+class UniterForImageTextRetrieval(UniterPreTrainedModel):
+    """A score per (text, image) pair: Linear(H, 1) on the pooled output, initialised from the
+    pretrained ITM head's "match" row. Batches are groups of 1 positive + K negatives; the loss is
+    the hinge mean(max(0, margin + σ(s_neg) − σ(s_pos)))."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(config)
+        self.uniter = UniterModel(config)
+        self.itm_output = nn.Linear(config.hidden_size, 2)  # loaded from pretraining, read once
+        self.rank_output = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    def init_rank_from_itm(self) -> None:
+        with torch.no_grad():
+            self.rank_output.weight.copy_(self.itm_output.weight[1:2])
+            self.rank_output.bias.copy_(self.itm_output.bias[1:2])
+
+    def forward(self, batch: dict, margin: float = 0.2) -> UniterDownstreamOutput:
+        scores = self.rank_output(_encode(self.uniter, batch).pooler_output).squeeze(-1)  # (B,)
+        loss = None
+        if "group_size" in batch:  # rows [pos, neg × K] per query
+            grouped = torch.sigmoid(scores).view(-1, int(batch["group_size"]))
+            loss = (margin + grouped[:, 1:] - grouped[:, :1]).clamp(min=0).mean()
+        return UniterDownstreamOutput(loss, scores)
+
+
+class UniterForReferringExpression(UniterPreTrainedModel):
+    """A score per region: MLP (Linear, GELU, LN, Linear → 1) over the region outputs; positions that
+    are not regions get −1e4; cross-entropy against the referred region's index."""
+
+    def __init__(self, config: UniterConfig):
+        super().__init__(config)
+        self.uniter = UniterModel(config)
+        h = config.hidden_size
+        self.re_output = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps),
+                                       nn.Linear(h, 1))
+        self.post_init()
+
+    def forward(self, batch: dict) -> UniterDownstreamOutput:
+        hidden = _encode(self.uniter, batch).last_hidden_state  # (B, L, H)
+        regions = torch.gather(hidden, 1, batch["region_index"].unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # (B, N, H)
+        logits = self.re_output(regions).squeeze(-1).masked_fill(batch["region_pad"], -1e4)  # (B, N)
+        loss = F.cross_entropy(logits, batch["targets"]) if "targets" in batch else None
+        return UniterDownstreamOutput(loss, logits)
