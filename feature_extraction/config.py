@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.configbase import InputFile, SectionConfig
+from pipeline.configbase import InputFile, InputFolder, SectionConfig
 
 
 class WeightsFile(InputFile):
@@ -54,4 +54,20 @@ class ExtractConfig(SectionConfig):
             )
         if self.min_boxes > self.max_boxes:
             raise ValueError(f"min_boxes ({self.min_boxes}) > max_boxes ({self.max_boxes})")
+        return self
+
+
+class DownstreamConfig(SectionConfig):
+    """The downstream tasks' images (VQA, NLVR2, retrieval, RefCOCO), featurized with the extract
+    section's detector settings: `images` maps a set name to a folder of image files. A feature row's
+    key is `<set>/<file stem>` (COCO_val2014_000000000042, 1000092795, dev-850-0-img0)."""
+
+    images: dict[str, InputFolder] = {}
+    shard_images: int = Field(default=256, ge=1)
+
+    @model_validator(mode="after")
+    def _names(self) -> "DownstreamConfig":
+        bad = [n for n in self.images if not n or "/" in n]
+        if bad:
+            raise ValueError(f"image set names {bad}: expected non-empty names without '/'")
         return self

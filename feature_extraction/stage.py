@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from feature_extraction.config import ExtractConfig
@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Item:
     key: str
-    crawl_file: str  # storage key of the crawl shard holding its JPEG
+    crawl_file: str | None  # storage key of the crawl shard holding its JPEG (None: `path`)
     crawl_row: int
     width: int
     height: int
+    path: str | None = None  # a local image file (the downstream sets' images)
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.items[i]
-        data = _crawl_bytes(self.spec, item.crawl_file)[item.crawl_row].as_py()
-        image = Image.open(io.BytesIO(data)).convert("RGB")
+        if item.path is not None:
+            with Image.open(item.path) as raw:
+                image = ImageOps.exif_transpose(raw).convert("RGB")  # crawled images were already upright
+        else:
+            data = _crawl_bytes(self.spec, item.crawl_file)[item.crawl_row].as_py()
+            image = Image.open(io.BytesIO(data)).convert("RGB")
         if self.cfg.backend == "grid":
             return {"item": item, "result": grid_features(item.key, image, self.cfg.grid_rows, self.cfg.grid_cols)}
         w, h, scale = test_scale(image.width, image.height, self.cfg.min_size, self.cfg.max_size)

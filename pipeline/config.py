@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
-from feature_extraction.config import ExtractConfig
+from feature_extraction.config import DownstreamConfig, ExtractConfig
 from uniter.pretrain.config import PretrainConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
@@ -34,6 +34,7 @@ class PipelineConfig(StrictModel):
     crawl: CrawlConfig = CrawlConfig()
     dedup: DedupConfig = DedupConfig()
     extract: ExtractConfig = ExtractConfig()
+    downstream: DownstreamConfig = DownstreamConfig()
     pretrain: PretrainConfig = PretrainConfig()
 
 

@@ -65,6 +65,24 @@ class InputFile(str):
         return cls(str(path))
 
 
+class InputFolder(str):
+    """A local folder of images the stage reads. Must exist. In cache keys it stands for the digest
+    of its files' names and contents (`folder_fingerprint`), not its path."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
+
+    @classmethod
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "InputFolder":
+        path = _resolve(value, info)
+        if path.is_file():
+            raise ValueError(f"expected a folder of images, found a file: {path}")
+        if not path.is_dir():
+            raise ValueError(f"folder not found: {path}")
+        return cls(str(path))
+
+
 class Location(str):
     """A folder or URL prefix (local path, http(s)://, s3://, file://). Local paths become absolute;
     they are not required to exist yet (they are read by a later stage, possibly on another host)."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 from corpus.crawl.stage import CRAWL
 from corpus.dedup.stage import DEDUP
 from corpus.ingest.stage import INGEST
+from feature_extraction.downstream import DOWNSTREAM
 from feature_extraction.stage import EXTRACT
 from uniter.pretrain.stage import PRETRAIN
 from pipeline.stage import Stage
 
 # In dependency order: every stage comes after the stages it reads.
-STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT, PRETRAIN)}
+STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT, DOWNSTREAM, PRETRAIN)}
 
 
 def get_stage(name: str) -> Stage:

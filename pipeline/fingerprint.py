@@ -68,3 +68,38 @@ def file_fingerprint(path: str | Path) -> str:
         except OSError:
             pass  # the memo is an optimization: a read-only home only costs re-hashing
     return digest
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def folder_files(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The files under `folder` (recursively) with one of `suffixes`, in a stable order."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+
+
+def folder_fingerprint(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> str:
+    """sha256 over (relative path, content sha256) of every matching file. The per-file digests are
+    memoized in one file per folder (a folder of 100k images must not rewrite a memo 100k times)."""
+    folder = Path(folder)
+    memo_file = _memo_path().with_name(f"folder-{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json")
+    try:
+        memo = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    fresh, h = {}, hashlib.sha256()
+    for path in folder_files(folder, suffixes):
+        rel = path.relative_to(folder).as_posix()
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = memo.get(rel)
+        digest = hit[3] if hit and hit[:3] == stamp else sha256_file(path)
+        fresh[rel] = [*stamp, digest]
+        h.update(f"{rel}\0{digest}\n".encode())
+    if fresh != memo:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(fresh))
+        os.replace(tmp, memo_file)
+    return h.hexdigest()

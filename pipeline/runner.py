@@ -16,10 +16,10 @@ from pydantic_core import to_jsonable_python
 
 from pipeline.artifact import Artifact, Manifest
 from pipeline.config import PipelineConfig
-from pipeline.configbase import InputFile, SectionConfig
+from pipeline.configbase import InputFile, InputFolder, SectionConfig
 from pipeline.dag import STAGES, get_stage
 from pipeline.errors import MissingInputError
-from pipeline.fingerprint import file_fingerprint, sha256_json
+from pipeline.fingerprint import file_fingerprint, folder_fingerprint, sha256_json
 from pipeline.progress import NullProgress, Progress
 from pipeline.stage import Stage, StageContext
 from storage import Storage, open_storage
@@ -57,6 +57,10 @@ def key_payload(value: Any, files: dict[str, str]) -> Any:
     if isinstance(value, InputFile):
         digest = file_fingerprint(value)
         files[f"file:{value}"] = digest
+        return {"sha256": digest}
+    if isinstance(value, InputFolder):
+        digest = folder_fingerprint(value)
+        files[f"folder:{value}"] = digest
         return {"sha256": digest}
     if isinstance(value, BaseModel):
         skip = value.NOT_IN_KEY if isinstance(value, SectionConfig) else frozenset()

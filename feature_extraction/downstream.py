@@ -1,0 +1,71 @@
+"""The downstream stage: the evaluation tasks' images → `task_features`, with the extract stage's
+detector (the same backend, weights and box selection, so fine-tuning sees what pretraining saw).
+
+reader (every image file of each configured folder, by set and path, cut into shards of
+`shard_images` per set) → the extract stage's DataLoader/detector path → writer (shard per chunk).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from PIL import Image
+
+from feature_extraction.config import DownstreamConfig, ExtractConfig
+from feature_extraction.schema import pack
+from feature_extraction.stage import Item, _stats, extract_chunks, storage_spec, summarize
+from pipeline.errors import InputDataError
+from pipeline.fingerprint import folder_files
+from pipeline.stage import Stage, StageContext, now
+
+log = logging.getLogger(__name__)
+
+
+def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
+    """(shard id, items) for every set, in name order; within a set, files in path order."""
+    shards = []
+    for name in sorted(cfg.images):
+        folder = cfg.images[name]
+        items, seen = [], {}
+        for path in folder_files(folder):
+            key = f"{name}/{path.stem}"
+            if key in seen:
+                raise InputDataError(f"{folder}: two images would share the key {key!r}: {seen[key]} and {path} "
+                                     "(a set's file stems must be unique)")
+            seen[key] = path
+            try:
+                with Image.open(path) as im:
+                    width, height = im.size
+            except OSError as exc:
+                raise InputDataError(f"{path}: not a readable image ({exc})") from None
+            items.append(Item(key, None, 0, width, height, str(path)))
+        if not items:
+            log.warning("downstream: no images (.jpg, .jpeg, .png) under %s for set %r", folder, name)
+        n = cfg.shard_images
+        shards += [(f"{name}-{i // n:05d}", items[i : i + n]) for i in range(0, len(items), n)]
+    return shards
+
+
+def run_downstream(ctx: StageContext) -> None:
+    cfg: DownstreamConfig = ctx.config
+    extract: ExtractConfig = ctx.extra["extract"]
+    shards = plan(cfg)
+    chunks = [items for _, items in shards]
+    todo = [i for i, (sid, _) in enumerate(shards) if not ctx.shard_done(sid)]
+    with ctx.progress.task("downstream", total=sum(len(chunks[i]) for i in todo)) as bar:
+        for index, rows in extract_chunks(extract, extract.device, storage_spec(ctx), chunks, todo):
+            ctx.write_shard(shards[index][0], {"task_features": pack(rows)}, _stats(rows), now())
+            bar.advance(len(rows))
+
+
+DOWNSTREAM = Stage(
+    name="downstream",
+    version=1,
+    run=run_downstream,
+    inputs=(),
+    tables=("task_features",),
+    description="the downstream tasks' images → region features (the extract section's detector)",
+    summarize=summarize,
+    compression={"task_features": "none"},
+    extra_config=("extract",),
+)

@@ -1,0 +1,74 @@
+"""The downstream stage: the tasks' image folders → task_features, keyed `<set>/<stem>`, cached by
+the folders' content, with the extract section's detector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tests.fixtures.images as fx
+from feature_extraction.schema import unpack
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, InputDataError
+from pipeline.runner import run_stage, storage_for
+from tests.conftest import read_table
+from tests.feature_extraction.test_extract_stage import TINY_D2
+
+
+def _folder(root: Path, names: list[str], seed: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(fx.jpeg(fx.synthetic_photo(seed + i, (100 + 20 * i, 80))))
+    return root
+
+
+def _config(tmp_path: Path, storage: dict, images: dict, extract: dict | None = None) -> Path:
+    (tmp_path / "pairs.jsonl").write_text("")
+    doc = {"storage": storage, "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]}, "extract": extract or {"backend": "grid"},
+           "downstream": {"images": images, "shard_images": 2}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_grid_features_of_every_set(tmp_path, storage_spec):
+    _folder(tmp_path / "coco", ["val2014/COCO_val2014_000000000042.jpg", "val2014/COCO_val2014_000000000073.jpg",
+                                "train2014/COCO_train2014_000000000009.jpg"])
+    _folder(tmp_path / "nlvr2", ["dev-850-0-img0.png", "dev-850-0-img1.png"], seed=10)
+    cfg = load_config(_config(tmp_path, storage_spec, {"coco": "coco", "nlvr2": "nlvr2"}))
+    result = run_stage("downstream", cfg)
+    rows = [unpack(r) for r in read_table(storage_for(cfg), result.manifest, "task_features").to_pylist()]
+    assert sorted(r.image_key for r in rows) == ["coco/COCO_train2014_000000000009", "coco/COCO_val2014_000000000042",
+                                                 "coco/COCO_val2014_000000000073", "nlvr2/dev-850-0-img0",
+                                                 "nlvr2/dev-850-0-img1"]
+    assert result.manifest.shards == 3  # coco-00000, coco-00001 (2 per shard), nlvr2-00000
+    assert all(r.num_boxes == 36 for r in rows)
+    assert run_stage("downstream", cfg).status == "cached"
+    # an edited image is new content: a new key
+    _folder(tmp_path / "nlvr2", ["dev-850-0-img1.png"], seed=99)
+    assert run_stage("downstream", load_config(_config(tmp_path, storage_spec, {"coco": "coco", "nlvr2": "nlvr2"}))).status == "ran"
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_detectron2_backend_from_the_extract_section(tmp_path, storage_spec):
+    _folder(tmp_path / "f30k", ["1000092795.jpg"])
+    cfg = load_config(_config(tmp_path, storage_spec, {"flickr30k": "f30k"}, TINY_D2))
+    rows = [unpack(r) for r in read_table(storage_for(cfg), run_stage("downstream", cfg).manifest, "task_features").to_pylist()]
+    assert [r.image_key for r in rows] == ["flickr30k/1000092795"] and rows[0].backend == "detectron2"
+    assert rows[0].soft_labels is not None and rows[0].soft_labels.shape[1] == 1601
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_bad_folders_are_clear_errors(tmp_path, storage_spec):
+    with pytest.raises(ConfigError, match=r"downstream.images.coco: .*folder not found"):
+        load_config(_config(tmp_path, storage_spec, {"coco": "nowhere"}))
+    _folder(tmp_path / "dup", ["a/x.jpg", "b/x.jpg"])
+    with pytest.raises(InputDataError, match="two images would share the key 'dup/x'"):
+        run_stage("downstream", load_config(_config(tmp_path, storage_spec, {"dup": "dup"})))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "y.jpg").write_bytes(b"not an image")
+    with pytest.raises(InputDataError, match=r"y.jpg: not a readable image"):
+        run_stage("downstream", load_config(_config(tmp_path, storage_spec, {"broken": "broken"})))
