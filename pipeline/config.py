@@ -14,6 +14,7 @@ from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
 from feature_extraction.config import DownstreamConfig, ExtractConfig
+from uniter.finetune.config import FinetuneConfig
 from uniter.pretrain.config import PretrainConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
@@ -36,6 +37,7 @@ class PipelineConfig(StrictModel):
     extract: ExtractConfig = ExtractConfig()
     downstream: DownstreamConfig = DownstreamConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

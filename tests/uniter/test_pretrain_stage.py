@@ -22,19 +22,6 @@ from tests.feature_extraction.test_extract_stage import build_upstream, corpus
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def vocab(tmp_path_factory) -> str:
-    """A small WordPiece vocabulary trained on the fixture captions (no model hub here)."""
-    from tokenizers import BertWordPieceTokenizer
-
-    folder = tmp_path_factory.mktemp("vocab")
-    captions = [f"photo {i} of a thing on the table near a window" for i in range(200)]
-    tok = BertWordPieceTokenizer(lowercase=True)
-    tok.train_from_iterator(captions, vocab_size=120, min_frequency=1)
-    tok.save_model(str(folder))
-    return str(folder / "vocab.txt")
-
-
 def pretrain_cfg(vocab: str, **kw) -> dict:
     base = {
         "model": "debug", "init_from_bert": None, "tokenizer": vocab, "steps": 12, "warmup": 2, "lr": 1e-3,

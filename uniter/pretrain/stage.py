@@ -215,14 +215,14 @@ class Board:
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def _tag(step: int) -> str:
-    return f"{CKPT}-{step:08d}"
+def _tag(step: int, prefix: str = CKPT) -> str:
+    return f"{prefix}-{step:08d}"
 
 
-def save_checkpoint(trainer, art: Artifact, job: Job, rank: int, local_rank: int) -> None:
+def save_checkpoint(trainer, art: Artifact, job: Job, rank: int, local_rank: int, prefix: str = CKPT) -> None:
     """All processes write their part locally; the first process of each node uploads what its node
     wrote, then process 0 writes the marker (so the marker means: every part is stored)."""
-    tag = _tag(trainer.step)
+    tag = _tag(trainer.step, prefix)
     trainer.engine.save_checkpoint(job.local_dir, tag=tag, client_state={"trainer": trainer.state_dict()})
     torch.distributed.barrier()
     started = now()
@@ -239,16 +239,16 @@ def save_checkpoint(trainer, art: Artifact, job: Job, rank: int, local_rank: int
     torch.distributed.barrier()
 
 
-def resume(trainer, art: Artifact, job: Job, rank: int, local_rank: int) -> None:
+def resume(trainer, art: Artifact, job: Job, rank: int, local_rank: int, prefix: str = CKPT) -> None:
     """Load the newest published checkpoint of this key, if any (every node fetches all its parts)."""
-    tags = sorted(s for s in art.done_shards() if s.startswith(CKPT + "-"))
+    tags = sorted(s for s in art.done_shards() if s.startswith(prefix + "-"))
     if not tags:
         return
     tag = tags[-1]
     if local_rank == 0:
-        prefix = art.file_key(f"checkpoints/{tag}")
-        for key in art.storage.list(prefix):
-            local = Path(job.local_dir) / tag / key[len(prefix) + 1 :]
+        stored = art.file_key(f"checkpoints/{tag}")
+        for key in art.storage.list(stored):
+            local = Path(job.local_dir) / tag / key[len(stored) + 1 :]
             local.parent.mkdir(parents=True, exist_ok=True)
             with art.storage.open(key) as src, open(local, "wb") as dst:
                 shutil.copyfileobj(src, dst)

@@ -115,7 +115,8 @@ class MicroBatches(Dataset):
 # --- DeepSpeed --------------------------------------------------------------------------------
 
 
-def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
+def deepspeed_config(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Our defaults with the config's DeepSpeed JSON merged over them."""
     base = {
         "train_micro_batch_size_per_gpu": 1,  # our micro-batches are token budgets; this only feeds DeepSpeed's counters
         "gradient_accumulation_steps": 1,
@@ -126,7 +127,7 @@ def deepspeed_config(cfg: PretrainConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(base, cfg.deepspeed)
+    return _merge(base, overrides)
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -166,7 +167,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, cfg.warmup, cfg.steps))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg.deepspeed))
         self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else None
 
     # state: DeepSpeed restores model, optimizer and scheduler; ours is the step (the rest is derived)

@@ -1,0 +1,54 @@
+"""The `finetune` config section: where the model starts, and each downstream task's files and recipe."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from pipeline.configbase import InputFile, SectionConfig, StrictModel
+
+
+class VqaFiles(StrictModel):
+    questions: InputFile  # v2_OpenEnded_mscoco_<split>_questions.json
+    annotations: InputFile  # v2_mscoco_<split>_annotations.json
+
+
+class VqaTask(SectionConfig):
+    """VQA v2 (recipe: uniter-recipe.md §4.2): train on `train`, score on `val` with the official metric."""
+
+    train: list[VqaFiles] = Field(min_length=1)
+    val: VqaFiles
+    images: str = "coco"  # the downstream image set (downstream.images) holding the question's images
+    answers: int = Field(default=3129, ge=1)  # vocabulary: the most frequent training answers
+    steps: int = Field(default=6000, ge=1)
+    warmup: int = Field(default=600, ge=0)
+    lr: float = Field(default=8e-5, gt=0)
+    head_lr_mult: float = Field(default=10.0, gt=0)  # the new head learns faster (the reference's lr_mul)
+    batch_tokens: int = Field(default=5120, ge=8)
+    validate_every: int = Field(default=1000, ge=1)
+
+
+class FinetuneConfig(SectionConfig):
+    """Fine-tuning runs one model per configured task, from the pretrained artifact (`pretrained`),
+    from BERT only (`bert`: the paper's L2 baseline) or from random weights (`scratch`: L1)."""
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"loader_workers", "log_every", "checkpoint_every"})
+
+    init: Literal["pretrained", "bert", "scratch"] = "pretrained"
+    # For bert / scratch: the model size and the BERT checkpoint (HF folder or pkg://…); the
+    # tokenizer is always the pretrain section's, so the vocabularies agree.
+    model: Literal["debug", "base", "large"] = "base"
+    bert: str | None = "bert-base-cased"
+    model_overrides: dict[str, Any] = {}
+    vqa: VqaTask | None = None
+    seed: int = 42
+    max_txt_len: int = Field(default=60, ge=1)  # longer questions are cut (not dropped: every question is scored)
+    deepspeed: dict[str, Any] = {}  # merged over the pretraining defaults (bf16, ZeRO, accumulation…)
+    device: Literal["cpu", "cuda"] = "cpu"
+    loader_workers: int = Field(default=2, ge=0)
+    log_every: int = Field(default=100, ge=1)
+    checkpoint_every: int = Field(default=1000, ge=1)
+
+    def tasks(self) -> dict[str, SectionConfig]:
+        return {name: getattr(self, name) for name in ("vqa",) if getattr(self, name) is not None}
