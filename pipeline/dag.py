@@ -7,12 +7,13 @@ from corpus.dedup.stage import DEDUP
 from corpus.ingest.stage import INGEST
 from feature_extraction.downstream import DOWNSTREAM
 from feature_extraction.stage import EXTRACT
+from uniter.finetune.evaluate import EVALUATE
 from uniter.finetune.stage import FINETUNE
 from uniter.pretrain.stage import PRETRAIN
 from pipeline.stage import Stage
 
 # In dependency order: every stage comes after the stages it reads.
-STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT, DOWNSTREAM, PRETRAIN, FINETUNE)}
+STAGES: dict[str, Stage] = {s.name: s for s in (INGEST, CRAWL, DEDUP, EXTRACT, DOWNSTREAM, PRETRAIN, FINETUNE, EVALUATE)}
 
 
 def get_stage(name: str) -> Stage:

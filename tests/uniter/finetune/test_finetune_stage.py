@@ -97,6 +97,19 @@ def test_vqa_from_the_pretrained_model(tmp_path, storage_spec, vocab):
     assert "vqa/model/model.safetensors" in result.manifest.files
     assert run_stage("finetune", cfg).status == "cached"
 
+    # evaluate re-scores the results file against the val annotations: the same accuracy
+    ev = run_stage("evaluate", cfg)
+    ev_art = Artifact(storage, "evaluate", ev.manifest.key)
+    report = json.loads(storage.read_bytes(ev_art.file_key("files/report.json")))
+    row = report["runs"][0]
+    assert row["scores"]["vqa"] == pytest.approx(counts["val"]["vqa_overall"], abs=1e-3)
+    assert row["complete"] is False and row["meta_sum"] == pytest.approx(row["scores"]["vqa"])
+    assert sum(sum(r.values()) for r in row["details"]["vqa"]["answer_type_confusion"].values()) == 8
+    md = storage.read_bytes(ev_art.file_key("files/report.md")).decode()
+    assert "| run | VQA | IR R@1 | TR R@1 | NLVR2 | RefCOCO+ | Meta-Sum |" in md and "(partial)" in md
+    assert storage.read_bytes(ev_art.file_key("files/meta_sum.png")).startswith(b"\x89PNG")
+    assert "<table>" in storage.read_bytes(ev_art.file_key("files/report.html")).decode()
+
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):

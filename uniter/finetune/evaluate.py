@@ -1,0 +1,78 @@
+"""The evaluate stage: every fine-tuned task's predictions re-scored against its evaluation files
+with the official metrics, and the report (paper layout, Meta-Sum) as JSON, Markdown, HTML and PNG.
+
+reader (the finetune artifact's results files) → metrics (`vqa.evaluate`, …) → report files and
+an `evaluation` table (run, task, metric, value) that `uniter sql` can query.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+
+from pipeline.artifact import Artifact
+from pipeline.stage import Stage, StageContext, now
+from uniter.finetune import report, vqa
+from uniter.finetune.config import FinetuneConfig
+
+log = logging.getLogger(__name__)
+
+
+def score_vqa(results: list[dict], task) -> tuple[dict[str, float], dict]:
+    """Official VQA accuracy of a results file on the task's val split, and the answer-type confusion."""
+    questions = vqa.read_vqa(task.val.questions, task.val.annotations)
+    predictions = {int(r["question_id"]): str(r["answer"]) for r in results}
+    scores = vqa.evaluate(predictions, questions)
+    confusion: dict[str, dict[str, int]] = {}
+    for q in questions:
+        if q.answers:
+            row = confusion.setdefault(q.answer_type or "unknown", {})
+            kind = report.vqa_answer_type(vqa.normalize_answer(predictions.get(q.question_id, "")))
+            row[kind] = row.get(kind, 0) + 1
+    return scores, {"accuracy_by_type": {k: round(v, 4) for k, v in scores.items()}, "answer_type_confusion": confusion,
+                    "questions": sum(1 for q in questions if q.answers), "predicted": len(predictions)}
+
+
+def evaluate_run(storage, finetune_key: str, cfg: FinetuneConfig, name: str) -> report.Run:
+    art = Artifact(storage, "finetune", finetune_key)
+    run = report.Run(name, {})
+    if cfg.vqa is not None:
+        results = json.loads(storage.read_bytes(art.file_key("files/vqa/results.json")))
+        scores, details = score_vqa(results, cfg.vqa)
+        run.scores["vqa"] = scores.get("overall", 0.0)
+        run.details["vqa"] = details
+    return run
+
+
+def write_report(ctx: StageContext, runs: list[report.Run]) -> None:
+    rows = [(r.name, task, metric, float(value)) for r in runs for task, d in r.details.items()
+            for metric, value in d.get("accuracy_by_type", {}).items()]
+    rows += [(r.name, "meta_sum", "meta_sum", float(r.meta_sum)) for r in runs]
+    table = pa.table({"run": [x[0] for x in rows], "task": [x[1] for x in rows], "metric": [x[2] for x in rows],
+                      "value": pa.array([x[3] for x in rows], pa.float64())})
+    extras = {"report.json": json.dumps(report.to_json(runs), indent=2).encode(),
+              "report.md": report.to_markdown(runs).encode(),
+              "report.html": report.to_html(runs).encode(),
+              "meta_sum.png": report.bar_chart_png(runs)}
+    stats = {"runs": len(runs), "scores": {r.name: {k: round(v, 4) for k, v in r.scores.items()} | {"meta_sum": round(r.meta_sum, 4)}
+                                           for r in runs}}
+    ctx.write_shard("report", {"evaluation": table}, stats, now(), extras=extras)
+    log.info("evaluate:\n%s", report.to_markdown(runs))
+
+
+def run_evaluate(ctx: StageContext) -> None:
+    cfg: FinetuneConfig = ctx.extra["finetune"]
+    write_report(ctx, [evaluate_run(ctx.storage, ctx.inputs["finetune"].key, cfg, "this config")])
+
+
+EVALUATE = Stage(
+    name="evaluate",
+    version=1,
+    run=run_evaluate,
+    inputs=("finetune",),
+    tables=("evaluation",),
+    description="score the fine-tuned tasks with the official metrics; the Meta-Sum report",
+    extra_config=("finetune",),
+)
