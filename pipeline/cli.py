@@ -203,9 +203,18 @@ def cmd_demo(args) -> int:
     from pipeline.runner import stage_status
 
     cfg = load_config(args.config)
-    dedup = next(r for r in stage_status(cfg) if r["stage"] == "dedup")
+    status = {r["stage"]: r for r in stage_status(cfg)}
+    dedup = status["dedup"]
     if dedup["status"] == "complete":
         con.print(f"\nDecontamination report: {cfg.storage.uri}/artifacts/dedup/{dedup['key']}/files/report.md")
+    evaluate = status.get("evaluate", {})
+    if evaluate.get("status") == "complete":
+        folder = f"{cfg.storage.uri}/artifacts/evaluate/{evaluate['key']}/files"
+        report = Path(folder) / "report.md"
+        if report.exists():
+            con.print("\n[bold]evaluation[/] (the paper's columns; the demo fine-tunes VQA only):")
+            con.print(report.read_text().split("\n\n")[0], markup=False)
+        con.print(f"Evaluation report: {folder}/report.html (and report.md, report.json, meta_sum.png)")
     con.print(f"Artifacts live under {cfg.storage.uri} — try `uniter status -c {args.config}`.")
     return 0
 

@@ -80,6 +80,38 @@ def main() -> None:
         "categories": [{"id": 25, "name": "giraffe"}, {"id": 51, "name": "bowl"}],
     }
     (HERE / "refcoco" / "instances.json").write_text(json.dumps(instances, indent=1))
+    vqa()
+
+
+def vqa() -> None:
+    """VQA v2 files on the sample's COCO images: train on train2014, validate on val2014. Ten human
+    answers per question, not always unanimous (soft scores, the 10-choose-9 metric)."""
+    colors = ["red", "green", "blue", "white"]
+    splits = {"train": [9, 25, 30, 34], "val": [42, 73, 74]}
+    for split, image_ids in splits.items():
+        questions, annotations = [], []
+        for image_id in image_ids:
+            color = colors[image_id % 4]
+            asked = [
+                ("What color is the biggest shape?", "other", [color] * 8 + [colors[(image_id + 1) % 4]] * 2),
+                ("Is there a circle?", "yes/no", ["yes" if image_id % 2 else "no"] * 9 + ["no" if image_id % 2 else "yes"]),
+                ("How many shapes are there?", "number", [str(2 + image_id % 3)] * 7 + ["3"] * 3),
+            ]
+            for k, (text, kind, answers) in enumerate(asked):
+                qid = image_id * 1000 + k
+                questions.append({"image_id": image_id, "question": text, "question_id": qid})
+                annotations.append({"question_type": text.split()[0].lower(), "multiple_choice_answer": answers[0],
+                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                                for i, a in enumerate(answers)],
+                                    "image_id": image_id, "answer_type": kind, "question_id": qid})
+        info = {"description": "uniter-pipeline demo sample", "version": "2.0"}
+        folder = HERE / "vqa"
+        folder.mkdir(exist_ok=True)
+        (folder / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(json.dumps(
+            {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": f"{split}2014",
+             "questions": questions}, indent=1))
+        (folder / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps(
+            {"info": info, "data_type": "mscoco", "data_subtype": f"{split}2014", "annotations": annotations}, indent=1))
 
 
 if __name__ == "__main__":

@@ -102,14 +102,19 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     for ev in doc["dedup"]["eval_sets"]:
         absolute(ev)
     doc["crawl"]["file_roots"] = [str((configs / r).resolve()) for r in doc["crawl"]["file_roots"]]
+    doc["downstream"]["images"] = {k: str((configs / v).resolve()) for k, v in doc["downstream"]["images"].items()}
+    for files in [*doc["finetune"]["vqa"]["train"], doc["finetune"]["vqa"]["val"]]:
+        for k in ("questions", "annotations"):
+            files[k] = str((configs / files[k]).resolve())
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump(doc))
 
     DEMO_STEPS = doc["pretrain"]["steps"]
     res = uniter("demo", "-c", str(cfg), "--json")
     assert res.returncode == 0, res.stderr
-    ingest, crawl, dedup, extract, pretrain = json.loads(res.stdout)["stages"]
-    assert ingest["status"] == crawl["status"] == dedup["status"] == extract["status"] == pretrain["status"] == "ran"
+    stages = json.loads(res.stdout)["stages"]
+    ingest, crawl, dedup, extract, downstream, pretrain, finetune, evaluate = stages
+    assert [s["status"] for s in stages] == ["ran"] * 8
     assert ingest["counts"]["pairs_by_source"] == {"cc": 5, "coco": 8, "karpathy_coco": 8, "karpathy_f30k": 4, "sbu": 3, "vg": 5}
     assert ingest["counts"]["reject_reasons"] == {"bad_url": 1, "empty_caption": 4, "undecodable_text": 1, "unknown_image": 1}
     assert (crawl["counts"]["images"], crawl["counts"]["success_rate"]) == (19, 1.0)
@@ -122,5 +127,12 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     assert counts["steps"] == DEMO_STEPS and counts["tasks_off"] == {"mrc": 1, "mrckl": 1}
     assert counts["final"]["loss/mlm"] < 6 and {"val/itm_acc", "val/mlm_acc", "val/ot_pos", "val/ot_neg"} <= set(counts["final"])
     assert pretrain["outputs"][0]["table"] == "metrics" and pretrain["outputs"][0]["rows"] > DEMO_STEPS  # a loss per step
+    # VQA fine-tuned from that model, on the sample's COCO images (7, featurized by `downstream`),
+    # then re-scored by `evaluate` from the official results file
+    assert downstream["counts"]["images"] == 7
+    vqa = finetune["counts"]["vqa"]
+    assert vqa["steps"] == doc["finetune"]["vqa"]["steps"] and vqa["skipped_questions"] == 0
+    assert 0 <= vqa["val"]["vqa_overall"] <= 100
+    assert evaluate["counts"]["scores"]["this config"]["vqa"] == vqa["val"]["vqa_overall"]
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
-    assert [s["status"] for s in again["stages"]] == ["cached"] * 5
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 8
