@@ -219,6 +219,25 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    """Attention maps of sample pairs, each head classified into the paper's six patterns."""
+    from pipeline.config import load_config
+    from uniter.analysis import PATTERNS, analyze_attention
+
+    cfg = load_config(args.config)
+    summary = analyze_attention(cfg, args.checkpoint, args.n, Path(args.out))
+    if args.json:
+        _emit(summary)
+        return 0
+    con = _stderr_console()
+    con.print(f"{summary['examples']} pairs × {summary['layers']} layers × {summary['heads']} heads; maps per pattern:")
+    con.print("layer  " + "  ".join(f"{p:>17}" for p in PATTERNS), markup=False)
+    for i, row in enumerate(summary["per_layer"]):
+        con.print(f"{i + 1:>5}  " + "  ".join(f"{row[p]:>17}" for p in PATTERNS), markup=False)
+    con.print(f"pictures: {summary['out']}/attention_summary.png, attention_example_*.png")
+    return 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -254,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder (npz) or .tsv file (lxmert)")
     common(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("analyze", help="attention analysis: heatmaps and the six patterns per layer and head")
+    p.add_argument("what", choices=["attention"])
+    p.add_argument("--checkpoint", help="a model folder (config.json + model.safetensors); default: the config's pretrained model")
+    p.add_argument("--n", type=int, default=16, help="image-text pairs (validation images first)")
+    p.add_argument("--out", default="attention", help="folder for the pictures and attention.json")
+    common(p)
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     common(p, config_required=False)

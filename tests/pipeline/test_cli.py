@@ -136,3 +136,11 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     assert evaluate["counts"]["scores"]["this config"]["vqa"] == vqa["val"]["vqa_overall"]
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)
     assert [s["status"] for s in again["stages"]] == ["cached"] * 8
+
+    # attention analysis of the pretrained model on 4 pairs: every (layer, head, pair) map classified
+    res = uniter("analyze", "attention", "-c", str(cfg), "--n", "4", "--out", str(tmp_path / "attn"), "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["examples"] == 4 and sum(summary["overall"].values()) == 4 * summary["layers"] * summary["heads"]
+    assert (tmp_path / "attn" / "attention_summary.png").read_bytes().startswith(b"\x89PNG")
+    assert len(list((tmp_path / "attn").glob("attention_example_*.png"))) == 4
