@@ -58,6 +58,19 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config)
     if args.stage == "all":
         return _run_all(args, cfg)
+    if args.stage == "ablation":
+        from flows.ablation import ablation
+
+        summary = ablation(config_path=str(Path(args.config).resolve()))
+        if args.json:
+            _emit(summary)
+        else:
+            con = _stderr_console()
+            for row in summary["variants"]:
+                con.print(f"[bold]{row['variant']}[/]: pretrain {row['pretrain']['status']}, finetune "
+                          f"{row['finetune']['status']}, Meta-Sum {row['meta_sum']:.2f}")
+            con.print(f"Ablation report: {summary['report']}")
+        return 0
     from pipeline.runner import run_stage, storage_for
 
     storage = storage_for(cfg)
@@ -251,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("run", help="run one stage (or 'all' as a Prefect flow)")
-    p.add_argument("stage", help="stage name or 'all'")
+    p = sub.add_parser("run", help="run one stage (or 'all' as a Prefect flow, or 'ablation')")
+    p.add_argument("stage", help="stage name, 'all', or 'ablation' (every ablation.variants row, one Meta-Sum table)")
     p.add_argument("--force", action="store_true", help="discard the stage's artifact for this key and rebuild")
     p.add_argument("--until", metavar="STAGE", help="with 'all': stop after this stage (e.g. extract)")
     common(p)
@@ -294,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    if getattr(args, "stage", None) not in (None, "all"):
+    if getattr(args, "stage", None) not in (None, "all", "ablation"):
         from pipeline.dag import get_stage
 
         try:

@@ -14,7 +14,7 @@ from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
 from feature_extraction.config import DownstreamConfig, ExtractConfig
-from uniter.finetune.config import FinetuneConfig
+from uniter.finetune.config import AblationConfig, FinetuneConfig
 from uniter.pretrain.config import PretrainConfig
 from pipeline.configbase import StorageUri, StrictModel
 from pipeline.errors import ConfigError
@@ -38,6 +38,7 @@ class PipelineConfig(StrictModel):
     downstream: DownstreamConfig = DownstreamConfig()
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    ablation: AblationConfig = AblationConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

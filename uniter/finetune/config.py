@@ -52,3 +52,17 @@ class FinetuneConfig(SectionConfig):
 
     def tasks(self) -> dict[str, SectionConfig]:
         return {name: getattr(self, name) for name in ("vqa",) if getattr(self, name) is not None}
+
+
+class AblationVariant(StrictModel):
+    """One row of the ablation table: the pretraining to run (or none), then the same fine-tuning."""
+
+    name: str = Field(min_length=1)
+    # "none": no pretraining, fine-tune from random weights (the paper's L1); "bert": from BERT only
+    # (L2); a mapping: pretrain-section fields merged over the config's `pretrain` (tasks, joint_masking,
+    # ot_lambda, dataset_weights, steps…); {} is the config's pretraining as it is.
+    pretrain: dict[str, Any] | Literal["none", "bert"] = {}
+
+
+class AblationConfig(SectionConfig):
+    variants: list[AblationVariant] = []

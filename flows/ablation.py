@@ -1,0 +1,16 @@
+"""The ablation as a Prefect flow: a thin wrapper over `uniter.finetune.ablation.run_ablation`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from pipeline.config import load_config
+from uniter.finetune.ablation import run_ablation
+
+
+@flow(name="ablation", log_prints=False)
+def ablation(config_path: str) -> dict[str, Any]:
+    """Pretrain each variant (shared keys train once), fine-tune each, one Meta-Sum table."""
+    return run_ablation(load_config(config_path))

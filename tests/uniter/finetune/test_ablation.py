@@ -1,0 +1,53 @@
+"""`uniter run ablation`: a row per variant, variants sharing a pretraining key train it once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.runner import storage_for
+from tests.uniter.finetune.test_finetune_stage import ROOT, setup
+from uniter.finetune.ablation import variant_config
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_ablation_table(tmp_path, storage_spec, vocab):
+    path = setup(tmp_path, storage_spec, vocab, steps=10, validate_every=10)
+    doc = yaml.safe_load(path.read_text())
+    doc["ablation"] = {"variants": [
+        {"name": "full"},
+        {"name": "full, again", "pretrain": {}},  # the same pretraining and fine-tuning: both cached
+        {"name": "MLM only", "pretrain": {"tasks": {"mlm": 1}}},
+        {"name": "L1 (no pretraining)", "pretrain": "none"},
+    ]}
+    path.write_text(yaml.safe_dump(doc))
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "ablation", "-c", str(path), "--json", "-q"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    rows = {r["variant"]: r for r in summary["variants"]}
+    assert list(rows) == ["full", "full, again", "MLM only", "L1 (no pretraining)"]
+    assert [rows[v]["pretrain"]["status"] for v in rows] == ["ran", "cached", "ran", "cached"]
+    assert summary["pretrain_runs"] == 2
+    assert rows["full"]["finetune"]["key"] == rows["full, again"]["finetune"]["key"]
+    assert rows["full, again"]["finetune"]["status"] == "cached"
+    assert len({rows[v]["finetune"]["key"] for v in ("full", "MLM only", "L1 (no pretraining)")}) == 3
+    assert all("vqa" in r["scores"] for r in rows.values())
+    cfg = load_config(path)
+    md = storage_for(cfg).read_bytes(f"artifacts/ablation/{summary['key']}/report.md").decode()
+    assert "| MLM only |" in md and "| L1 (no pretraining) |" in md
+
+
+def test_bad_variant_is_a_config_error(tmp_path, vocab):
+    path = setup(tmp_path, {"uri": str(tmp_path / "d")}, vocab)
+    cfg = load_config(path)
+    from uniter.finetune.config import AblationVariant
+
+    with pytest.raises(ConfigError, match=r"ablation variant 'x': pretrain.tasks"):
+        variant_config(cfg, AblationVariant(name="x", pretrain={"tasks": {"nope": 1}}))
