@@ -131,7 +131,7 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     # then re-scored by `evaluate` from the official results file
     assert downstream["counts"]["images"] == 7
     vqa = finetune["counts"]["vqa"]
-    assert vqa["steps"] == doc["finetune"]["vqa"]["steps"] and vqa["skipped_questions"] == 0
+    assert vqa["steps"] == doc["finetune"]["vqa"]["steps"] and vqa["skipped"] == 0
     assert 0 <= vqa["val"]["vqa_overall"] <= 100
     assert evaluate["counts"]["scores"]["this config"]["vqa"] == vqa["val"]["vqa_overall"]
     again = json.loads(uniter("demo", "-c", str(cfg), "--json").stdout)

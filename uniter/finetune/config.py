@@ -29,6 +29,40 @@ class VqaTask(SectionConfig):
     validate_every: int = Field(default=1000, ge=1)
 
 
+class TrainRecipe(SectionConfig):
+    steps: int = Field(default=8000, ge=1)
+    warmup: int = Field(default=800, ge=0)
+    lr: float = Field(default=3e-5, gt=0)
+    head_lr_mult: float = Field(default=1.0, gt=0)
+    batch_tokens: int = Field(default=10240, ge=8)
+    validate_every: int = Field(default=1000, ge=1)
+
+
+class Nlvr2Task(TrainRecipe):
+    """NLVR2 (recipe: base 1 GPU, 10240 tokens, lr 3e-5, 8000 steps): train on `train`, score `dev`."""
+
+    train: InputFile  # train.json (jsonl)
+    dev: InputFile  # dev.json (jsonl)
+    images: str = "nlvr2"  # the downstream image set with <split>-<set>-<pair>-img0/1 files
+    head: Literal["pair", "pair-biattn"] = "pair-biattn"
+
+
+class RetrievalTask(TrainRecipe):
+    """Image-text retrieval on a Karpathy split file (Flickr30K or COCO): train on `train` (+ restval),
+    rank every text against every image of `eval_split`; hinge loss with hard negatives."""
+
+    karpathy: InputFile  # dataset_flickr30k.json / dataset_coco.json
+    images: str = "flickr30k"  # the downstream image set holding the split's files
+    eval_split: Literal["val", "test"] = "test"
+    margin: float = Field(default=0.2, ge=0)
+    negative_pool: int = Field(default=399, ge=1)  # sampled candidates scored without gradient …
+    hard_negatives: int = Field(default=31, ge=1)  # … of which the hardest are trained on
+    steps: int = Field(default=5000, ge=1)
+    warmup: int = Field(default=500, ge=0)
+    lr: float = Field(default=5e-5, gt=0)
+    score_batch: int = Field(default=400, ge=1)  # pairs per forward when scoring pools and the full matrix
+
+
 class FinetuneConfig(SectionConfig):
     """Fine-tuning runs one model per configured task, from the pretrained artifact (`pretrained`),
     from BERT only (`bert`: the paper's L2 baseline) or from random weights (`scratch`: L1)."""
@@ -42,6 +76,8 @@ class FinetuneConfig(SectionConfig):
     bert: str | None = "bert-base-cased"
     model_overrides: dict[str, Any] = {}
     vqa: VqaTask | None = None
+    nlvr2: Nlvr2Task | None = None
+    retrieval: RetrievalTask | None = None
     seed: int = 42
     max_txt_len: int = Field(default=60, ge=1)  # longer questions are cut (not dropped: every question is scored)
     deepspeed: dict[str, Any] = {}  # merged over the pretraining defaults (bf16, ZeRO, accumulation…)
@@ -51,7 +87,7 @@ class FinetuneConfig(SectionConfig):
     checkpoint_every: int = Field(default=1000, ge=1)
 
     def tasks(self) -> dict[str, SectionConfig]:
-        return {name: getattr(self, name) for name in ("vqa",) if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in ("vqa", "nlvr2", "retrieval") if getattr(self, name) is not None}
 
 
 class AblationVariant(StrictModel):

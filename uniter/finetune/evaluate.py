@@ -7,14 +7,17 @@ an `evaluation` table (run, task, metric, value) that `uniter sql` can query.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.artifact import Artifact
 from pipeline.stage import Stage, StageContext, now
-from uniter.finetune import report, vqa
+from uniter.finetune import nlvr2, report, retrieval, vqa
 from uniter.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,19 @@ def evaluate_run(storage, finetune_key: str, cfg: FinetuneConfig, name: str) -> 
         scores, details = score_vqa(results, cfg.vqa)
         run.scores["vqa"] = scores.get("overall", 0.0)
         run.details["vqa"] = details
+    if cfg.nlvr2 is not None:
+        rows = csv.reader(io.StringIO(storage.read_bytes(art.file_key("files/nlvr2/predictions.csv")).decode()))
+        predictions = {ident: value == "True" for ident, value in rows}
+        scores = nlvr2.evaluate(predictions, nlvr2.read_nlvr2(cfg.nlvr2.dev))
+        run.scores["nlvr2"] = scores.get("accuracy", 0.0)
+        run.details["nlvr2"] = {"accuracy_by_type": scores}
+    if cfg.retrieval is not None:
+        matrix = np.load(io.BytesIO(storage.read_bytes(art.file_key("files/retrieval/scores.npy"))), allow_pickle=False)
+        meta = json.loads(storage.read_bytes(art.file_key("files/retrieval/eval.json")))
+        scores = retrieval.recall_at_k(matrix, np.array(meta["txt2img"]))
+        run.scores["ir_r1"], run.scores["tr_r1"] = scores["ir_r1"], scores["tr_r1"]
+        run.details["retrieval"] = {"accuracy_by_type": scores, "recall_curve": meta["recall_curve"],
+                                    "texts": int(matrix.shape[0]), "images": int(matrix.shape[1])}
     return run
 
 

@@ -1,17 +1,16 @@
 """The finetune stage: a pretrained UNITER (or BERT, or nothing) + a downstream task's files and
-image features → a fine-tuned model, its validation predictions and metrics, per task.
+image features → a fine-tuned model, its evaluation predictions and metrics, per task.
 
-For each configured task, in a worker process (DeepSpeed's state lives and dies with it):
-read the task's files → questions joined with `task_features` (memory-mapped, via `Corpus`) →
-token-bucket micro-batches → the DeepSpeed engine (head learning rate × head_lr_mult) →
-checkpoints on the storage (`<task>-ckpt-<step>` markers; a killed run resumes from the newest)
-→ validation with the official metric → `<task>-final`: metrics, the model (`save_pretrained`),
-the official results file.
+For each configured task (`tasks.py`: VQA, NLVR2, retrieval), in a worker process (DeepSpeed's
+state lives and dies with it): the task's files joined with `task_features` (memory-mapped, via
+`Corpus`) → its j-th micro-batch, a pure function of j → the DeepSpeed engine (head learning rate ×
+head_lr_mult) → checkpoints on the storage (`<task>-ckpt-<step>` markers; a killed run resumes
+from the newest) → evaluation with the official metric → `<task>-final`: metrics, the model
+(`save_pretrained`), the files the evaluate stage re-scores.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -30,12 +29,11 @@ from pipeline.artifact import Artifact
 from pipeline.errors import InputDataError
 from pipeline.stage import Stage, StageContext
 from storage import Storage, open_storage
-from uniter.data import Corpus, _write_ipc, build_features, load_tokenizer, token_bucket_batches
-from uniter.finetune import vqa
+from uniter.data import build_features, load_tokenizer
 from uniter.finetune.config import FinetuneConfig
+from uniter.finetune.tasks import TASKS
 from uniter.pretrain.config import PretrainConfig
 from uniter.pretrain.stage import _free_port, resume, save_checkpoint
-from uniter.pretrain.tasks import Vocab, pack
 from uniter.pretrain.trainer import deepspeed_config, warmup_linear
 
 log = logging.getLogger(__name__)
@@ -94,67 +92,19 @@ def finetune_process(rank: int, job: Job) -> None:
     for name, task_cfg in job.cfg.tasks().items():
         if f"{name}-final" in art.done_shards():
             continue
-        if name == "vqa":
-            train_vqa(job, art, task_cfg, tokenizer, feature_paths)
+        local = Path(job.local_dir) / name
+        local.mkdir(parents=True, exist_ok=True)
+        data = TASKS[name](task_cfg, tokenizer, feature_paths, local, job.pretrain, job.cfg.max_txt_len, job.cfg.seed)
+        train_task(job, art, name, task_cfg, data)
     torch.distributed.barrier()
 
 
-# --- examples ---------------------------------------------------------------------------------
-
-
-def image_index(feature_paths: list[Path], image_set: str) -> dict[int, str]:
-    """Numeric image id → feature key, for the set's files whose stem ends in the id
-    (COCO_val2014_000000000042 → 42, 1000092795 → 1000092795)."""
-    import pyarrow.ipc as ipc
-
-    out: dict[int, str] = {}
-    prefix = f"{image_set}/"
-    for path in feature_paths:
-        keys = ipc.open_file(pa.memory_map(str(path), "r")).read_all().column("image_key").to_pylist()
-        for key in keys:
-            if not key.startswith(prefix):
-                continue
-            digits = key.rsplit("_", 1)[-1]
-            if digits.isdigit():
-                if int(digits) in out and out[int(digits)] != key:
-                    raise InputDataError(f"downstream set {image_set!r}: images {out[int(digits)]} and {key} share id {int(digits)}")
-                out[int(digits)] = key
-    return out
-
-
-def question_corpus(questions: list[vqa.Question], ids: dict[int, str], tokenizer, max_len: int, path: Path,
-                    feature_paths: list[Path], pretrain: PretrainConfig) -> tuple[Corpus, np.ndarray]:
-    """A Corpus whose texts are the questions; returns it and, per example, its question's index."""
-    tokens = tokenizer([q.question for q in questions], add_special_tokens=False)["input_ids"] if questions else []
-    _write_ipc(pa.table({
-        "pair_id": [str(i) for i in range(len(questions))],
-        "source": ["vqa"] * len(questions),
-        "image_key": [ids.get(q.image_id, "") for q in questions],
-        "input_ids": pa.array([t[:max_len] for t in tokens], pa.list_(pa.int32())),
-    }), path)
-    corpus = Corpus(path, feature_paths, pretrain.conf_thresh, pretrain.min_bb, pretrain.max_bb, val_percent=0.0)
-    return corpus, corpus.text_row
-
-
-def collate(corpus: Corpus, ids: np.ndarray, vocab: Vocab, targets: list[dict[int, float]] | None,
-            qindex: np.ndarray, answers: int) -> dict[str, torch.Tensor]:
-    texts = [np.concatenate([[vocab.cls], corpus.text(int(i)), [vocab.sep]]) for i in ids]
-    batch = pack(texts, [corpus.example_region(int(i)) for i in ids], vocab)
-    if targets is not None:
-        t = torch.zeros(len(ids), answers)
-        for row, i in enumerate(ids):
-            for label, score in targets[int(qindex[i])].items():
-                t[row, label] = score
-        batch["targets"] = t
-    return batch
-
-
-# --- training ---------------------------------------------------------------------------------
+# --- the loop ---------------------------------------------------------------------------------
 
 
 @dataclass
 class TaskTrainer:
-    """The resumable loop of one task (what `save_checkpoint` / `resume` need: engine, step, state)."""
+    """The resumable state of one task (what `save_checkpoint` / `resume` need: engine, step, state)."""
 
     engine: Any
     step: int = 0
@@ -167,10 +117,10 @@ class TaskTrainer:
         self.step, self.history = state["step"], list(state["history"])
 
 
-def build_vqa_model(job: Job, tokenizer, answers: int):
+def build_model(job: Job, tokenizer, cls, config_kw: dict[str, Any]):
+    """`cls` from the pretrained artifact's model, from BERT, or from random weights."""
     from uniter.configuration_uniter import PRESETS
     from uniter.init import load_bert
-    from uniter.modeling_uniter import UniterForVqa
 
     cfg = job.cfg
     torch.manual_seed(cfg.seed)
@@ -181,10 +131,12 @@ def build_vqa_model(job: Job, tokenizer, answers: int):
         folder.mkdir(parents=True, exist_ok=True)
         for key in job.model_files:
             (folder / key.rsplit("/", 1)[-1]).write_bytes(job.storage().read_bytes(key))
-        return UniterForVqa.from_pretrained(folder, num_answers=answers, **cfg.model_overrides)
-    config = PRESETS[cfg.model](vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, num_answers=answers,
+        model = cls.from_pretrained(folder, **config_kw, **cfg.model_overrides)
+        shutil.rmtree(folder, ignore_errors=True)
+        return model
+    config = PRESETS[cfg.model](vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config_kw,
                                 **cfg.model_overrides)
-    model = UniterForVqa(config)
+    model = cls(config)
     if cfg.init == "bert":
         if not cfg.bert:
             raise InputDataError("finetune.init is 'bert' but finetune.bert names no checkpoint")
@@ -203,119 +155,99 @@ def param_groups(model: torch.nn.Module, head_mult: float, weight_decay: float =
             for (head, no_decay), ps in sorted(groups.items())]
 
 
-def train_vqa(job: Job, art: Artifact, task, tokenizer, feature_paths: list[Path]) -> None:
+def train_task(job: Job, art: Artifact, name: str, recipe, data) -> None:
     import deepspeed
 
     cfg = job.cfg
-    local = Path(job.local_dir)
-    train_q = [q for files in task.train for q in vqa.read_vqa(files.questions, files.annotations)]
-    val_q = vqa.read_vqa(task.val.questions, task.val.annotations)
-    labels = vqa.answer_vocab(train_q, task.answers)
-    label_of = {a: i for i, a in enumerate(labels)}
-    ids = image_index(feature_paths, task.images)
-    train, train_q_idx = question_corpus(train_q, ids, tokenizer, cfg.max_txt_len, local / "vqa-train.arrow", feature_paths, job.pretrain)
-    val, val_q_idx = question_corpus(val_q, ids, tokenizer, cfg.max_txt_len, local / "vqa-val.arrow", feature_paths, job.pretrain)
-    missing = len(train_q) - len(train) + len(val_q) - len(val)
-    if not len(train):
-        raise InputDataError(f"VQA: none of the {len(train_q)} training questions has features of its image in the "
-                             f"downstream set {task.images!r} (configure downstream.images.{task.images})")
-    if missing:
-        log.warning("VQA: %d questions have no features of their image (set %r) and are skipped", missing, task.images)
-    targets = [vqa.soft_targets(list(q.answers), label_of) for q in train_q]
-    vocab = Vocab.from_tokenizer(tokenizer)
-
-    model = build_vqa_model(job, tokenizer, len(labels))
-    groups = param_groups(model, task.head_lr_mult)
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lr_mult"} | {"lr": task.lr * g["lr_mult"]}
-                                   for g in groups], lr=task.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, task.warmup, task.steps))
+    cls, config_kw = data.model_class()
+    model = build_model(job, job_tokenizer(job), cls, config_kw)
+    if hasattr(data, "prepare"):
+        data.prepare(model, cfg.init == "pretrained")
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "lr_mult"} | {"lr": recipe.lr * g["lr_mult"]}
+                                   for g in param_groups(model, recipe.head_lr_mult)],
+                                  lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, recipe.warmup, recipe.steps))
     ds_cfg = deepspeed_config(cfg.deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else None
     accum = int(ds_cfg["gradient_accumulation_steps"])
     trainer = TaskTrainer(engine)
-    resume(trainer, art, job, 0, 0, prefix="vqa-ckpt")
+    prefix = f"{name}-ckpt"
+    resume(trainer, art, job, 0, 0, prefix=prefix)
 
-    def device_batch(batch):
+    def device_batch(batch: dict) -> dict:
         out = {}
         for k, v in batch.items():
-            v = v.to(engine.device)
-            out[k] = v.to(dtype) if dtype is not None and v.is_floating_point() and k != "targets" else v
+            if isinstance(v, torch.Tensor):
+                v = v.to(engine.device)
+                v = v.to(dtype) if dtype is not None and v.is_floating_point() and k != "targets" else v
+            out[k] = v
         return out
 
-    def micro_batch(j: int) -> np.ndarray:  # the j-th micro-batch of the endless shuffled stream
-        epoch = 0
-        while True:
-            batches = token_bucket_batches(np.arange(len(train)), train.lengths, task.batch_tokens, 8192,
-                                           np.random.default_rng([cfg.seed, 7, epoch]))
-            if j < len(batches):
-                return batches[j]
-            j -= len(batches)
-            epoch += 1
-
-    def validate() -> dict[str, float]:
+    def score(batch: dict):
+        was_training = engine.training
         engine.eval()
-        predictions = {}
         with torch.no_grad():
-            for ids_ in token_bucket_batches(np.arange(len(val)), val.lengths, task.batch_tokens, 8192,
-                                             np.random.default_rng([cfg.seed, 8])):
-                logits = engine(device_batch(collate(val, ids_, vocab, None, val_q_idx, len(labels)))).logits
-                for i, label in zip(ids_, logits.float().argmax(-1).tolist(), strict=True):
-                    predictions[val_q[int(val_q_idx[i])].question_id] = labels[label]
-        engine.train()
-        scores = vqa.evaluate(predictions, val_q)
-        for name, value in sorted(scores.items()):
-            trainer.history.append({"step": trainer.step, "name": f"val/vqa_{name}", "value": round(value, 4)})
-        return predictions
+            out = engine(device_batch(batch))
+        if was_training:
+            engine.train()
+        return out
+
+    def validate() -> dict[str, bytes]:
+        metrics, files = data.evaluate(score)
+        for metric, value in sorted(metrics.items()):
+            trainer.history.append({"step": trainer.step, "name": f"val/{metric}", "value": round(float(value), 4)})
+        log.info("%s step %d validation: %s", name, trainer.step, ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+        return files
 
     started = time.time()
     engine.train()
-    predictions: dict[int, str] = {}
-    while trainer.step < task.steps:
+    files: dict[str, bytes] = {}
+    while trainer.step < recipe.steps:
         losses = []
         for a in range(accum):
             j = trainer.step * accum + a
-            torch.manual_seed(int(np.random.default_rng([cfg.seed, 9, j]).integers(2**62)))
-            out = engine(device_batch(collate(train, micro_batch(j), vocab, targets, train_q_idx, len(labels))))
+            batch = data.train_batch(j, score)  # (retrieval mines its negatives with the current model)
+            torch.manual_seed(int(np.random.default_rng([cfg.seed, 9, j]).integers(2**62)))  # dropout: a function of j
+            out = engine(device_batch(batch))
             engine.backward(out.loss)
             engine.step()
             losses.append(float(out.loss.detach().float()))
-        trainer.history.append({"step": trainer.step, "name": "loss/vqa", "value": round(sum(losses) / len(losses), 6)})
+        trainer.history.append({"step": trainer.step, "name": f"loss/{name}", "value": round(sum(losses) / len(losses), 6)})
         if trainer.step % cfg.log_every == 0:
             trainer.history.append({"step": trainer.step, "name": "lr", "value": scheduler.get_last_lr()[0]})
-            log.info("vqa step %d/%d loss %.4f", trainer.step, task.steps, losses[-1])
+            log.info("%s step %d/%d loss %.4f", name, trainer.step, recipe.steps, losses[-1])
         trainer.step += 1
-        if trainer.step % task.validate_every == 0 or trainer.step == task.steps:
-            predictions = validate()
-            log.info("vqa step %d validation: %s", trainer.step,
-                     ", ".join(f"{r['name']} {r['value']}" for r in trainer.history if r["step"] == trainer.step and r["name"].startswith("val/")))
-        if trainer.step % cfg.checkpoint_every == 0 and trainer.step < task.steps:
-            save_checkpoint(trainer, art, job, 0, 0, prefix="vqa-ckpt")
-    if not predictions:  # resumed at the end: score the final model
-        predictions = validate()
-    publish_vqa(trainer, art, job, labels, predictions, started, skipped=missing)
+        if trainer.step % recipe.validate_every == 0 or trainer.step == recipe.steps:
+            files = validate()
+        if trainer.step % cfg.checkpoint_every == 0 and trainer.step < recipe.steps:
+            save_checkpoint(trainer, art, job, 0, 0, prefix=prefix)
+    if not files:  # resumed at the very end: score the final model
+        files = validate()
+    publish_task(trainer, art, job, name, files, started, data.skipped)
 
 
-def publish_vqa(trainer: TaskTrainer, art: Artifact, job: Job, labels: list[str], predictions: dict[int, str],
-                started: float, skipped: int) -> None:
+def job_tokenizer(job: Job):
+    return load_tokenizer(job.pretrain.tokenizer, job.pretrain.lowercase)
+
+
+def publish_task(trainer: TaskTrainer, art: Artifact, job: Job, name: str, files: dict[str, bytes], started: float,
+                 skipped: int) -> None:
     rows = trainer.history
     metrics = pa.table({
-        "task": pa.array(["vqa"] * len(rows), pa.string()),
+        "task": pa.array([name] * len(rows), pa.string()),
         "step": pa.array([r["step"] for r in rows], pa.int64()),
         "name": pa.array([r["name"] for r in rows], pa.string()),
         "value": pa.array([float(r["value"]) for r in rows], pa.float64()),
     })
-    extras = {"vqa/answers.json": json.dumps(labels).encode(),
-              "vqa/results.json": json.dumps([{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]).encode()}
-    with tempfile.TemporaryDirectory(prefix="uniter-vqa-model-") as tmp:
+    extras = dict(files)
+    with tempfile.TemporaryDirectory(prefix="uniter-ft-model-") as tmp:
         trainer.engine.module.save_pretrained(tmp, safe_serialization=True)
         for path in sorted(Path(tmp).iterdir()):
-            extras[f"vqa/model/{path.name}"] = path.read_bytes()
+            extras[f"{name}/model/{path.name}"] = path.read_bytes()
     final = {r["name"].removeprefix("val/"): r["value"] for r in rows if r["name"].startswith("val/") and r["step"] == trainer.step}
-    stats = {"vqa": {"steps": trainer.step, "val": final, "skipped_questions": skipped,
-                     "seconds": round(time.time() - started, 1)}}
-    art.write_shard("vqa-final", {"finetune_metrics": metrics}, stats, job.run_id, started, extras=extras)
-    shutil.rmtree(Path(job.local_dir) / "pretrained", ignore_errors=True)
+    stats = {name: {"steps": trainer.step, "val": final, "skipped": skipped, "seconds": round(time.time() - started, 1)}}
+    art.write_shard(f"{name}-final", {"finetune_metrics": metrics}, stats, job.run_id, started, extras=extras)
 
 
 FINETUNE = Stage(
@@ -324,6 +256,6 @@ FINETUNE = Stage(
     run=run_finetune,
     inputs=("downstream", "pretrain"),
     tables=("finetune_metrics",),
-    description="fine-tune on the downstream tasks (VQA) from the pretrained model, BERT or scratch",
+    description="fine-tune on the downstream tasks (VQA, NLVR2, retrieval) from the pretrained model, BERT or scratch",
     extra_config=("pretrain",),
 )

@@ -82,7 +82,7 @@ def test_vqa_from_the_pretrained_model(tmp_path, storage_spec, vocab):
     upstream(cfg)
     result = run_stage("finetune", cfg)
     counts = result.manifest.counts["vqa"]
-    assert counts["steps"] == 30 and counts["skipped_questions"] == 0
+    assert counts["steps"] == 30 and counts["skipped"] == 0
     assert 0 <= counts["val"]["vqa_overall"] <= 100 and {"vqa_other", "vqa_yes/no"} <= set(counts["val"])
     rows = metrics(cfg, result)
     losses = [v for _, n, v in rows if n == "loss/vqa"]
