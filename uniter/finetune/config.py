@@ -63,6 +63,21 @@ class RetrievalTask(TrainRecipe):
     score_batch: int = Field(default=400, ge=1)  # pairs per forward when scoring pools and the full matrix
 
 
+class RefcocoTask(TrainRecipe):
+    """RefCOCO+ (and RefCOCO / RefCOCOg: the same code, another refs file): a score per region,
+    trained and evaluated on the detected regions of the downstream features (see docs/finetune.md)."""
+
+    refs: InputFile  # refs(unc).p / refs(umd).p: a pickle, read with a data-only unpickler
+    instances: InputFile  # instances.json (COCO boxes and image sizes)
+    images: str = "coco"
+    train_split: str = "train"
+    eval_split: str = "val"
+    steps: int = Field(default=10000, ge=1)
+    warmup: int = Field(default=1000, ge=0)
+    lr: float = Field(default=6e-5, gt=0)
+    batch_tokens: int = Field(default=8000, ge=8)
+
+
 class FinetuneConfig(SectionConfig):
     """Fine-tuning runs one model per configured task, from the pretrained artifact (`pretrained`),
     from BERT only (`bert`: the paper's L2 baseline) or from random weights (`scratch`: L1)."""
@@ -78,6 +93,7 @@ class FinetuneConfig(SectionConfig):
     vqa: VqaTask | None = None
     nlvr2: Nlvr2Task | None = None
     retrieval: RetrievalTask | None = None
+    refcoco: RefcocoTask | None = None
     seed: int = 42
     max_txt_len: int = Field(default=60, ge=1)  # longer questions are cut (not dropped: every question is scored)
     deepspeed: dict[str, Any] = {}  # merged over the pretraining defaults (bf16, ZeRO, accumulation…)
@@ -87,7 +103,7 @@ class FinetuneConfig(SectionConfig):
     checkpoint_every: int = Field(default=1000, ge=1)
 
     def tasks(self) -> dict[str, SectionConfig]:
-        return {name: getattr(self, name) for name in ("vqa", "nlvr2", "retrieval") if getattr(self, name) is not None}
+        return {name: getattr(self, name) for name in ("vqa", "nlvr2", "retrieval", "refcoco") if getattr(self, name) is not None}
 
 
 class AblationVariant(StrictModel):

@@ -59,6 +59,16 @@ def evaluate_run(storage, finetune_key: str, cfg: FinetuneConfig, name: str) -> 
         run.scores["ir_r1"], run.scores["tr_r1"] = scores["ir_r1"], scores["tr_r1"]
         run.details["retrieval"] = {"accuracy_by_type": scores, "recall_curve": meta["recall_curve"],
                                     "texts": int(matrix.shape[0]), "images": int(matrix.shape[1])}
+    if cfg.refcoco is not None:
+        from uniter.finetune.refer import is_hit, read_refer
+
+        predictions = json.loads(storage.read_bytes(art.file_key("files/refcoco/predictions.json")))
+        truth = {e.sent_id: e.box for e in read_refer(cfg.refcoco.refs, cfg.refcoco.instances)[0]
+                 if e.split == cfg.refcoco.eval_split}
+        hits = [bool(is_hit(np.array(p["box"]), np.array(truth[p["sent_id"]]))) for p in predictions if p["sent_id"] in truth]
+        accuracy = 100 * float(np.mean(hits)) if hits else 0.0
+        run.scores["refcoco+"] = accuracy
+        run.details["refcoco"] = {"accuracy_by_type": {"accuracy": accuracy}, "expressions": len(truth), "predicted": len(hits)}
     return run
 
 

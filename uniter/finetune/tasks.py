@@ -325,4 +325,90 @@ class RetrievalData:
         return {f"retrieval_{k}": v for k, v in scores.items()}, files
 
 
-TASKS = {"vqa": VqaData, "nlvr2": Nlvr2Data, "retrieval": RetrievalData}
+# --- referring expressions ----------------------------------------------------------------------
+
+
+def region_boxes(pos: np.ndarray, width: float, height: float) -> np.ndarray:
+    """(n, 7) normalized [x1, y1, x2, y2, w, h, area] → (n, 4) pixel [x, y, w, h]."""
+    return np.stack([pos[:, 0] * width, pos[:, 1] * height, pos[:, 4] * width, pos[:, 5] * height], axis=1)
+
+
+class RefcocoData:
+    """Each expression scores the regions of its image; the target is the detected region that
+    overlaps the referred object most (expressions whose best overlap is not a hit are not trained
+    on). A prediction is right when its box has IoU > 0.5 with the object's box."""
+
+    name = "refcoco"
+
+    def __init__(self, task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int):
+        from uniter.finetune.refer import iou, read_refer
+
+        self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
+        exprs, _ = read_refer(task.refs, task.instances)
+        sizes = {int(im["id"]): (float(im["width"]), float(im["height"]))
+                 for im in json.loads(Path(task.instances).read_text(encoding="utf-8")).get("images", [])}
+        ids = numeric_ids(image_keys(feature_paths, task.images), task.images)
+        self.sets = {}
+        for side, split in (("train", task.train_split), ("eval", task.eval_split)):
+            chosen = [e for e in exprs if e.split == split]
+            missing = [e.image_id for e in chosen if e.image_id not in sizes]
+            if missing:
+                raise InputDataError(f"{task.instances}: no width/height for image ids {sorted(set(missing))[:5]}")
+            corpus = text_corpus(list(zip([ids.get(e.image_id, "") for e in chosen],
+                                          tokenize(tokenizer, [e.sentence for e in chosen], max_len), strict=True)),
+                                 local / f"ref-{side}.arrow", feature_paths, pretrain)
+            examples, targets, boxes = [], [], []
+            for k, row in enumerate(corpus.text_row):
+                e = chosen[int(row)]
+                region = corpus.example_region(k)
+                rb = region_boxes(region.pos, *sizes[e.image_id])
+                overlap = iou(rb, np.array(e.box))
+                if side == "train" and overlap.max() <= 0.5:
+                    continue
+                examples.append(k)
+                targets.append(int(overlap.argmax()))
+                boxes.append((rb, e))
+            self.sets[side] = (corpus, np.array(examples, dtype=np.int64), np.array(targets, dtype=np.int64), boxes)
+        n_train = sum(e.split == task.train_split for e in exprs)
+        self.skipped = n_train - len(self.sets["train"][1])
+        if not len(self.sets["train"][1]):
+            raise InputDataError(f"RefCOCO: no {task.train_split} expression has a detected region overlapping its object "
+                                 f"(IoU > 0.5) in the downstream set {task.images!r}")
+
+    def model_class(self):
+        from uniter.modeling_uniter import UniterForReferringExpression
+
+        return UniterForReferringExpression, {}
+
+    def _batch(self, corpus: Corpus, ids) -> dict:
+        batch = pack(*texts_with_regions(corpus, ids, self.vocab), self.vocab, with_ot=True)
+        batch["region_index"], batch["region_pad"] = batch.pop("ot_img_index"), batch.pop("ot_img_pad")
+        for k in ("ot_txt_index", "ot_txt_pad"):
+            batch.pop(k)
+        return batch
+
+    def train_batch(self, j: int, score: Score) -> dict:
+        corpus, examples, targets, _ = self.sets["train"]
+        pick = endless(np.arange(len(examples)), corpus.lengths[examples], self.task.batch_tokens, self.seed, j)
+        batch = self._batch(corpus, examples[pick])
+        batch["targets"] = torch.from_numpy(targets[pick])
+        return batch
+
+    def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
+        from uniter.finetune.refer import is_hit
+
+        corpus, examples, _, boxes = self.sets["eval"]
+        hits, predictions = [], []
+        for pick in token_bucket_batches(np.arange(len(examples)), corpus.lengths[examples], self.task.batch_tokens, 8192,
+                                         np.random.default_rng([self.seed, 8])):
+            logits = score(self._batch(corpus, examples[pick])).logits.float()
+            for p, region in zip(pick, logits.argmax(-1).tolist(), strict=True):
+                rb, e = boxes[int(p)]
+                box = rb[region]
+                hits.append(bool(is_hit(box, np.array(e.box))))
+                predictions.append({"sent_id": e.sent_id, "ref_id": e.ref_id, "box": [round(float(v), 2) for v in box]})
+        accuracy = 100 * float(np.mean(hits)) if hits else 0.0
+        return {"refcoco_accuracy": accuracy}, {"refcoco/predictions.json": json.dumps(sorted(predictions, key=lambda x: x["sent_id"])).encode()}
+
+
+TASKS = {"vqa": VqaData, "nlvr2": Nlvr2Data, "retrieval": RetrievalData, "refcoco": RefcocoData}

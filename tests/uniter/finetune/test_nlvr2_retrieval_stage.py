@@ -84,3 +84,42 @@ def test_nlvr2_and_retrieval(tmp_path, storage_spec, vocab):
     assert ev["nlvr2"] == pytest.approx(counts["nlvr2"]["val"]["nlvr2_accuracy"], abs=1e-3)
     assert ev["ir_r1"] == pytest.approx(r["retrieval_ir_r1"], abs=1e-3) and ev["tr_r1"] == pytest.approx(r["retrieval_tr_r1"], abs=1e-3)
     assert ev["meta_sum"] == pytest.approx(ev["nlvr2"] + ev["ir_r1"] + ev["tr_r1"], abs=1e-3)
+
+
+def refcoco_files(tmp_path):
+    import pickle
+
+    refs, anns, images = [], [], []
+    for image_id in range(1, 13):
+        images.append({"id": image_id, "width": 120, "height": 90, "file_name": f"COCO_train2014_{image_id:012d}.jpg"})
+        col, row = image_id % 6, (image_id * 5) % 6
+        anns.append({"id": 100 + image_id, "image_id": image_id, "bbox": [20 * col, 15 * row, 20, 15], "category_id": 1})
+        refs.append({"ref_id": image_id, "ann_id": 100 + image_id, "image_id": image_id, "category_id": 1,
+                     "split": "train" if image_id <= 8 else "val", "sent_ids": [image_id],
+                     "sentences": [{"sent_id": image_id, "sent": f"the thing at {col} {row}", "raw": "x", "tokens": []}]})
+    r, i = tmp_path / "refs(unc).p", tmp_path / "instances.json"
+    r.write_bytes(pickle.dumps(refs, protocol=2))
+    i.write_text(json.dumps({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}))
+    return r, i
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_refcoco(tmp_path, storage_spec, vocab):
+    path = setup(tmp_path, storage_spec, vocab)
+    doc = yaml.safe_load(path.read_text())
+    refs, instances = refcoco_files(tmp_path)
+    del doc["finetune"]["vqa"]
+    doc["finetune"]["refcoco"] = {"refs": str(refs), "instances": str(instances), "steps": 10, "warmup": 1, "lr": 5e-4,
+                                  "batch_tokens": 1024, "validate_every": 10}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    upstream(cfg)
+    result = run_stage("finetune", cfg)
+    counts = result.manifest.counts["refcoco"]
+    assert counts["steps"] == 10 and counts["skipped"] == 0  # every box is a grid cell: a hit exists for each
+    assert 0 <= counts["val"]["refcoco_accuracy"] <= 100
+    art = Artifact(storage_for(cfg), "finetune", result.manifest.key)
+    preds = json.loads(storage_for(cfg).read_bytes(art.file_key("files/refcoco/predictions.json")))
+    assert [p["sent_id"] for p in preds] == [9, 10, 11, 12] and all(len(p["box"]) == 4 for p in preds)
+    ev = run_stage("evaluate", cfg).manifest.counts["scores"]["this config"]
+    assert ev["refcoco+"] == pytest.approx(counts["val"]["refcoco_accuracy"], abs=1e-3)
