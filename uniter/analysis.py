@@ -5,14 +5,16 @@ The properties of a map A (queries × keys over the real positions; text first, 
 [CLS] and [SEP], then regions), each averaged over queries:
 - special:  mass on [CLS] and [SEP]                                   (the "vertical" stripes)
 - diagonal: mass within one position of the query (|i − j| ≤ 1)
-- within:   mass on the query's own modality, [CLS]/[SEP] left out, as a share of the rest
+- within:   mass on the query's own modality, [CLS]/[SEP] left out, as a share of the rest,
+            averaged over text queries and over region queries separately (so the longer
+            modality does not decide alone); block and reversed block need both sides to agree
 
 The rules, in order (thresholds chosen on synthetic maps of each pattern, see the tests):
 1. vertical + diagonal  special ≥ 0.25, diagonal ≥ 0.25 and special + diagonal ≥ 0.6
 2. vertical             special ≥ 0.5
 3. diagonal             diagonal ≥ 0.5
-4. block                within ≥ 0.8    (each modality attends to itself)
-5. reversed block       within ≤ 0.3    (each modality attends to the other)
+4. block                within ≥ 0.8 on both sides    (each modality attends to itself)
+5. reversed block       within ≤ 0.3 on both sides    (each modality attends to the other)
 6. heterogeneous        anything else
 """
 
@@ -34,7 +36,8 @@ SPECIAL_VD, SPECIAL_V, DIAG_D, WITHIN_BLOCK, WITHIN_REVERSED = 0.25, 0.5, 0.5, 0
 class MapProperties:
     special: float
     diagonal: float
-    within: float
+    within_text: float  # text queries' share on text keys
+    within_image: float  # region queries' share on region keys
 
 
 def properties(attn: np.ndarray, text_len: int) -> MapProperties:
@@ -49,9 +52,11 @@ def properties(attn: np.ndarray, text_len: int) -> MapProperties:
     rest[:, special_cols] = 0
     same = (rest * (is_text[:, None] == is_text[None, :])).sum(1)
     total = rest.sum(1)
-    queries = [q for q in range(n) if q not in special_cols and total[q] > 1e-9]
-    within = float(np.mean(same[queries] / total[queries])) if queries else 0.5
-    return MapProperties(special, diagonal, within)
+    def share(side: np.ndarray) -> float:
+        queries = [q for q in np.flatnonzero(side) if q not in special_cols and total[q] > 1e-9]
+        return float(np.mean(same[queries] / total[queries])) if queries else 0.5
+
+    return MapProperties(special, diagonal, share(is_text), share(~is_text))
 
 
 def classify(p: MapProperties) -> str:
@@ -61,9 +66,9 @@ def classify(p: MapProperties) -> str:
         return "vertical"
     if p.diagonal >= DIAG_D:
         return "diagonal"
-    if p.within >= WITHIN_BLOCK:
+    if min(p.within_text, p.within_image) >= WITHIN_BLOCK:
         return "block"
-    if p.within <= WITHIN_REVERSED:
+    if max(p.within_text, p.within_image) <= WITHIN_REVERSED:
         return "reversed block"
     return "heterogeneous"
 
