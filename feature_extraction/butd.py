@@ -154,9 +154,12 @@ class Detections:
     attr_logits: torch.Tensor  # (R, 401)
 
 
-def detect(model: nn.Module, images: list[torch.Tensor], autocast_dtype: torch.dtype | None = None) -> list[Detections]:
+def detect(model: nn.Module, images: list[torch.Tensor], autocast_dtype: torch.dtype | None = None,
+           boxes: list[torch.Tensor] | None = None) -> list[Detections]:
     """Run the detector on a batch of BGR uint8/float CHW tensors, already at test scale.
 
+    With `boxes` (per image, (R, 4) xyxy at test scale) the RoI head runs on those boxes instead of
+    the RPN's proposals: features of given (ground-truth) boxes.
     Backbone and res5 may run under autocast (bf16); RPN, RoIPool, NMS and the heads stay fp32."""
     device = model.pixel_mean.device
     inputs = [{"image": img.to(device)} for img in images]
@@ -165,7 +168,16 @@ def detect(model: nn.Module, images: list[torch.Tensor], autocast_dtype: torch.d
         with _autocast(device, autocast_dtype):
             feats = model.backbone(batch.tensor)
         feats = {k: v.float() for k, v in feats.items()}
-        proposals, _ = model.proposal_generator(batch, feats, None)
+        if boxes is None:
+            proposals, _ = model.proposal_generator(batch, feats, None)
+        else:
+            from detectron2.structures import Boxes, Instances
+
+            proposals = []
+            for img, b in zip(batch.image_sizes, boxes, strict=True):
+                inst = Instances(img)
+                inst.proposal_boxes = Boxes(b.to(device).float())
+                proposals.append(inst)
         heads = model.roi_heads
         out = []
         # NOTE: the RoI head (res5 on 14×14 per region, ~90 % of the FLOPs) runs one image at a time:

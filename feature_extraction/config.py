@@ -63,6 +63,10 @@ class DownstreamConfig(SectionConfig):
     key is `<set>/<file stem>` (COCO_val2014_000000000042, 1000092795, dev-850-0-img0)."""
 
     images: dict[str, InputFolder] = {}
+    # Also the features of ground-truth boxes (referring expressions train on them): set name → a
+    # COCO instances.json; for each of the set's images it annotates, a row `<set>/<stem>#gt` with
+    # one region per annotation, in ascending annotation id.
+    gt_boxes: dict[str, InputFile] = {}
     shard_images: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
@@ -70,4 +74,7 @@ class DownstreamConfig(SectionConfig):
         bad = [n for n in self.images if not n or "/" in n]
         if bad:
             raise ValueError(f"image set names {bad}: expected non-empty names without '/'")
+        unknown = sorted(set(self.gt_boxes) - set(self.images))
+        if unknown:
+            raise ValueError(f"gt_boxes for {unknown}: not image sets of downstream.images ({', '.join(sorted(self.images))})")
         return self

@@ -7,7 +7,9 @@ reader (every image file of each configured folder, by set and path, cut into sh
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 from PIL import Image
 
@@ -21,8 +23,33 @@ from pipeline.stage import Stage, StageContext, now
 log = logging.getLogger(__name__)
 
 
+def annotated_boxes(path: str) -> dict[int, list[tuple[int, tuple[float, float, float, float]]]]:
+    """image id → [(annotation id, pixel x1, y1, x2, y2)], ascending annotation id, from instances.json."""
+    where = '"annotations"'
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        out: dict[int, list] = {}
+        for index, ann in enumerate(doc["annotations"]):
+            where = f"annotations[{index}]"
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            out.setdefault(int(ann["image_id"]), []).append((int(ann["id"]), (x, y, x + w, y + h)))
+    except json.JSONDecodeError as exc:
+        raise InputDataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputDataError(f"{path}: {where}: expected id, image_id and bbox [x, y, w, h] ({type(exc).__name__}: {exc})") from None
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def image_id(stem: str) -> int | None:
+    """The numeric id a file stem ends in (COCO_train2014_000000000042 → 42), if any."""
+    digits = stem.rsplit("_", 1)[-1]
+    return int(digits) if digits.isdigit() else None
+
+
 def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
-    """(shard id, items) for every set, in name order; within a set, files in path order."""
+    """(shard id, items) for every set, in name order; within a set, files in path order; then the
+    ground-truth-box rows of the sets that have them (in shards of their own: a batch is one kind)."""
     shards = []
     for name in sorted(cfg.images):
         folder = cfg.images[name]
@@ -43,6 +70,13 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
             log.warning("downstream: no images (.jpg, .jpeg, .png) under %s for set %r", folder, name)
         n = cfg.shard_images
         shards += [(f"{name}-{i // n:05d}", items[i : i + n]) for i in range(0, len(items), n)]
+        if name in cfg.gt_boxes:
+            boxes = annotated_boxes(cfg.gt_boxes[name])
+            gt = [Item(f"{it.key}#gt", None, 0, it.width, it.height, it.path, tuple(b for _, b in boxes[iid]))
+                  for it in items if (iid := image_id(Path(it.path).stem)) is not None and iid in boxes]
+            if not gt:
+                log.warning("downstream: %s annotates none of the images of set %r", cfg.gt_boxes[name], name)
+            shards += [(f"{name}-gt-{i // n:05d}", gt[i : i + n]) for i in range(0, len(gt), n)]
     return shards
 
 

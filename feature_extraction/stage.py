@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from feature_extraction.config import ExtractConfig
-from feature_extraction.grid import grid_features
+from feature_extraction.grid import box_features, grid_features
 from feature_extraction.schema import RegionFeatures, pack
 from pipeline.artifact import Artifact
 from pipeline.stage import Stage, StageContext, now, shard_id
@@ -39,6 +39,7 @@ class Item:
     width: int
     height: int
     path: str | None = None  # a local image file (the downstream sets' images)
+    gt_boxes: tuple[tuple[float, float, float, float], ...] | None = None  # features of these boxes (pixel xyxy)
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,16 @@ class ImageDataset(Dataset):
             data = _crawl_bytes(self.spec, item.crawl_file)[item.crawl_row].as_py()
             image = Image.open(io.BytesIO(data)).convert("RGB")
         if self.cfg.backend == "grid":
+            if item.gt_boxes is not None:
+                return {"item": item, "result": box_features(item.key, image, np.array(item.gt_boxes, np.float32))}
             return {"item": item, "result": grid_features(item.key, image, self.cfg.grid_rows, self.cfg.grid_cols)}
         w, h, scale = test_scale(image.width, image.height, self.cfg.min_size, self.cfg.max_size)
         resized = image.resize((w, h), Image.Resampling.BILINEAR)
         bgr = np.ascontiguousarray(np.asarray(resized)[:, :, ::-1].transpose(2, 0, 1))
-        return {"item": item, "size": (image.width, image.height), "scale": scale, "tensor": torch.from_numpy(bgr)}
+        out = {"item": item, "size": (image.width, image.height), "scale": scale, "tensor": torch.from_numpy(bgr)}
+        if item.gt_boxes is not None:
+            out["boxes"] = torch.tensor(item.gt_boxes, dtype=torch.float32).reshape(-1, 4) * scale
+        return out
 
 
 def aspect_batches(items: list[Item], start: int, batch_size: int) -> list[list[int]]:
@@ -126,18 +132,30 @@ class Detector:
         from feature_extraction.select import select_caffe, select_lxmert36
 
         cfg = self.cfg
-        detections = detect(self.model, [b["tensor"] for b in batch], self.dtype)
+        given = "boxes" in batch[0]  # a batch of ground-truth-box items (they are sharded apart)
+        detections = detect(self.model, [b["tensor"] for b in batch], self.dtype,
+                            boxes=[b["boxes"] for b in batch] if given else None)
         out = []
         for b, det in zip(batch, detections, strict=True):
             det = _to_cpu(det)
             h, w = b["tensor"].shape[1:]
-            if cfg.selection == "caffe":
+            if given:  # every given box, in the given order, confidence 1
+                n = len(det.proposals)
+                sel = _Given(det.proposals, torch.arange(n), torch.ones(n))
+            elif cfg.selection == "caffe":
                 sel = select_caffe(det, nms_iou=cfg.nms_iou, conf_thresh=cfg.conf_thresh, min_boxes=cfg.min_boxes,
                                    max_boxes=cfg.max_boxes, score_floor=cfg.score_floor)
             else:
                 sel = select_lxmert36(det, self.model.roi_heads.box_predictor.box2box_transform, (h, w))
             out.append(region_features(b, det, sel))
         return out
+
+
+@dataclass(frozen=True)
+class _Given:
+    boxes: torch.Tensor  # (R, 4) at test scale
+    index: torch.Tensor
+    conf: torch.Tensor
 
 
 def _to_cpu(det):

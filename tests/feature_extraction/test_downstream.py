@@ -3,8 +3,10 @@ the folders' content, with the extract section's detector."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -53,12 +55,28 @@ def test_grid_features_of_every_set(tmp_path, storage_spec):
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
-def test_detectron2_backend_from_the_extract_section(tmp_path, storage_spec):
-    _folder(tmp_path / "f30k", ["1000092795.jpg"])
-    cfg = load_config(_config(tmp_path, storage_spec, {"flickr30k": "f30k"}, TINY_D2))
-    rows = [unpack(r) for r in read_table(storage_for(cfg), run_stage("downstream", cfg).manifest, "task_features").to_pylist()]
-    assert [r.image_key for r in rows] == ["flickr30k/1000092795"] and rows[0].backend == "detectron2"
-    assert rows[0].soft_labels is not None and rows[0].soft_labels.shape[1] == 1601
+def test_detectron2_backend_and_ground_truth_boxes(tmp_path, storage_spec):
+    _folder(tmp_path / "coco", ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000073.jpg"])
+    instances = tmp_path / "instances.json"
+    instances.write_text(json.dumps({"images": [], "annotations": [
+        {"id": 7, "image_id": 42, "bbox": [10, 5, 30, 40]}, {"id": 3, "image_id": 42, "bbox": [50, 20, 20, 20]}]}))
+    path = _config(tmp_path, storage_spec, {"coco": "coco"}, TINY_D2)
+    doc = yaml.safe_load(path.read_text())
+    doc["downstream"]["gt_boxes"] = {"coco": str(instances)}
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(path)
+    result = run_stage("downstream", cfg)
+    rows = {r["image_key"]: unpack(r) for r in read_table(storage_for(cfg), result.manifest, "task_features").to_pylist()}
+    assert sorted(rows) == ["coco/COCO_val2014_000000000042", "coco/COCO_val2014_000000000042#gt", "coco/COCO_val2014_000000000073"]
+    det, gt = rows["coco/COCO_val2014_000000000042"], rows["coco/COCO_val2014_000000000042#gt"]
+    assert det.backend == "detectron2" and det.soft_labels.shape[1] == 1601 and 10 <= det.num_boxes <= 40
+    # the RoI head ran on exactly the annotated boxes, in ascending annotation id (3, then 7)
+    assert np.allclose(gt.boxes, [[50, 20, 70, 40], [10, 5, 40, 45]], atol=0.05) and gt.num_boxes == 2
+    assert gt.soft_labels.shape == (2, 1601) and (gt.conf == 1).all()
+    with pytest.raises(ConfigError, match=r"gt_boxes for \['flickr'\]: not image sets"):
+        doc["downstream"]["gt_boxes"] = {"flickr": str(instances)}
+        path.write_text(yaml.safe_dump(doc))
+        load_config(path)
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)

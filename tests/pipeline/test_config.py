@@ -96,6 +96,6 @@ def test_example_full_config_is_valid_but_for_the_missing_datasets():
     """The commented example is structurally valid; only the dataset files are absent here."""
     msg = _error(ROOT / "configs" / "example-full.yaml")
     problems = [line for line in msg.splitlines() if line.startswith("  - ")]
-    # 19 annotation files, the detector weights, 3 downstream image folders, 9 downstream task files
-    assert len(problems) == 32
+    # 19 annotation files, the detector weights, 3 downstream image folders, 10 downstream files
+    assert len(problems) == 33
     assert all("file not found" in p or "folder not found" in p for p in problems), problems

@@ -334,46 +334,66 @@ def region_boxes(pos: np.ndarray, width: float, height: float) -> np.ndarray:
 
 
 class RefcocoData:
-    """Each expression scores the regions of its image; the target is the detected region that
-    overlaps the referred object most (expressions whose best overlap is not a hit are not trained
-    on). A prediction is right when its box has IoU > 0.5 with the object's box."""
+    """Each expression scores the regions of its image. With ground-truth-box features
+    (`downstream.gt_boxes`) it trains on them, the target being the referred annotation, and is
+    evaluated on both ground-truth and detected regions; without, it trains on the detected region
+    that overlaps the object most (expressions with no overlap above 0.5 are not trained on). A
+    prediction is right when its box has IoU > 0.5 with the object's box."""
 
     name = "refcoco"
 
     def __init__(self, task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int):
+        from feature_extraction.downstream import annotated_boxes
         from uniter.finetune.refer import iou, read_refer
 
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
         exprs, _ = read_refer(task.refs, task.instances)
         sizes = {int(im["id"]): (float(im["width"]), float(im["height"]))
                  for im in json.loads(Path(task.instances).read_text(encoding="utf-8")).get("images", [])}
-        ids = numeric_ids(image_keys(feature_paths, task.images), task.images)
-        self.sets = {}
+        keys = image_keys(feature_paths, task.images)
+        det_ids = numeric_ids([k for k in keys if not k.endswith("#gt")], task.images)
+        gt_ids = {i: k + "#gt" for i, k in numeric_ids([k.removesuffix("#gt") for k in keys if k.endswith("#gt")], task.images).items()}
+        gt_anns = annotated_boxes(task.instances) if gt_ids else {}
+        self.sets: dict[tuple[str, str], tuple] = {}
         for side, split in (("train", task.train_split), ("eval", task.eval_split)):
             chosen = [e for e in exprs if e.split == split]
             missing = [e.image_id for e in chosen if e.image_id not in sizes]
             if missing:
                 raise InputDataError(f"{task.instances}: no width/height for image ids {sorted(set(missing))[:5]}")
-            corpus = text_corpus(list(zip([ids.get(e.image_id, "") for e in chosen],
-                                          tokenize(tokenizer, [e.sentence for e in chosen], max_len), strict=True)),
-                                 local / f"ref-{side}.arrow", feature_paths, pretrain)
-            examples, targets, boxes = [], [], []
-            for k, row in enumerate(corpus.text_row):
-                e = chosen[int(row)]
-                region = corpus.example_region(k)
-                rb = region_boxes(region.pos, *sizes[e.image_id])
-                overlap = iou(rb, np.array(e.box))
-                if side == "train" and overlap.max() <= 0.5:
+            tokens = tokenize(tokenizer, [e.sentence for e in chosen], max_len)
+            for setting, ids in (("gt", gt_ids), ("det", det_ids)):
+                if setting == "gt" and not gt_ids:
                     continue
-                examples.append(k)
-                targets.append(int(overlap.argmax()))
-                boxes.append((rb, e))
-            self.sets[side] = (corpus, np.array(examples, dtype=np.int64), np.array(targets, dtype=np.int64), boxes)
+                corpus = text_corpus(list(zip([ids.get(e.image_id, "") for e in chosen], tokens, strict=True)),
+                                     local / f"ref-{side}-{setting}.arrow", feature_paths, pretrain)
+                examples, targets, boxes = [], [], []
+                for k, row in enumerate(corpus.text_row):
+                    e = chosen[int(row)]
+                    if setting == "gt":
+                        anns = gt_anns[e.image_id][: corpus.nbb[k]]
+                        rb = np.array([[x1, y1, x2 - x1, y2 - y1] for _, (x1, y1, x2, y2) in anns])
+                        order = [a for a, _ in anns]
+                        if e.ann_id not in order:
+                            continue
+                        target = order.index(e.ann_id)
+                    else:
+                        rb = region_boxes(corpus.example_region(k).pos, *sizes[e.image_id])
+                        overlap = iou(rb, np.array(e.box))
+                        if side == "train" and overlap.max() <= 0.5:
+                            continue
+                        target = int(overlap.argmax())
+                    examples.append(k)
+                    targets.append(target)
+                    boxes.append((rb, e))
+                self.sets[(side, setting)] = (corpus, np.array(examples, dtype=np.int64), np.array(targets, dtype=np.int64), boxes)
+        self.train_setting = "gt" if ("train", "gt") in self.sets and len(self.sets[("train", "gt")][1]) else "det"
+        if gt_ids and self.train_setting == "det":
+            log.warning("RefCOCO: no ground-truth-box features for the %s expressions: training on detected regions", task.train_split)
         n_train = sum(e.split == task.train_split for e in exprs)
-        self.skipped = n_train - len(self.sets["train"][1])
-        if not len(self.sets["train"][1]):
-            raise InputDataError(f"RefCOCO: no {task.train_split} expression has a detected region overlapping its object "
-                                 f"(IoU > 0.5) in the downstream set {task.images!r}")
+        self.skipped = n_train - len(self.sets[("train", self.train_setting)][1])
+        if not len(self.sets[("train", self.train_setting)][1]):
+            raise InputDataError(f"RefCOCO: no {task.train_split} expression has a region to point at in the downstream "
+                                 f"set {task.images!r} (ground-truth-box features, or a detected region with IoU > 0.5)")
 
     def model_class(self):
         from uniter.modeling_uniter import UniterForReferringExpression
@@ -388,7 +408,7 @@ class RefcocoData:
         return batch
 
     def train_batch(self, j: int, score: Score) -> dict:
-        corpus, examples, targets, _ = self.sets["train"]
+        corpus, examples, targets, _ = self.sets[("train", self.train_setting)]
         pick = endless(np.arange(len(examples)), corpus.lengths[examples], self.task.batch_tokens, self.seed, j)
         batch = self._batch(corpus, examples[pick])
         batch["targets"] = torch.from_numpy(targets[pick])
@@ -397,18 +417,24 @@ class RefcocoData:
     def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
         from uniter.finetune.refer import is_hit
 
-        corpus, examples, _, boxes = self.sets["eval"]
-        hits, predictions = [], []
-        for pick in token_bucket_batches(np.arange(len(examples)), corpus.lengths[examples], self.task.batch_tokens, 8192,
-                                         np.random.default_rng([self.seed, 8])):
-            logits = score(self._batch(corpus, examples[pick])).logits.float()
-            for p, region in zip(pick, logits.argmax(-1).tolist(), strict=True):
-                rb, e = boxes[int(p)]
-                box = rb[region]
-                hits.append(bool(is_hit(box, np.array(e.box))))
-                predictions.append({"sent_id": e.sent_id, "ref_id": e.ref_id, "box": [round(float(v), 2) for v in box]})
-        accuracy = 100 * float(np.mean(hits)) if hits else 0.0
-        return {"refcoco_accuracy": accuracy}, {"refcoco/predictions.json": json.dumps(sorted(predictions, key=lambda x: x["sent_id"])).encode()}
+        metrics, predictions = {}, []
+        for setting in ("det", "gt"):
+            if ("eval", setting) not in self.sets:
+                continue
+            corpus, examples, _, boxes = self.sets[("eval", setting)]
+            hits = []
+            for pick in token_bucket_batches(np.arange(len(examples)), corpus.lengths[examples], self.task.batch_tokens,
+                                             8192, np.random.default_rng([self.seed, 8])):
+                logits = score(self._batch(corpus, examples[pick])).logits.float()
+                for p, region in zip(pick, logits.argmax(-1).tolist(), strict=True):
+                    rb, e = boxes[int(p)]
+                    box = rb[region]
+                    hits.append(bool(is_hit(box, np.array(e.box))))
+                    predictions.append({"setting": setting, "sent_id": e.sent_id, "ref_id": e.ref_id,
+                                        "box": [round(float(v), 2) for v in box]})
+            metrics["refcoco_accuracy" if setting == "det" else "refcoco_accuracy_gt"] = 100 * float(np.mean(hits)) if hits else 0.0
+        predictions.sort(key=lambda x: (x["setting"], x["sent_id"]))
+        return metrics, {"refcoco/predictions.json": json.dumps(predictions).encode()}
 
 
 TASKS = {"vqa": VqaData, "nlvr2": Nlvr2Data, "retrieval": RetrievalData, "refcoco": RefcocoData}

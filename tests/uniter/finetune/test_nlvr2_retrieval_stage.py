@@ -94,6 +94,8 @@ def refcoco_files(tmp_path):
         images.append({"id": image_id, "width": 120, "height": 90, "file_name": f"COCO_train2014_{image_id:012d}.jpg"})
         col, row = image_id % 6, (image_id * 5) % 6
         anns.append({"id": 100 + image_id, "image_id": image_id, "bbox": [20 * col, 15 * row, 20, 15], "category_id": 1})
+        for d in (1, 2):  # distractors: other objects of the same image
+            anns.append({"id": 1000 * d + image_id, "image_id": image_id, "bbox": [5 * d, 40, 30, 20 + d], "category_id": 1})
         refs.append({"ref_id": image_id, "ann_id": 100 + image_id, "image_id": image_id, "category_id": 1,
                      "split": "train" if image_id <= 8 else "val", "sent_ids": [image_id],
                      "sentences": [{"sent_id": image_id, "sent": f"the thing at {col} {row}", "raw": "x", "tokens": []}]})
@@ -104,10 +106,13 @@ def refcoco_files(tmp_path):
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
-def test_refcoco(tmp_path, storage_spec, vocab):
+@pytest.mark.parametrize("gt", [True, False], ids=["gt-boxes", "detected-only"])
+def test_refcoco(tmp_path, storage_spec, vocab, gt):
     path = setup(tmp_path, storage_spec, vocab)
     doc = yaml.safe_load(path.read_text())
     refs, instances = refcoco_files(tmp_path)
+    if gt:
+        doc["downstream"]["gt_boxes"] = {"coco": str(instances)}
     del doc["finetune"]["vqa"]
     doc["finetune"]["refcoco"] = {"refs": str(refs), "instances": str(instances), "steps": 10, "warmup": 1, "lr": 5e-4,
                                   "batch_tokens": 1024, "validate_every": 10}
@@ -118,8 +123,24 @@ def test_refcoco(tmp_path, storage_spec, vocab):
     counts = result.manifest.counts["refcoco"]
     assert counts["steps"] == 10 and counts["skipped"] == 0  # every box is a grid cell: a hit exists for each
     assert 0 <= counts["val"]["refcoco_accuracy"] <= 100
+    assert ("refcoco_accuracy_gt" in counts["val"]) == gt
     art = Artifact(storage_for(cfg), "finetune", result.manifest.key)
     preds = json.loads(storage_for(cfg).read_bytes(art.file_key("files/refcoco/predictions.json")))
-    assert [p["sent_id"] for p in preds] == [9, 10, 11, 12] and all(len(p["box"]) == 4 for p in preds)
+    det = [p for p in preds if p["setting"] == "det"]
+    assert [p["sent_id"] for p in det] == [9, 10, 11, 12] and all(len(p["box"]) == 4 for p in preds)
+    if gt:
+        # one region per annotation (the referred object and its 2 distractors), ascending annotation id
+        down = run_stage("downstream", cfg)
+        from feature_extraction.schema import unpack
+        from tests.conftest import read_table
+
+        rows = {r["image_key"]: unpack(r) for r in read_table(storage_for(cfg), down.manifest, "task_features").to_pylist()}
+        g = rows["coco/COCO_train2014_000000000003#gt"]
+        assert g.num_boxes == 3 and g.boxes[0].tolist() == [60.0, 45.0, 80.0, 60.0]  # annotation 103: cell (3, 3)
+        gt_preds = [p for p in preds if p["setting"] == "gt"]
+        assert [p["sent_id"] for p in gt_preds] == [9, 10, 11, 12]
+        # a ground-truth prediction is one of the image's annotated boxes
+        assert all(p["box"] in ([20 * (p["sent_id"] % 6), 15 * ((p["sent_id"] * 5) % 6), 20.0, 15.0],
+                                [5.0, 40.0, 30.0, 21.0], [10.0, 40.0, 30.0, 22.0]) for p in gt_preds), gt_preds
     ev = run_stage("evaluate", cfg).manifest.counts["scores"]["this config"]
     assert ev["refcoco+"] == pytest.approx(counts["val"]["refcoco_accuracy"], abs=1e-3)
