@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lock bench bench-crawl bench-dedup bench-peers clean
+.PHONY: demo test venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-peers clean
 
 venv: $(STAMP)
 
@@ -26,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: bench-ingest bench-crawl bench-dedup
+bench: bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot
 
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
@@ -36,6 +36,15 @@ bench-crawl: $(STAMP) .venv-bench/.installed
 
 bench-dedup: $(STAMP) .venv-bench/.installed
 	$(BIN)/python benchmarks/dedup.py
+
+bench-extract: $(STAMP)
+	$(BIN)/python benchmarks/extract.py
+
+bench-pretrain: $(STAMP)
+	$(BIN)/python benchmarks/pretrain.py
+
+bench-ipot: $(STAMP)
+	$(BIN)/python benchmarks/ipot.py
 
 bench-peers: .venv-bench/.installed
 
