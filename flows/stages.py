@@ -55,6 +55,18 @@ def stage_task(stage: str, config_path: str, force: bool = False) -> dict[str, A
     return result.to_json(storage)
 
 
+def transient(_task, _task_run, state) -> bool:
+    """Retry a stage that failed on the network or the object store; never one that failed on its
+    config or input data (a retry would fail the same way). Stages resume, so a retry redoes
+    only the unfinished shards."""
+    from pipeline.errors import UniterError
+
+    exc = getattr(state, "data", None)
+    return isinstance(exc, Exception) and not isinstance(exc, UniterError)
+
+
 def stage_task_for(stage: str, results: PipelineStorage, force: bool):
-    """The task for one stage, with results on the pipeline's storage and the --force choice."""
-    return stage_task.with_options(name=stage, result_storage=results, refresh_cache=force)
+    """The task for one stage, with results on the pipeline's storage, the --force choice, and
+    retries with backoff (10 s, then 60 s) on transient failures."""
+    return stage_task.with_options(name=stage, result_storage=results, refresh_cache=force, retries=2,
+                                   retry_delay_seconds=[10, 60], retry_condition_fn=transient)

@@ -56,6 +56,8 @@ def cmd_run(args) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config)
+    if getattr(args, "deployment", False):
+        return _run_deployment(args, cfg)
     if args.stage == "all":
         return _run_all(args, cfg)
     if args.stage == "ablation":
@@ -80,6 +82,51 @@ def cmd_run(args) -> int:
         _emit(summary)
     else:
         _print_run(summary)
+    return 0
+
+
+def _run_deployment(args, cfg) -> int:
+    """Trigger the stage's (or the whole pipeline's) deployment on the server and follow it."""
+    from flows.deployments import trigger
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UniterError("--deployment needs a running server: set PREFECT_API_URL (and run `uniter serve` or a worker)")
+    name = "full-pipeline" if args.stage == "all" else f"stage-{args.stage}"
+    started = time.time()
+    run = trigger(name, args.config, cfg, force=args.force)
+    state = run.state
+    ok = state is not None and state.is_completed()
+    summary = {"flow": name, "flow_run": str(run.id), "state": state.name if state else None,
+               "seconds": round(time.time() - started, 3)}
+    if args.json:
+        _emit(summary)
+    else:
+        _stderr_console().print(f"[bold]{name}[/] (flow run {run.name}): {summary['state']} in {summary['seconds']:.1f} s")
+    return 0 if ok else 1
+
+
+def cmd_serve(args) -> int:
+    from flows.deployments import runner_deployments, serve
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    names = [d.name if hasattr(d, "name") else str(d) for d in runner_deployments(args.config, cfg, args.interval)]
+    schedule = f"every {args.interval:g} s" if args.interval else f"cron '{cfg.orchestration.corpus_rebuild_cron}' ({cfg.orchestration.timezone})"
+    _stderr_console().print(f"serving {len(names)} deployments ({cfg.orchestration.deployment_name}); corpus-rebuild "
+                            f"scheduled {schedule}; Ctrl-C stops")
+    serve(args.config, cfg, args.interval)
+    return 0
+
+
+def cmd_deploy(args) -> int:
+    from flows.deployments import deploy
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config)
+    ids = deploy(args.config, cfg, args.pool, args.interval, args.gpu_pool)
+    summary = {"work_pool": args.pool, "deployments": ids}
+    _emit(summary) if args.json else _stderr_console().print(
+        f"registered {len(ids)} deployments to work pool {args.pool!r}; start a worker: prefect worker start -p {args.pool}")
     return 0
 
 
@@ -268,8 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", help="stage name, 'all', or 'ablation' (every ablation.variants row, one Meta-Sum table)")
     p.add_argument("--force", action="store_true", help="discard the stage's artifact for this key and rebuild")
     p.add_argument("--until", metavar="STAGE", help="with 'all': stop after this stage (e.g. extract)")
+    p.add_argument("--deployment", action="store_true",
+                   help="trigger the deployment on the server (PREFECT_API_URL) and follow it; exit code = outcome")
     common(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="serve every flow's deployment from this process (corpus-rebuild on its schedule)")
+    p.add_argument("--interval", type=float, help="schedule corpus-rebuild every N seconds instead of the cron")
+    common(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("deploy", help="register every flow's deployment to a work pool")
+    p.add_argument("--pool", required=True, help="a process work pool (prefect work-pool create NAME --type process)")
+    p.add_argument("--gpu-pool", help="the pool for the training flows (train, downstream, pretrain, finetune, full-pipeline)")
+    p.add_argument("--interval", type=float, help="schedule corpus-rebuild every N seconds instead of the cron")
+    common(p)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("status", help="per stage: complete, partial, missing or blocked")
     common(p)

@@ -29,6 +29,15 @@ class StorageConfig(StrictModel):
     region: str | None = None
 
 
+class OrchestrationConfig(StrictModel):
+    """How the Prefect deployments run (none of it changes an artifact)."""
+
+    # The scheduled rebuild of the pretraining corpus (the corpus-rebuild deployment), cron syntax.
+    corpus_rebuild_cron: str = Field(default="0 3 * * 1", pattern=r"^\S+( \S+){4}$")  # Mondays 03:00
+    timezone: str = "UTC"
+    deployment_name: str = "uniter"
+
+
 class PipelineConfig(StrictModel):
     storage: StorageConfig = StorageConfig()
     ingest: IngestConfig
@@ -39,6 +48,7 @@ class PipelineConfig(StrictModel):
     pretrain: PretrainConfig = PretrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     ablation: AblationConfig = AblationConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -106,3 +106,30 @@ def run_ingest(tmp_path: Path, *sources: dict, storage: dict | None = None, **in
     pairs = read_table(store, result.manifest, "pairs").to_pylist()
     rejects = read_table(store, result.manifest, "rejects").to_pylist()
     return pairs, rejects, result
+
+
+def demo_config(tmp_path: Path, storage_uri: str | None = None) -> tuple[Path, dict]:
+    """configs/demo.yaml with its paths made absolute and its storage under tmp_path."""
+    import yaml
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    doc = yaml.safe_load((configs / "demo.yaml").read_text())
+    doc["storage"]["uri"] = storage_uri or str(tmp_path / "data")
+
+    def absolute(section):
+        for k in ("path", "image_data", "region_descriptions", "urls", "captions", "image_root", "refs", "instances"):
+            if k in section:
+                section[k] = str((configs / section[k]).resolve())
+
+    for src in doc["ingest"]["sources"]:
+        absolute(src)
+    for ev in doc["dedup"]["eval_sets"]:
+        absolute(ev)
+    doc["crawl"]["file_roots"] = [str((configs / r).resolve()) for r in doc["crawl"]["file_roots"]]
+    doc["downstream"]["images"] = {k: str((configs / v).resolve()) for k, v in doc["downstream"]["images"].items()}
+    for files in [*doc["finetune"]["vqa"]["train"], doc["finetune"]["vqa"]["val"]]:
+        for k in ("questions", "annotations"):
+            files[k] = str((configs / files[k]).resolve())
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    return cfg, doc

@@ -67,7 +67,9 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
 
 
 def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, int], str]:
-    Image.MAX_IMAGE_PIXELS = opts.max_pixels
+    # NOTE: Pillow's limit is a module global; set it for this decode and put it back, so the rest
+    # of the process (the downstream images, the report charts) keeps Pillow's default.
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, opts.max_pixels
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1× and 2× the limit; for untrusted input that is a bomb too.
@@ -86,6 +88,8 @@ def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, in
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated", …).
         raise ImageRejected("corrupt_image", str(exc)[:200]) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

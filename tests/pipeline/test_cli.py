@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import S3_SECRET, write_config
+from tests.conftest import S3_SECRET, demo_config, write_config
 
 UNITER = str(Path(sys.executable).parent / "uniter")
 
@@ -86,28 +86,7 @@ def test_errors_are_one_paragraph_with_exit_code_2(tmp_path, cfg_path):
 
 def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     """What `make demo` runs, redirected to a temporary storage root (Prefect's temporary server)."""
-    import yaml
-
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    doc = yaml.safe_load((configs / "demo.yaml").read_text())
-    doc["storage"]["uri"] = str(tmp_path / "data")
-
-    def absolute(section):
-        for k in ("path", "image_data", "region_descriptions", "urls", "captions", "image_root", "refs", "instances"):
-            if k in section:
-                section[k] = str((configs / section[k]).resolve())
-
-    for src in doc["ingest"]["sources"]:
-        absolute(src)
-    for ev in doc["dedup"]["eval_sets"]:
-        absolute(ev)
-    doc["crawl"]["file_roots"] = [str((configs / r).resolve()) for r in doc["crawl"]["file_roots"]]
-    doc["downstream"]["images"] = {k: str((configs / v).resolve()) for k, v in doc["downstream"]["images"].items()}
-    for files in [*doc["finetune"]["vqa"]["train"], doc["finetune"]["vqa"]["val"]]:
-        for k in ("questions", "annotations"):
-            files[k] = str((configs / files[k]).resolve())
-    cfg = tmp_path / "demo.yaml"
-    cfg.write_text(yaml.safe_dump(doc))
+    cfg, doc = demo_config(tmp_path)
 
     DEMO_STEPS = doc["pretrain"]["steps"]
     res = uniter("demo", "-c", str(cfg), "--json")

@@ -107,12 +107,12 @@ def test_force_rebuilds_identical_bytes(tmp_path, storage_spec, cc_file):
 
 def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec, cc_file, monkeypatch):
     monkeypatch.setitem(STAGES, "count", COUNT)
-    assert downstream("ingest") == ["crawl", "dedup", "extract", "pretrain", "finetune", "count"]
-    assert downstream("crawl") == ["dedup", "extract", "pretrain", "finetune"]
+    assert downstream("ingest") == ["crawl", "dedup", "extract", "pretrain", "finetune", "evaluate", "count"]
+    assert downstream("crawl") == ["dedup", "extract", "pretrain", "finetune", "evaluate"]
     cfg = _config(tmp_path, storage_spec, cc_file)
     with pytest.raises(MissingInputError, match=r"needs the output of 'ingest'.*Run `uniter run ingest -c cfg.yaml` first"):
         run_stage("count", cfg, config_path="cfg.yaml")
-    blocked = {"ingest": "missing", "crawl": "blocked", "dedup": "blocked", "extract": "blocked", "downstream": "missing", "pretrain": "blocked", "finetune": "blocked",
+    blocked = {"ingest": "missing", "crawl": "blocked", "dedup": "blocked", "extract": "blocked", "downstream": "missing", "pretrain": "blocked", "finetune": "blocked", "evaluate": "blocked",
                "count": "blocked"}
     assert {r["stage"]: r["status"] for r in stage_status(cfg)} == blocked
 

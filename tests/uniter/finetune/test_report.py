@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import io
-
-from PIL import Image
+import struct
 
 from uniter.finetune.report import Run, bar_chart_png, to_html, to_json, to_markdown, vqa_answer_type
 
@@ -20,8 +18,9 @@ def test_meta_sum_table():
     data = to_json([full, part])
     assert data["runs"][1]["complete"] is False and data["columns"][-1] == "Meta-Sum"
     assert "<td>–</td>" in to_html([full, part])
-    png = Image.open(io.BytesIO(bar_chart_png([full, part])))
-    assert png.format == "PNG" and png.size == (720, 360)
+    png = bar_chart_png([full, part])
+    # the header, not Image.open: another test may have lowered PIL's pixel limit in this process
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (720, 360)
 
 
 def test_answer_types():

@@ -1,0 +1,181 @@
+"""End to end on a real Prefect server: `prefect server start` (SQLite) on 127.0.0.1, every
+deployment served by `uniter serve` in a subprocess, the demo's full pipeline triggered through
+the API (`uniter run all --deployment`), re-triggered (all cached), the serving process killed
+with SIGKILL mid-run and restarted (finished work is not redone; the artifacts equal those of the
+uninterrupted run), and a run created by the corpus-rebuild schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import ALL_FLOWS
+from pipeline.config import load_config
+from pipeline.demo import serve_sample
+from pipeline.runner import Planner, storage_for
+from tests.conftest import demo_config
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITER = str(Path(sys.executable).parent / "uniter")
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, seconds: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited with {proc.returncode}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _port()
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+
+    def healthy():
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        _wait(healthy, 180, "prefect server start", proc)
+        yield {"url": url, "env": dict(env, PREFECT_API_URL=url), "home": home}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def _serve(server, cfg_path: Path, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "ab")
+    return subprocess.Popen([UNITER, "serve", "-c", str(cfg_path), "--interval", "3600"], env=server["env"], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _client(server):
+    os.environ["PREFECT_API_URL"] = server["url"]
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _deployments(server) -> list[tuple[str, str]]:
+    """(flow name, deployment name) of every deployment on the server."""
+    with _client(server) as client:
+        flows = {f.id: f.name for f in client.read_flows()}
+        return sorted((flows.get(d.flow_id, "?"), d.name) for d in client.read_deployments())
+
+
+def _trigger(server, cfg_path: Path, *extra: str) -> dict:
+    done = subprocess.run([UNITER, "run", "all", "--deployment", "-c", str(cfg_path), "--json", *extra], env=server["env"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _summary_markdown(server, flow_run_id: str) -> str:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with _client(server) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return next(a.data for a in arts if a.type == "markdown")
+
+
+def _contents(cfg) -> dict[str, str]:
+    planner = Planner(cfg, storage_for(cfg))
+    return {s: planner.manifest(s).content_sha256 for s in ("ingest", "crawl", "dedup", "extract", "downstream", "pretrain",
+                                                            "finetune", "evaluate")}
+
+
+def test_deployments_end_to_end(server, tmp_path):
+    cfg_path, _ = demo_config(tmp_path)
+    cfg = load_config(cfg_path)
+    with serve_sample():
+        serving = _serve(server, cfg_path, tmp_path / "serve.log")
+        try:
+            deployed = _wait(lambda: d if len(d := _deployments(server)) == 11 else None, 120, "11 deployments", serving)
+            assert deployed == sorted((name, "uniter") for name in ALL_FLOWS)  # a deployment per flow
+
+            first = _trigger(server, cfg_path)
+            assert first["state"] == "Completed"
+            md = _summary_markdown(server, first["flow_run"])
+            assert md.count("| ran |") == 8 and "evaluate" in md and "report.html" in md
+            uninterrupted = _contents(cfg)
+
+            again = _trigger(server, cfg_path)
+            assert again["state"] == "Completed"
+            assert _summary_markdown(server, again["flow_run"]).count("| cached |") == 8
+
+            # kill the serving process in the middle of a forced rebuild, start it again, trigger again
+            storage = storage_for(cfg)
+            forced = subprocess.Popen([UNITER, "run", "all", "--deployment", "--force", "-c", str(cfg_path), "--json"],
+                                      env=server["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            before = Planner(cfg, storage).manifest("dedup").created_at
+
+            def rebuilt_dedup():  # the forced run has rebuilt ingest, crawl and dedup: it is in extract
+                m = Planner(cfg, storage).manifest("dedup")
+                return m is not None and m.created_at != before
+
+            _wait(rebuilt_dedup, 300, "the forced run to rebuild dedup")
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait()
+            forced.kill()
+            forced.wait()
+            done_before = {s: Planner(cfg, storage).manifest(s) is not None for s in ("ingest", "crawl", "dedup")}
+            assert all(done_before.values())
+        finally:
+            if serving.poll() is None:
+                os.killpg(serving.pid, signal.SIGKILL)
+                serving.wait()
+
+        serving = _serve(server, cfg_path, tmp_path / "serve2.log")
+        try:
+            time.sleep(5)  # the restarted process registers its deployments again (they persist on the server)
+            resumed = _trigger(server, cfg_path)
+            assert resumed["state"] == "Completed"
+            md = _summary_markdown(server, resumed["flow_run"])
+            for stage in ("ingest", "crawl", "dedup"):  # finished before the kill: not redone
+                assert f"| {stage} | cached |" in md, md
+            assert _contents(cfg) == uninterrupted  # byte-identical artifacts
+
+            # the schedule: corpus-rebuild has runs created by the server's scheduler
+            from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowFilter, FlowFilterName
+
+            with _client(server) as client:
+                rebuild = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["corpus-rebuild"])))
+                assert rebuild and rebuild[0].schedules, "corpus-rebuild carries a schedule"
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[rebuild[0].id])))
+            assert any(r.auto_scheduled for r in runs), [(r.name, r.state_name) for r in runs]
+        finally:
+            os.killpg(serving.pid, signal.SIGKILL)
+            serving.wait()
