@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import ALL_FLOWS
+from flows.dag import ALL_FLOWS
 from pipeline.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def deploy(config_path: str, cfg: PipelineConfig, pool: str, interval: float | N
     params = {"config_path": str(Path(config_path).resolve())}
     ids = []
     for name, attr in ENTRYPOINTS.items():
-        remote = prefect_flow.from_source(source=str(ROOT), entrypoint=f"flows/pipeline.py:{attr}")
+        remote = prefect_flow.from_source(source=str(ROOT), entrypoint=f"flows/dag.py:{attr}")
         target = gpu_pool if gpu_pool and name in GPU_FLOWS else pool
         ids.append(str(remote.deploy(name=cfg.orchestration.deployment_name, work_pool_name=target, parameters=params,
                                      print_next_steps=False, **schedule_kwargs(cfg, name, interval))))

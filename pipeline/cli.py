@@ -131,7 +131,7 @@ def cmd_deploy(args) -> int:
 
 
 def _run_all(args, cfg) -> int:
-    from flows.pipeline import full_pipeline
+    from flows.dag import full_pipeline
 
     started = time.time()
     results = full_pipeline(config_path=str(Path(args.config).resolve()), force=args.force,

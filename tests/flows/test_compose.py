@@ -10,8 +10,8 @@ from pathlib import Path
 import prefect
 import yaml
 
-from flows import pipeline as flows_pipeline
-from flows.pipeline import ALL_FLOWS
+from flows import dag as flows_dag
+from flows.dag import ALL_FLOWS
 from pipeline.config import OrchestrationConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,8 +72,8 @@ def test_prefect_yaml_has_a_deployment_per_flow():
     deployed = {}
     for d in doc["deployments"]:
         path, attr = d["entrypoint"].split(":")
-        assert path == "flows/pipeline.py"
-        deployed[getattr(flows_pipeline, attr).name] = d
+        assert path == "flows/dag.py"
+        deployed[getattr(flows_dag, attr).name] = d
     assert set(deployed) == set(ALL_FLOWS)
     assert deployed["corpus-rebuild"]["schedules"][0]["cron"] == OrchestrationConfig().corpus_rebuild_cron
     assert all("schedules" not in d for name, d in deployed.items() if name != "corpus-rebuild")

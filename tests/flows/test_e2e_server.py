@@ -6,6 +6,7 @@ uninterrupted run), and a run created by the corpus-rebuild schedule."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import ALL_FLOWS
+from flows.dag import ALL_FLOWS
 from pipeline.config import load_config
 from pipeline.demo import serve_sample
 from pipeline.runner import Planner, storage_for
@@ -82,11 +83,14 @@ def _serve(server, cfg_path: Path, log_path: Path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@contextlib.contextmanager
 def _client(server):
-    os.environ["PREFECT_API_URL"] = server["url"]
+    """A client of the test's server (never Prefect's ephemeral one)."""
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    return get_client(sync_client=True)
+    with temporary_settings({PREFECT_API_URL: server["url"]}), get_client(sync_client=True) as client:
+        yield client
 
 
 def _deployments(server) -> list[tuple[str, str]]:

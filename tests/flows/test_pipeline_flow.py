@@ -9,7 +9,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from flows.pipeline import full_pipeline
+from flows.dag import full_pipeline
 from flows.stages import RESULT_NAME
 from pipeline.artifact import Artifact
 from pipeline.config import load_config

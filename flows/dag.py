@@ -1,4 +1,5 @@
-"""The DAG as Prefect flows: `full_pipeline` (every stage), `corpus_rebuild` (ingest → extract),
+"""The DAG as Prefect flows (NOTE: not named pipeline.py: a Prefect runner puts this folder on
+sys.path, where a `pipeline` module would shadow the `pipeline` package in worker processes): `full_pipeline` (every stage), `corpus_rebuild` (ingest → extract),
 `train` (downstream → evaluate) and one flow per stage (`stage-<name>`). Each stage is a cached
 task (flows/stages.py); each flow run publishes a Markdown artifact of what every stage did."""
 
@@ -84,7 +85,7 @@ def _stage_flow(name: str):
     return one_stage
 
 
-# One flow per stage, as module attributes (`flows/pipeline.py:stage_crawl` in prefect.yaml).
+# One flow per stage, as module attributes (`flows/dag.py:stage_crawl` in prefect.yaml).
 STAGE_FLOWS = {name: _stage_flow(name) for name in STAGES}
 globals().update({f"stage_{name}": f for name, f in STAGE_FLOWS.items()})
 ALL_FLOWS = {"full-pipeline": full_pipeline, "corpus-rebuild": corpus_rebuild, "train": train,
