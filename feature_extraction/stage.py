@@ -201,7 +201,7 @@ def plan(ctx: StageContext) -> list[list[Item]]:
 def run_extract(ctx: StageContext) -> None:
     cfg: ExtractConfig = ctx.config
     chunks = plan(ctx)
-    todo = [i for i in range(len(chunks)) if not ctx.shard_done(shard_id("feat", i))]
+    todo = [i for i in range(len(chunks)) if not ctx.shard_done(shard_id("feat", i)) and ctx.selected(shard_id("feat", i))]
     spec = storage_spec(ctx)
     if cfg.backend == "grid":
         log.info("extract: grid backend (no detector, no soft labels: pretraining turns MRC off)")
@@ -270,6 +270,10 @@ def summarize(counts: dict[str, Any]) -> dict[str, Any]:
     return {"mean_boxes": round(counts.get("boxes", 0) / images, 2) if images else 0.0}
 
 
+def extract_shard_ids(ctx: StageContext) -> list[str]:
+    return [shard_id("feat", i) for i in range(len(plan(ctx)))]
+
+
 EXTRACT = Stage(
     name="extract",
     version=1,
@@ -279,4 +283,5 @@ EXTRACT = Stage(
     description="kept images → BUTD region features (Detectron2) or grid features, to Parquet",
     summarize=summarize,
     compression={"features": "none"},  # float16 features barely compress; don't pay zstd for it
+    shard_ids=extract_shard_ids,
 )

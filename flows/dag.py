@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.stages import result_storage, stage_task_for
-from pipeline.config import load_config
+from flows.stages import result_storage, stage_task_for, transient
+from pipeline.config import OrchestrationConfig, PipelineConfig, load_config
 from pipeline.dag import STAGES, get_stage
+from pipeline.runner import run_shards, shard_ids
 
 CORPUS_STAGES = ("ingest", "crawl", "dedup", "extract")
 TRAIN_STAGES = ("downstream", "pretrain", "finetune", "evaluate")
@@ -25,6 +26,8 @@ def run_stages(names: list[str] | tuple[str, ...], config_path: str, force: bool
     results = []
     for name in names:
         # Sequential on purpose: a stage's key needs its inputs' content digests.
+        if cfg.orchestration.fan_out > 1 and not force:
+            fan_out(name, config_path, cfg)
         state = stage_task_for(name, results_block, force)(name, config_path, force, return_state=True)
         summary = dict(state.result())
         if state.name == "Cached":  # Prefect answered from its cache: no stage code ran
@@ -32,6 +35,40 @@ def run_stages(names: list[str] | tuple[str, ...], config_path: str, force: bool
         results.append(summary)
     publish_summary(title, results, cfg.storage.uri)
     return results
+
+
+@task(name="shards", task_run_name="{stage} × {count}", retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=transient)
+def shard_group_task(stage: str, config_path: str, shards: list[str], count: int) -> int:
+    """Write one group of a sharded stage's shards (resumable: done shards are skipped)."""
+    return run_shards(stage, load_config(config_path), shards)
+
+
+def task_runner(orch: OrchestrationConfig, workers: int):
+    if orch.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if orch.dask_address:
+            return DaskTaskRunner(address=orch.dask_address)
+        # threads in one worker process each: the stages start their own process pools
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": False})
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+def fan_out(name: str, config_path: str, cfg: PipelineConfig) -> None:
+    """A sharded stage's pending shards as `fan_out` parallel tasks; the stage task publishes after."""
+    pending = shard_ids(name, cfg)
+    if not pending:
+        return
+    n = min(cfg.orchestration.fan_out, len(pending))
+    groups = [pending[i::n] for i in range(n)]
+    with task_runner(cfg.orchestration, n) as runner:
+        futures = [runner.submit(shard_group_task, parameters={"stage": name, "config_path": config_path, "shards": g,
+                                                               "count": len(g)}) for g in groups]
+        for future in futures:
+            future.result()  # raises the first failure (after its retries)
 
 
 def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str) -> str:

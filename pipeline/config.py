@@ -5,7 +5,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError
@@ -36,6 +36,13 @@ class OrchestrationConfig(StrictModel):
     corpus_rebuild_cron: str = Field(default="0 3 * * 1", pattern=r"^\S+( \S+){4}$")  # Mondays 03:00
     timezone: str = "UTC"
     deployment_name: str = "uniter"
+    # Sharded stages (crawl, extract) in flows: their pending shards split into `fan_out` groups,
+    # each a Prefect task on the task runner (threads here, or Dask: a local cluster of `fan_out`
+    # workers, or the scheduler at `dask_address`); the stage then publishes once. 1: the stage
+    # runs all its shards itself.
+    fan_out: int = Field(default=1, ge=1)
+    task_runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None
 
 
 class PipelineConfig(StrictModel):

@@ -195,17 +195,7 @@ def run_stage(
         log.info("%s: cached (key %s…), nothing to do", name, plan.key[:12])
         return StageRun(name, "cached", manifest, time.time() - started)
 
-    ctx = StageContext(
-        stage=plan.stage,
-        config=getattr(cfg, name, None),
-        storage=storage,
-        output=art,
-        inputs=plan.input_manifests,
-        run_id=uuid.uuid4().hex,
-        progress=progress or NullProgress(),
-        extra={x: getattr(cfg, x) for x in plan.stage.extra_config},
-        done=art.done_shards(),
-    )
+    ctx = _context(plan, cfg, storage, art, progress)
     resumed = len(ctx.done)
     if resumed:
         log.info("%s: resuming, %d shards already done", name, resumed)
@@ -221,6 +211,50 @@ def run_stage(
     )
     log.info("%s: published %s (%d shards, %d written now)", name, art.uri, len(ctx.done), ctx.written)
     return StageRun(name, "ran", manifest, time.time() - started, resumed_shards=resumed)
+
+
+def _context(plan: Plan, cfg: PipelineConfig, storage: Storage, art: Artifact, progress: Progress | None,
+             selection: frozenset[str] | None = None) -> StageContext:
+    return StageContext(
+        stage=plan.stage,
+        config=getattr(cfg, plan.stage.name, None),
+        storage=storage,
+        output=art,
+        inputs=plan.input_manifests,
+        run_id=uuid.uuid4().hex,
+        progress=progress or NullProgress(),
+        extra={x: getattr(cfg, x) for x in plan.stage.extra_config},
+        done=art.done_shards(),
+        selection=selection,
+    )
+
+
+def shard_ids(name: str, cfg: PipelineConfig, storage: Storage | None = None) -> list[str]:
+    """The shards a run of `name` would still write ([] when it is complete or not sharded)."""
+    storage = storage or storage_for(cfg)
+    plan = Planner(cfg, storage).plan(name)
+    if plan.missing or plan.stage.shard_ids is None:
+        return []
+    art = Artifact(storage, name, plan.key)
+    if art.manifest() is not None:
+        return []
+    ctx = _context(plan, cfg, storage, art, None)
+    return [s for s in plan.stage.shard_ids(ctx) if not ctx.shard_done(s)]
+
+
+def run_shards(name: str, cfg: PipelineConfig, shards: list[str], storage: Storage | None = None) -> int:
+    """Write these shards of `name` (those not done yet) without publishing the artifact: a share of
+    a fanned-out stage. Returns how many were written; `run_stage` publishes once all are done."""
+    storage = storage or storage_for(cfg)
+    plan = Planner(cfg, storage).plan(name)
+    if plan.missing:
+        raise MissingInputError(missing_input_message(name, plan.missing, None))
+    art = Artifact(storage, name, plan.key)
+    if art.manifest() is not None:
+        return 0
+    ctx = _context(plan, cfg, storage, art, None, frozenset(shards))
+    plan.stage.run(ctx)
+    return ctx.written
 
 
 def stage_status(cfg: PipelineConfig, storage: Storage | None = None) -> list[dict[str, Any]]:

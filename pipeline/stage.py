@@ -35,6 +35,9 @@ class Stage:
     # Other config sections the stage reads (dedup fetches evaluation images the way crawl does);
     # they are part of its key and reach it as ``ctx.extra[name]``.
     extra_config: tuple[str, ...] = ()
+    # The ids of the shards a run writes, from its context (sharded stages: crawl, extract), so an
+    # orchestrator can fan them out as separate tasks (`run_shards`) and publish once at the end.
+    shard_ids: Callable[["StageContext"], list[str]] | None = None
 
 
 @dataclass
@@ -50,11 +53,16 @@ class StageContext:
     progress: Progress = field(default_factory=NullProgress)
     extra: dict[str, Any] = field(default_factory=dict)
     done: dict[str, ShardRecord] = field(default_factory=dict)
+    selection: frozenset[str] | None = None  # the shards this run may write (None: all)
     written: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def shard_done(self, shard: str) -> bool:
         return shard in self.done
+
+    def selected(self, shard: str) -> bool:
+        """Whether this run writes `shard` (a fanned-out task writes only its share)."""
+        return self.selection is None or shard in self.selection
 
     def write_shard(
         self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float, extras: dict[str, bytes] | None = None

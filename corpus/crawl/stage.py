@@ -148,7 +148,7 @@ async def _crawl(ctx: StageContext, shards, bar) -> None:
         async with Fetcher(cfg) as fetcher:
             running: set[asyncio.Task] = set()
             for index, keys, uris in shards:
-                if ctx.shard_done(shard_id("images", index)):
+                if ctx.shard_done(shard_id("images", index)) or not ctx.selected(shard_id("images", index)):
                     continue
                 await shard_slots.acquire()
                 task = asyncio.create_task(crawl_shard(fetcher, index, keys, uris))
@@ -221,6 +221,13 @@ def summarize(counts: dict[str, Any]) -> dict[str, Any]:
     return {"attempted": attempted, "success_rate": round(counts.get("images", 0) / attempted, 4) if attempted else 0.0}
 
 
+def crawl_shard_ids(ctx: StageContext) -> list[str]:
+    total, shards = plan_shards(ctx, ctx.config.shard_images)
+    next(shards, None)  # only the count is needed; start the stream so that closing it closes its catalog
+    shards.close()
+    return [shard_id("images", i) for i in range(-(-total // ctx.config.shard_images))]
+
+
 CRAWL = Stage(
     name="crawl",
     version=1,
@@ -230,4 +237,5 @@ CRAWL = Stage(
     description="every distinct image of pairs → validated, resized JPEG + sha256 + pHash; failures with reasons",
     summarize=summarize,
     compression={"images": "none"},  # JPEG bytes do not compress; the other columns are small
+    shard_ids=crawl_shard_ids,
 )

@@ -68,3 +68,37 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     forced = full_pipeline(config_path=str(cfg_path), force=True, until="extract")
     assert [r["status"] for r in forced] == ["ran"] * 4
     assert [r["content_sha256"] for r in forced] == [r["content_sha256"] for r in changed]
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_sharded_stages_fan_out_on_the_task_runner(tmp_path, storage_spec, runner):
+    """crawl and extract split into shard groups run as parallel Prefect tasks (threads, or a local
+    Dask cluster), then publish once: the same artifacts as one task doing every shard."""
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(7):
+        (images / f"{i}.jpg").write_bytes(fx.jpeg(fx.synthetic_photo(600 + i, (96, 64))))
+        rows.append({"image_path": f"images/{i}.jpg", "caption": f"photo {i}"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    contents = {}
+    for fan in (1, 3):
+        cfg_path = write_config(tmp_path / f"cfg{fan}.yaml", {"uri": str(tmp_path / f"data{fan}")},
+                                [{"format": "table", "path": "pairs.jsonl"}])
+        doc = yaml.safe_load(cfg_path.read_text())
+        doc["crawl"] = {"file_roots": [str(images)], "workers": 1, "shard_images": 2}
+        doc["extract"] = {"loader_workers": 0, "shard_images": 2}
+        doc["orchestration"] = {"fan_out": fan, "task_runner": runner}
+        cfg_path.write_text(yaml.safe_dump(doc))
+        results = full_pipeline(config_path=str(cfg_path), until="extract")
+        assert [r["status"] for r in results] == ["ran"] * 4
+        cfg = load_config(cfg_path)
+        storage = storage_for(cfg)
+        contents[fan] = {r["stage"]: r["content_sha256"] for r in results}
+        for r in results[1:4:2]:  # crawl, extract: 4 shards of ≤ 2 images
+            markers = Artifact(storage, r["stage"], r["key"]).done_shards()
+            assert len(markers) == 4
+            writers = {rec.run_id for rec in markers.values()}
+            assert len(writers) == (3 if fan == 3 else 1), (r["stage"], writers)  # one writer per shard group
+    assert contents[1] == contents[3]
