@@ -82,7 +82,7 @@ class FinetuneConfig(SectionConfig):
     """Fine-tuning runs one model per configured task, from the pretrained artifact (`pretrained`),
     from BERT only (`bert`: the paper's L2 baseline) or from random weights (`scratch`: L1)."""
 
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"loader_workers", "log_every", "checkpoint_every"})
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"processes", "loader_workers", "log_every", "checkpoint_every"})
 
     init: Literal["pretrained", "bert", "scratch"] = "pretrained"
     # For bert / scratch: the model size and the BERT checkpoint (HF folder or pkg://…); the
@@ -98,6 +98,9 @@ class FinetuneConfig(SectionConfig):
     max_txt_len: int = Field(default=60, ge=1)  # longer questions are cut (not dropped: every question is scored)
     deepspeed: dict[str, Any] = {}  # merged over the pretraining defaults (bf16, ZeRO, accumulation…)
     device: Literal["cpu", "cuda"] = "cpu"
+    # CPU processes (gloo) or GPUs (NCCL): process r of w trains micro-batches r, r + w, … of one
+    # stream, so w processes equal one process with w× the accumulation
+    processes: int = Field(default=1, ge=1)
     loader_workers: int = Field(default=2, ge=0)
     log_every: int = Field(default=100, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)

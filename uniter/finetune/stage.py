@@ -72,20 +72,25 @@ def run_finetune(ctx: StageContext) -> None:
                   getattr(ctx.storage, "region", None), ctx.output.stage, ctx.output.key, ctx.run_id,
                   [(k, f.sha256) for k, f in zip(ctx.input_files("downstream", "task_features"), features, strict=True)],
                   model_files, local, _free_port())
-        torch.multiprocessing.start_processes(finetune_process, args=(job,), nprocs=1, start_method="spawn")
+        torch.multiprocessing.start_processes(finetune_process, args=(cfg.processes, job), nprocs=cfg.processes,
+                                              start_method="spawn")
     ctx.done.update(ctx.output.done_shards())
 
 
-def finetune_process(rank: int, job: Job) -> None:
+def finetune_process(rank: int, world: int, job: Job) -> None:
     os.dup2(2, 1)  # stdout belongs to the parent's --json summary
     sys.stdout = sys.stderr
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(job.port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(job.port))
     if job.cfg.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-    logging.basicConfig(level=logging.INFO, format="[finetune] %(message)s")
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[finetune {rank}/{world}] %(message)s")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo" if job.cfg.device == "cpu" else "nccl", verbose=False)
+    if job.cfg.device == "cuda":
+        torch.cuda.set_device(rank)
     art = Artifact(job.storage(), job.stage, job.key)
     tokenizer = load_tokenizer(job.pretrain.tokenizer, job.pretrain.lowercase)
     feature_paths = [build_features(job.storage(), k, sha) for k, sha in job.feature_inputs]
@@ -95,7 +100,8 @@ def finetune_process(rank: int, job: Job) -> None:
         local = Path(job.local_dir) / name
         local.mkdir(parents=True, exist_ok=True)
         data = TASKS[name](task_cfg, tokenizer, feature_paths, local, job.pretrain, job.cfg.max_txt_len, job.cfg.seed)
-        train_task(job, art, name, task_cfg, data)
+        train_task(job, art, name, task_cfg, data, rank, world)
+        torch.distributed.barrier()  # every process sees the task's final shard before the next task
     torch.distributed.barrier()
 
 
@@ -127,7 +133,7 @@ def build_model(job: Job, tokenizer, cls, config_kw: dict[str, Any]):
     if cfg.init == "pretrained":
         if not job.model_files:
             raise InputDataError("finetune.init is 'pretrained' but the pretrain artifact holds no model files")
-        folder = Path(job.local_dir) / "pretrained"
+        folder = Path(job.local_dir) / f"pretrained-{os.environ.get('RANK', '0')}"  # one per process: no race
         folder.mkdir(parents=True, exist_ok=True)
         for key in job.model_files:
             (folder / key.rsplit("/", 1)[-1]).write_bytes(job.storage().read_bytes(key))
@@ -155,7 +161,7 @@ def param_groups(model: torch.nn.Module, head_mult: float, weight_decay: float =
             for (head, no_decay), ps in sorted(groups.items())]
 
 
-def train_task(job: Job, art: Artifact, name: str, recipe, data) -> None:
+def train_task(job: Job, art: Artifact, name: str, recipe, data, rank: int = 0, world: int = 1) -> None:
     import deepspeed
 
     cfg = job.cfg
@@ -173,7 +179,7 @@ def train_task(job: Job, art: Artifact, name: str, recipe, data) -> None:
     accum = int(ds_cfg["gradient_accumulation_steps"])
     trainer = TaskTrainer(engine)
     prefix = f"{name}-ckpt"
-    resume(trainer, art, job, 0, 0, prefix=prefix)
+    resume(trainer, art, job, rank, rank, prefix=prefix)
 
     def device_batch(batch: dict) -> dict:
         out = {}
@@ -194,6 +200,8 @@ def train_task(job: Job, art: Artifact, name: str, recipe, data) -> None:
         return out
 
     def validate() -> dict[str, bytes]:
+        # NOTE: every process scores the whole split (the same weights, the same numbers): under
+        # ZeRO-3 a forward needs all of them, and the history in every checkpoint stays identical.
         metrics, files = data.evaluate(score)
         for metric, value in sorted(metrics.items()):
             trainer.history.append({"step": trainer.step, "name": f"val/{metric}", "value": round(float(value), 4)})
@@ -206,14 +214,14 @@ def train_task(job: Job, art: Artifact, name: str, recipe, data) -> None:
     while trainer.step < recipe.steps:
         losses = []
         for a in range(accum):
-            j = trainer.step * accum + a
+            j = (trainer.step * accum + a) * world + rank  # this process's share of the one stream
             batch = data.train_batch(j, score)  # (retrieval mines its negatives with the current model)
             torch.manual_seed(int(np.random.default_rng([cfg.seed, 9, j]).integers(2**62)))  # dropout: a function of j
             out = engine(device_batch(batch))
             engine.backward(out.loss)
             engine.step()
             losses.append(float(out.loss.detach().float()))
-        trainer.history.append({"step": trainer.step, "name": f"loss/{name}", "value": round(sum(losses) / len(losses), 6)})
+        trainer.history.append({"step": trainer.step, "name": f"loss/{name}", "value": round(_mean(sum(losses) / len(losses), world), 6)})
         if trainer.step % cfg.log_every == 0:
             trainer.history.append({"step": trainer.step, "name": "lr", "value": scheduler.get_last_lr()[0]})
             log.info("%s step %d/%d loss %.4f", name, trainer.step, recipe.steps, losses[-1])
@@ -221,10 +229,20 @@ def train_task(job: Job, art: Artifact, name: str, recipe, data) -> None:
         if trainer.step % recipe.validate_every == 0 or trainer.step == recipe.steps:
             files = validate()
         if trainer.step % cfg.checkpoint_every == 0 and trainer.step < recipe.steps:
-            save_checkpoint(trainer, art, job, 0, 0, prefix=prefix)
+            save_checkpoint(trainer, art, job, rank, rank, prefix=prefix)
     if not files:  # resumed at the very end: score the final model
         files = validate()
-    publish_task(trainer, art, job, name, files, started, data.skipped)
+    if rank == 0:
+        publish_task(trainer, art, job, name, files, started, data.skipped)
+
+
+def _mean(value: float, world: int) -> float:
+    """The mean of a per-process value over the processes (every process gets it)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item() / world)
 
 
 def job_tokenizer(job: Job):

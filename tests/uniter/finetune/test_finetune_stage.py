@@ -142,3 +142,19 @@ def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):
     clean = load_config(clean_path)
     upstream(clean)
     assert metrics(cfg, resumed) == metrics(clean, run_stage("finetune", clean))
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec, vocab):
+    runs = {}
+    for name, processes, accum in (("one", 1, 2), ("two", 2, 1)):
+        path = setup(tmp_path, {"uri": str(tmp_path / name)}, vocab, f"{name}.yaml", steps=6, validate_every=6)
+        doc = yaml.safe_load(path.read_text())
+        doc["finetune"].update(processes=processes, deepspeed={"gradient_accumulation_steps": accum}, checkpoint_every=3)
+        path.write_text(yaml.safe_dump(doc))
+        cfg = load_config(path)
+        upstream(cfg)
+        runs[name] = [(s, n, v) for s, n, v in metrics(cfg, run_stage("finetune", cfg)) if n.startswith(("loss/", "val/"))]
+    assert [r[:2] for r in runs["one"]] == [r[:2] for r in runs["two"]]
+    for (_, _, a), (_, _, b) in zip(runs["one"], runs["two"], strict=True):
+        assert abs(a - b) < 1e-4 * max(1, abs(a)), runs
