@@ -59,12 +59,17 @@ class Expression:
     box: tuple[float, float, float, float]  # the referred object's ground-truth box, COCO [x, y, w, h]
 
 
-def read_refer(refs_path: str | Path, instances_path: str | Path) -> tuple[list[Expression], dict[int, list[tuple[int, tuple]]]]:
-    """The expressions (one per sentence) and, per image, its ground-truth boxes [(ann_id, xywh)]."""
-    refs_path, instances_path = Path(refs_path), Path(instances_path)
-    refs = load_pickle_data(refs_path)
-    if not isinstance(refs, list):
-        raise InputDataError(f"{refs_path}: expected a list of refs, found {type(refs).__name__}")
+@dataclass(frozen=True)
+class Instances:
+    path: Path
+    boxes: dict[int, tuple]  # annotation id → COCO [x, y, w, h]
+    per_image: dict[int, list[tuple[int, tuple]]]  # image id → [(annotation id, xywh)], file order
+    sizes: dict[int, tuple[float, float]]  # image id → (width, height), where the file gives them
+
+
+def read_instances(instances_path: str | Path) -> Instances:
+    """A COCO instances.json, read once (RefCOCO's is hundreds of MB)."""
+    instances_path = Path(instances_path)
     try:
         with open(instances_path, encoding="utf-8") as f:
             instances = json.load(f)
@@ -86,19 +91,36 @@ def read_refer(refs_path: str | Path, instances_path: str | Path) -> tuple[list[
                                  f"({type(exc).__name__}: {exc})") from None
     if not boxes:
         raise InputDataError(f'{instances_path}: expected a COCO instances file with an "annotations" list')
+    sizes = {int(im["id"]): (float(im["width"]), float(im["height"])) for im in instances.get("images", [])
+             if isinstance(im, dict) and {"id", "width", "height"} <= set(im)}
+    return Instances(instances_path, boxes, per_image, sizes)
+
+
+def read_expressions(refs_path: str | Path, instances: Instances) -> list[Expression]:
+    """The expressions (one per sentence) of a refs pickle, with their objects' boxes."""
+    refs_path = Path(refs_path)
+    refs = load_pickle_data(refs_path)
+    if not isinstance(refs, list):
+        raise InputDataError(f"{refs_path}: expected a list of refs, found {type(refs).__name__}")
     out = []
     for i, ref in enumerate(refs):
         try:
             ann_id = int(ref["ann_id"])
-            if ann_id not in boxes:
-                raise ValueError(f"ann_id {ann_id} is not in {instances_path.name}")
+            if ann_id not in instances.boxes:
+                raise ValueError(f"ann_id {ann_id} is not in {instances.path.name}")
             for sent in ref["sentences"]:
                 out.append(Expression(int(sent["sent_id"]), int(ref["ref_id"]), int(ref["image_id"]), ann_id,
-                                      str(ref["split"]), str(sent.get("sent") or sent["raw"]), boxes[ann_id]))
+                                      str(ref["split"]), str(sent.get("sent") or sent["raw"]), instances.boxes[ann_id]))
         except (KeyError, TypeError, ValueError) as exc:
             raise InputDataError(f"{refs_path}: refs[{i}]: expected ref_id, image_id, ann_id, split and sentences "
                                  f"[{{sent_id, sent}}] ({type(exc).__name__}: {exc})") from None
-    return out, per_image
+    return out
+
+
+def read_refer(refs_path: str | Path, instances_path: str | Path) -> tuple[list[Expression], dict[int, list[tuple[int, tuple]]]]:
+    """The expressions (one per sentence) and, per image, its ground-truth boxes [(ann_id, xywh)]."""
+    instances = read_instances(instances_path)
+    return read_expressions(refs_path, instances), instances.per_image
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

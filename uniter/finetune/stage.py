@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -33,8 +32,8 @@ from uniter.data import build_features, load_tokenizer
 from uniter.finetune.config import FinetuneConfig
 from uniter.finetune.tasks import TASKS
 from uniter.pretrain.config import PretrainConfig
-from uniter.pretrain.stage import _free_port, resume, save_checkpoint
-from uniter.pretrain.trainer import deepspeed_config, warmup_linear
+from uniter.pretrain.stage import _free_port, model_files, resume, save_checkpoint, start_worker
+from uniter.pretrain.trainer import deepspeed_config, mean_over_processes, warmup_linear
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +77,7 @@ def run_finetune(ctx: StageContext) -> None:
 
 
 def finetune_process(rank: int, world: int, job: Job) -> None:
-    os.dup2(2, 1)  # stdout belongs to the parent's --json summary
-    sys.stdout = sys.stderr
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(job.port))
-    if job.cfg.device == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[finetune {rank}/{world}] %(message)s")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo" if job.cfg.device == "cpu" else "nccl", verbose=False)
-    if job.cfg.device == "cuda":
-        torch.cuda.set_device(rank)
+    start_worker(rank, world, job.port, job.cfg.device, "finetune")
     art = Artifact(job.storage(), job.stage, job.key)
     tokenizer = load_tokenizer(job.pretrain.tokenizer, job.pretrain.lowercase)
     feature_paths = [build_features(job.storage(), k, sha) for k, sha in job.feature_inputs]
@@ -221,7 +208,7 @@ def train_task(job: Job, art: Artifact, name: str, recipe, data, rank: int = 0, 
             engine.backward(out.loss)
             engine.step()
             losses.append(float(out.loss.detach().float()))
-        trainer.history.append({"step": trainer.step, "name": f"loss/{name}", "value": round(_mean(sum(losses) / len(losses), world), 6)})
+        trainer.history.append({"step": trainer.step, "name": f"loss/{name}", "value": round(mean_over_processes(sum(losses) / len(losses), world), 6)})
         if trainer.step % cfg.log_every == 0:
             trainer.history.append({"step": trainer.step, "name": "lr", "value": scheduler.get_last_lr()[0]})
             log.info("%s step %d/%d loss %.4f", name, trainer.step, recipe.steps, losses[-1])
@@ -235,14 +222,6 @@ def train_task(job: Job, art: Artifact, name: str, recipe, data, rank: int = 0, 
     if rank == 0:
         publish_task(trainer, art, job, name, files, started, data.skipped)
 
-
-def _mean(value: float, world: int) -> float:
-    """The mean of a per-process value over the processes (every process gets it)."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item() / world)
 
 
 def job_tokenizer(job: Job):
@@ -258,11 +237,7 @@ def publish_task(trainer: TaskTrainer, art: Artifact, job: Job, name: str, files
         "name": pa.array([r["name"] for r in rows], pa.string()),
         "value": pa.array([float(r["value"]) for r in rows], pa.float64()),
     })
-    extras = dict(files)
-    with tempfile.TemporaryDirectory(prefix="uniter-ft-model-") as tmp:
-        trainer.engine.module.save_pretrained(tmp, safe_serialization=True)
-        for path in sorted(Path(tmp).iterdir()):
-            extras[f"{name}/model/{path.name}"] = path.read_bytes()
+    extras = files | model_files(trainer.engine.module, f"{name}/model")
     final = {r["name"].removeprefix("val/"): r["value"] for r in rows if r["name"].startswith("val/") and r["step"] == trainer.step}
     stats = {name: {"steps": trainer.step, "val": final, "skipped": skipped, "seconds": round(time.time() - started, 1)}}
     art.write_shard(f"{name}-final", {"finetune_metrics": metrics}, stats, job.run_id, started, extras=extras)

@@ -54,13 +54,15 @@ def image_keys(feature_paths: list[Path], image_set: str) -> list[str]:
 
 def numeric_ids(keys: list[str], image_set: str) -> dict[int, str]:
     """Image id → key, for files whose stem ends in the id (COCO_val2014_000000000042 → 42)."""
+    from feature_extraction.downstream import image_id
+
     out: dict[int, str] = {}
     for key in keys:
-        digits = key.rsplit("_", 1)[-1].rsplit("/", 1)[-1]
-        if digits.isdigit():
-            if int(digits) in out and out[int(digits)] != key:
-                raise InputDataError(f"downstream set {image_set!r}: images {out[int(digits)]} and {key} share id {int(digits)}")
-            out[int(digits)] = key
+        iid = image_id(key.rsplit("/", 1)[-1])
+        if iid is not None:
+            if iid in out and out[iid] != key:
+                raise InputDataError(f"downstream set {image_set!r}: images {out[iid]} and {key} share id {iid}")
+            out[iid] = key
     return out
 
 
@@ -343,17 +345,16 @@ class RefcocoData:
     name = "refcoco"
 
     def __init__(self, task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int):
-        from feature_extraction.downstream import annotated_boxes
-        from uniter.finetune.refer import iou, read_refer
+        from uniter.finetune.refer import iou, read_expressions, read_instances
 
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
-        exprs, _ = read_refer(task.refs, task.instances)
-        sizes = {int(im["id"]): (float(im["width"]), float(im["height"]))
-                 for im in json.loads(Path(task.instances).read_text(encoding="utf-8")).get("images", [])}
+        instances = read_instances(task.instances)  # once: boxes, sizes and the expressions' objects
+        exprs, sizes = read_expressions(task.refs, instances), instances.sizes
         keys = image_keys(feature_paths, task.images)
         det_ids = numeric_ids([k for k in keys if not k.endswith("#gt")], task.images)
         gt_ids = {i: k + "#gt" for i, k in numeric_ids([k.removesuffix("#gt") for k in keys if k.endswith("#gt")], task.images).items()}
-        gt_anns = annotated_boxes(task.instances) if gt_ids else {}
+        # the ground-truth rows' regions: the image's annotations in ascending id (downstream.gt_boxes)
+        gt_anns = {i: [(a, (x, y, x + w, y + h)) for a, (x, y, w, h) in sorted(anns)] for i, anns in instances.per_image.items()}
         self.sets: dict[tuple[str, str], tuple] = {}
         for side, split in (("train", task.train_split), ("eval", task.eval_split)):
             chosen = [e for e in exprs if e.split == split]

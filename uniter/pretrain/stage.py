@@ -106,30 +106,45 @@ def run_torchrun(job: Job, local: Path) -> None:
         raise UniterError(f"pretrain: torchrun exited with status {done.returncode} (the workers' errors are above)")
 
 
-def train_process(rank: int, world: int, job: Job, local_rank: int | None = None) -> None:
-    """One training process (of `world`). Spawned here (local_rank None: rank on this node, and the
-    rendezvous is ours) or started by a launcher that set RANK, WORLD_SIZE and MASTER_* itself."""
-    cfg = job.cfg
+def start_worker(rank: int, world: int, port: int, device: str, label: str, local_rank: int | None = None) -> int:
+    """A training worker's process set-up (pretrain and finetune): stdout onto stderr, the rendezvous
+    (ours when spawned; a launcher's when local_rank is given), threads, DeepSpeed's process group.
+    Returns the local rank."""
     # stdout belongs to the parent's --json summary; DeepSpeed prints build notes there
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     if local_rank is None:
         local_rank = rank
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(job.port))
-    if cfg.device == "cpu":
+                          MASTER_PORT=str(port))
+    if device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    logging.basicConfig(level=logging.INFO, format=f"[pretrain {rank}/{world}] %(message)s")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[{label} {rank}/{world}] %(message)s")
     import deepspeed
 
+    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    return local_rank
+
+
+def model_files(module, prefix: str) -> dict[str, bytes]:
+    """`save_pretrained` output (config.json, model.safetensors) as artifact extras under `prefix`."""
+    with tempfile.TemporaryDirectory(prefix="uniter-model-") as tmp:
+        module.save_pretrained(tmp, safe_serialization=True)
+        return {f"{prefix}/{path.name}": path.read_bytes() for path in sorted(Path(tmp).iterdir())}
+
+
+def train_process(rank: int, world: int, job: Job, local_rank: int | None = None) -> None:
+    """One training process (of `world`). Spawned here (local_rank None: rank on this node, and the
+    rendezvous is ours) or started by a launcher that set RANK, WORLD_SIZE and MASTER_* itself."""
+    cfg = job.cfg
+    local_rank = start_worker(rank, world, job.port, cfg.device, "pretrain", local_rank)
     from uniter.pretrain.tasks import Vocab
     from uniter.pretrain.trainer import Trainer
 
-    deepspeed.init_distributed(dist_backend="gloo" if cfg.device == "cpu" else "nccl", verbose=False)
-    if cfg.device == "cuda":
-        torch.cuda.set_device(local_rank)
     Path(job.local_dir).mkdir(parents=True, exist_ok=True)
     storage = job.storage()
     art = Artifact(storage, job.stage, job.key)
@@ -266,11 +281,7 @@ def publish_final(trainer, art: Artifact, job: Job, started: float, tasks_off: t
         "name": pa.array([r["name"] for r in trainer.history], pa.string()),
         "value": pa.array([float(r["value"]) for r in trainer.history], pa.float64()),
     })
-    extras = {}
-    with tempfile.TemporaryDirectory(prefix="uniter-model-") as tmp:
-        trainer.engine.module.save_pretrained(tmp, safe_serialization=True)
-        for path in sorted(Path(tmp).iterdir()):
-            extras[f"model/{path.name}"] = path.read_bytes()
+    extras = model_files(trainer.engine.module, "model")
     final = {}
     for r in trainer.history:
         if r["name"].startswith(("loss/", "val/")):

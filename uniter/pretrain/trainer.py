@@ -216,11 +216,7 @@ class Trainer:
                     on_step(self)
 
     def _mean(self, value: float) -> float:
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t.item() / self.world)
+        return mean_over_processes(value, self.world)
 
     @torch.no_grad()
     def validate(self, max_batches: int = 20) -> dict[str, float]:
@@ -255,6 +251,15 @@ class Trainer:
         for n, v in metrics.items():
             self.history.append({"step": self.step, "name": f"val/{n}", "value": round(v, 6)})
         return metrics
+
+
+def mean_over_processes(value: float, world: int) -> float:
+    """The mean of a per-process value over the `world` processes (every process gets it)."""
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item() / world)
 
 
 def _score_names(task: str, with_ot: bool) -> list[str]:
