@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-peers clean
+.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-peers clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,14 @@ $(STAMP): requirements.lock pyproject.toml scripts/install_detectron2.sh
 demo: $(STAMP)
 	$(BIN)/uniter demo
 
-test: $(STAMP)
+# The linter, the formatter's check and the type checker first: CI fails on any of them.
+test: $(STAMP) lint
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot
 

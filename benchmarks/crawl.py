@@ -78,14 +78,19 @@ def run_ours(urls_file: Path, work: Path) -> dict:
         f"storage: {{uri: {out}}}\n"
         f"ingest:\n  sources: [{{format: table, path: {urls_file}}}]\n"
         f"crawl:\n  allow_private_networks: true\n  concurrency: {CONCURRENCY}\n  per_host: {CONCURRENCY}\n"
-        f"  per_host_rate: 0\n  workers: {PROCESSES}\n  max_side: {MAX_SIDE}\n  jpeg_quality: {QUALITY}\n  shard_images: 1000\n"
+        f"  per_host_rate: 0\n  workers: {PROCESSES}\n  max_side: {MAX_SIDE}\n"
+        f"  jpeg_quality: {QUALITY}\n  shard_images: 1000\n"
     )
     cfg = load_config(cfg_path)
     run_stage("ingest", cfg)
     t0 = time.perf_counter()
     result = run_stage("crawl", cfg)
     seconds = time.perf_counter() - t0
-    return {"images": result.manifest.counts["images"], "failures": result.manifest.counts["failures"], "seconds": seconds}
+    return {
+        "images": result.manifest.counts["images"],
+        "failures": result.manifest.counts["failures"],
+        "seconds": seconds,
+    }
 
 
 def run_img2dataset(url_list: Path, work: Path) -> dict:
@@ -94,11 +99,39 @@ def run_img2dataset(url_list: Path, work: Path) -> dict:
         raise SystemExit(f"{exe} is missing: run `make bench-peers` first")
     out = work / f"i2d-{time.time_ns()}"
     cmd = [
-        str(exe), "--url_list", str(url_list), "--input_format", "txt", "--output_folder", str(out),
-        "--output_format", "parquet", "--image_size", str(MAX_SIDE), "--resize_mode", "keep_ratio_largest",
-        "--resize_only_if_bigger", "True", "--encode_quality", str(QUALITY), "--processes_count", str(PROCESSES),
-        "--thread_count", str(CONCURRENCY // PROCESSES), "--number_sample_per_shard", "1000", "--timeout", "20",
-        "--retries", "0", "--compute_hash", "sha256", "--distributor", "multiprocessing", "--enable_wandb", "False",
+        str(exe),
+        "--url_list",
+        str(url_list),
+        "--input_format",
+        "txt",
+        "--output_folder",
+        str(out),
+        "--output_format",
+        "parquet",
+        "--image_size",
+        str(MAX_SIDE),
+        "--resize_mode",
+        "keep_ratio_largest",
+        "--resize_only_if_bigger",
+        "True",
+        "--encode_quality",
+        str(QUALITY),
+        "--processes_count",
+        str(PROCESSES),
+        "--thread_count",
+        str(CONCURRENCY // PROCESSES),
+        "--number_sample_per_shard",
+        "1000",
+        "--timeout",
+        "20",
+        "--retries",
+        "0",
+        "--compute_hash",
+        "sha256",
+        "--distributor",
+        "multiprocessing",
+        "--enable_wandb",
+        "False",
     ]
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     t0 = time.perf_counter()
@@ -116,7 +149,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--base", type=int, default=100)
-    ap.add_argument("--repeat", type=int, default=2, help="runs per tool, alternating; the best counts (this machine is noisy)")
+    ap.add_argument(
+        "--repeat", type=int, default=2, help="runs per tool, alternating; the best counts (this machine is noisy)"
+    )
     ap.add_argument("--serve")
     ap.add_argument("--ours")
     args = ap.parse_args()
@@ -141,13 +176,25 @@ def main() -> None:
             urls = [f"{base}/img/{i % args.base}/{i}.jpg" for i in range(args.images)]
             (work / "urls.txt").write_text("\n".join(urls) + "\n")
             (work / "urls.jsonl").write_text("".join(json.dumps({"image_url": u, "caption": "x"}) + "\n" for u in urls))
-            print(f"{args.images} images from {args.base} photos of 800×600–1600×1200 (100–500 KB), served at {base}", flush=True)
+            print(
+                f"{args.images} images from {args.base} photos of 800×600–1600×1200 (100–500 KB), served at {base}",
+                flush=True,
+            )
 
             runs: dict[str, list[dict]] = {"uniter crawl": [], "img2dataset": []}
             for _ in range(args.repeat):
-                runs["uniter crawl"].append(json.loads(subprocess.run(
-                    [sys.executable, __file__, "--ours", str(work)], check=True, capture_output=True, text=True,
-                ).stdout.strip().splitlines()[-1]))
+                runs["uniter crawl"].append(
+                    json.loads(
+                        subprocess.run(
+                            [sys.executable, __file__, "--ours", str(work)],
+                            check=True,
+                            capture_output=True,
+                            text=True,
+                        )
+                        .stdout.strip()
+                        .splitlines()[-1]
+                    )
+                )
                 runs["img2dataset"].append(run_img2dataset(work / "urls.txt", work))
         finally:
             server.terminate()
@@ -159,8 +206,10 @@ def main() -> None:
     for name, rs in runs.items():
         best[name] = max(rs, key=rate)
         r = best[name]
-        print(f"{name:14} {r['images']:>7} {r['failures']:>7} {r['seconds']:>8.1f} {rate(r):>9.1f}   "
-              + ", ".join(f"{rate(x):.1f}" for x in rs))
+        print(
+            f"{name:14} {r['images']:>7} {r['failures']:>7} {r['seconds']:>8.1f} {rate(r):>9.1f}   "
+            + ", ".join(f"{rate(x):.1f}" for x in rs)
+        )
     ours, i2d = best["uniter crawl"], best["img2dataset"]
     ratio = rate(ours) / rate(i2d)
     print(f"\nuniter / img2dataset: {ratio:.2f}x  (goal >= 1.2x: {'met' if ratio >= 1.2 else 'NOT met'})")

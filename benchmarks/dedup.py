@@ -52,24 +52,41 @@ def join_child(n: int) -> None:
     ids = np.arange(n, dtype=np.int64)
     con = duckdb.connect(config={"threads": 2, "memory_limit": "2GB"})
     con.register("q", pa.table({"id": ids, "h": full}))
-    con.register("ix", pa.table({"id": np.concatenate([ids, np.repeat(ids, 5)]), "h": np.concatenate([full, windows.ravel()])}))
+    con.register(
+        "ix", pa.table({"id": np.concatenate([ids, np.repeat(ids, 5)]), "h": np.concatenate([full, windows.ravel()])})
+    )
     t0 = time.perf_counter()
     pairs = hamming_join(con, "select id, h from q", "select id, h from ix", d, exclude_self=True)
     seconds = time.perf_counter() - t0
-    found = {(min(a, b), max(a, b)) for a, b in zip(pairs.column("qid").to_pylist(), pairs.column("iid").to_pylist(), strict=True)}
+    found = {
+        (min(a, b), max(a, b))
+        for a, b in zip(pairs.column("qid").to_pylist(), pairs.column("iid").to_pylist(), strict=True)
+    }
     recall = sum((int(a), int(b)) in found for a, b in zip(planted, copies, strict=True)) / len(planted)
-    print(json.dumps({
-        "n": n, "d": d, "plan": str(plan_bands(d, n, 6 * n)), "seconds": seconds, "pairs": len(found),
-        "planted": len(planted), "recall": recall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "d": d,
+                "plan": str(plan_bands(d, n, 6 * n)),
+                "seconds": seconds,
+                "pairs": len(found),
+                "planted": len(planted),
+                "recall": recall,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def make_photos(folder: Path, n: int) -> set[tuple[str, str]]:
     from tests.fixtures import images as fx
 
     transforms = [
-        ("q40", lambda im: fx.recompressed(im, 40)), ("half", lambda im: fx.resized(im, 0.5)),
-        ("crop5", lambda im: fx.cropped(im, 0.05)), ("crop5-side", lambda im: im.crop((int(im.width * 0.05), 0, im.width, im.height))),
+        ("q40", lambda im: fx.recompressed(im, 40)),
+        ("half", lambda im: fx.resized(im, 0.5)),
+        ("crop5", lambda im: fx.cropped(im, 0.05)),
+        ("crop5-side", lambda im: im.crop((int(im.width * 0.05), 0, im.width, im.height))),
         ("bright+10", lambda im: fx.brightened(im, 1.1)),
         ("bright-10", lambda im: fx.brightened(im, 0.9)),
     ]
@@ -91,7 +108,7 @@ def ours(folder: Path) -> tuple[set[tuple[str, str]], float]:
 
     from corpus.dedup.config import DedupConfig
     from corpus.dedup.join import hamming_join
-    from corpus.imagehash import phash_windows
+    from corpus.images.imagehash import phash_windows
 
     names = sorted(p.name for p in folder.glob("*.jpg"))
     t0 = time.perf_counter()
@@ -101,9 +118,14 @@ def ours(folder: Path) -> tuple[set[tuple[str, str]], float]:
     ix_ids = [i for i, (_, w) in enumerate(hashes) for _ in range(1 + len(w))]
     ix_h = [x for f, w in hashes for x in (f, *w)]
     con.register("ix", pa.table({"id": ix_ids, "h": ix_h}))
-    pairs = hamming_join(con, "select id, h from q", "select id, h from ix", DedupConfig().phash_max_distance, exclude_self=True)
+    pairs = hamming_join(
+        con, "select id, h from q", "select id, h from ix", DedupConfig().phash_max_distance, exclude_self=True
+    )
     seconds = time.perf_counter() - t0
-    found = {tuple(sorted((names[a], names[b]))) for a, b in zip(pairs.column("qid").to_pylist(), pairs.column("iid").to_pylist(), strict=True)}
+    found = {
+        tuple(sorted((names[a], names[b])))
+        for a, b in zip(pairs.column("qid").to_pylist(), pairs.column("iid").to_pylist(), strict=True)
+    }
     return found, seconds
 
 
@@ -143,20 +165,38 @@ def main() -> None:
         return join_child(args.join_child)
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = json.loads(subprocess.run([sys.executable, __file__, "--join-child", str(args.hashes)], check=True,
-                                  capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1])
+    r = json.loads(
+        subprocess.run(
+            [sys.executable, __file__, "--join-child", str(args.hashes)],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     print(f"join: {r['n']:,} images × 6 hashes, distance ≤ {r['d']} ({r['plan']})")
-    print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['pairs']:,} pairs, planted recall {r['recall']:.3f}"
-          f"   goal: < 60 s and < 2048 MB: {'met' if r['seconds'] < 60 and r['peak_rss_mb'] < 2048 else 'NOT met'}")
+    print(
+        f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['pairs']:,} pairs, "
+        f"planted recall {r['recall']:.3f}"
+        f"   goal: < 60 s and < 2048 MB: {'met' if r['seconds'] < 60 and r['peak_rss_mb'] < 2048 else 'NOT met'}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="uniter-bench-dedup-") as tmp:
         folder = Path(tmp)
         truth = make_photos(folder, args.photos)
         our_pairs, our_s = ours(folder)
         their_pairs, their_s = imagededup(folder)
-    print(f"\nquality on {2 * args.photos:,} images ({args.photos:,} planted pairs: q40, 50% resize, 5% crop centred / one side, brightness ±10%)")
+    print(
+        f"\nquality on {2 * args.photos:,} images ({args.photos:,} planted pairs: q40, 50% resize, "
+        "5% crop centred / one side, brightness ±10%)"
+    )
     print(f"{'method':34} {'precision':>9} {'recall':>7} {'seconds':>8}")
-    for name, found, secs in (("uniter (pHash + windows, d<=4)", our_pairs, our_s), ("imagededup PHash (default, d<=10)", their_pairs, their_s)):
+    for name, found, secs in (
+        ("uniter (pHash + windows, d<=4)", our_pairs, our_s),
+        ("imagededup PHash (default, d<=10)", their_pairs, their_s),
+    ):
         p, rc = scores(found, truth)
         print(f"{name:34} {p:>9.3f} {rc:>7.3f} {secs:>8.1f}")
     p, rc = scores(our_pairs, truth)
@@ -166,7 +206,9 @@ def main() -> None:
     by_kind: dict[str, list[int]] = {}
     for a, b in truth:
         by_kind.setdefault(b.split("_", 1)[1][:-4], []).append((a, b) in our_pairs)
-    print("our recall by transformation: " + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by_kind.items())))
+    print(
+        "our recall by transformation: " + ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in sorted(by_kind.items()))
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the same 64 JPEGs of mixed aspect ratios, one after the other in this run, each 
 
 - per-image loop: decode and resize on the main thread, one image per forward pass, the reference's
   per-class NMS loop over 1600 classes (bottom-up-attention's generate_tsv.py);
-- ours: `feature_extraction.stage.extract_chunks` — DataLoader workers decode ahead, batches of
+- ours: `feature_extraction.featurize.extract_chunks` — DataLoader workers decode ahead, batches of
   similar aspect ratio, FrozenBN folded into the convs, channels-last, inference mode, one
   `batched_nms` for the selection.
 
@@ -65,7 +65,7 @@ def run_ours(folder: Path, n: int, device: str, batch: int) -> dict:
     from PIL import Image
 
     from feature_extraction.config import ExtractConfig
-    from feature_extraction.stage import Item, StorageSpec, extract_chunks
+    from feature_extraction.featurize import Item, StorageSpec, extract_chunks
 
     data = pq.read_table(folder / "crawl.parquet").column("bytes").to_pylist()
     items = []
@@ -75,7 +75,11 @@ def run_ours(folder: Path, n: int, device: str, batch: int) -> dict:
     cfg = ExtractConfig(backend="detectron2", weights="random", batch_size=batch, loader_workers=1, device=device)
     peak, stop = tree_rss_sampler()
     t0 = time.perf_counter()
-    boxes = sum(r.num_boxes for _, rows in extract_chunks(cfg, device, StorageSpec(str(folder), None, None), [items], [0]) for r in rows)
+    boxes = sum(
+        r.num_boxes
+        for _, rows in extract_chunks(cfg, device, StorageSpec(str(folder), None, None), [items], [0])
+        for r in rows
+    )
     seconds = time.perf_counter() - t0
     stop.set()
     return {"images": n, "seconds": seconds, "boxes": boxes, "peak_rss_mb": peak[0] / 2**20}
@@ -92,11 +96,15 @@ def doit(model, image):
     features = model.backbone(batch.tensor)
     proposals, _ = model.proposal_generator(batch, features, None)
     heads = model.roi_heads
-    box_features = heads._shared_roi_transform([features[f] for f in heads.in_features], [p.proposal_boxes for p in proposals])
+    box_features = heads._shared_roi_transform(
+        [features[f] for f in heads.in_features], [p.proposal_boxes for p in proposals]
+    )
     pooled = box_features.mean(dim=[2, 3])
     logits, deltas = heads.box_predictor(pooled)
     attrs = heads.box_predictor.attributes(pooled, logits)
-    return Detections(proposals[0].proposal_boxes.tensor.cpu(), pooled.cpu(), F.softmax(logits, -1).cpu(), deltas.cpu(), attrs.cpu())
+    return Detections(
+        proposals[0].proposal_boxes.tensor.cpu(), pooled.cpu(), F.softmax(logits, -1).cpu(), deltas.cpu(), attrs.cpu()
+    )
 
 
 def run_loop(folder: Path, n: int, device: str) -> dict:
@@ -106,8 +114,8 @@ def run_loop(folder: Path, n: int, device: str) -> dict:
     from PIL import Image
 
     from feature_extraction.butd import build_butd, butd_config, init_random
+    from feature_extraction.featurize import test_scale
     from feature_extraction.select import select_caffe_reference
-    from feature_extraction.stage import test_scale
 
     model = init_random(build_butd(butd_config(device=device)), seed=0)
     data = pq.read_table(folder / "crawl.parquet").column("bytes").to_pylist()
@@ -117,7 +125,9 @@ def run_loop(folder: Path, n: int, device: str) -> dict:
     for d in data:  # DefaultPredictor: one image at a time, preprocessing on the same thread
         image = Image.open(io.BytesIO(d)).convert("RGB")
         w, h, _ = test_scale(image.width, image.height, 600, 1000)
-        bgr = np.ascontiguousarray(np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))[:, :, ::-1].transpose(2, 0, 1))
+        bgr = np.ascontiguousarray(
+            np.asarray(image.resize((w, h), Image.Resampling.BILINEAR))[:, :, ::-1].transpose(2, 0, 1)
+        )
         with torch.no_grad():
             det = doit(model, torch.from_numpy(bgr))
         boxes += len(select_caffe_reference(det).index)
@@ -136,23 +146,47 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         folder = Path(args.folder)
-        res = run_ours(folder, args.images, args.device, args.batch) if args.child == "ours" else run_loop(folder, args.images, args.device)
+        res = (
+            run_ours(folder, args.images, args.device, args.batch)
+            if args.child == "ours"
+            else run_loop(folder, args.images, args.device)
+        )
         print(json.dumps(res))
         return
 
     with tempfile.TemporaryDirectory(prefix="uniter-bench-extract-") as tmp:
         folder = Path(tmp)
         make_images(folder, args.images)
-        print(f"{args.images} JPEGs, {len(SIZES)} aspect ratios, R101-C4 at 600/1000, 300 proposals, device {args.device}", flush=True)
+        print(
+            f"{args.images} JPEGs, {len(SIZES)} aspect ratios, R101-C4 at 600/1000, 300 proposals, "
+            f"device {args.device}",
+            flush=True,
+        )
         results = {}
         for name in ("loop", "ours"):
-            cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--images", str(args.images),
-                   "--device", args.device, "--batch", str(args.batch)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--folder",
+                str(folder),
+                "--images",
+                str(args.images),
+                "--device",
+                args.device,
+                "--batch",
+                str(args.batch),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             results[name] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[name]
-            print(f"  {name:5} {r['images'] / r['seconds']:6.3f} images/s  ({r['seconds']:.0f} s, {r['boxes'] / r['images']:.1f} boxes/image, "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB)", flush=True)
+            print(
+                f"  {name:5} {r['images'] / r['seconds']:6.3f} images/s  ({r['seconds']:.0f} s, "
+                f"{r['boxes'] / r['images']:.1f} boxes/image, "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB)",
+                flush=True,
+            )
     rate = {k: v["images"] / v["seconds"] for k, v in results.items()}
     ratio = rate["ours"] / rate["loop"]
     goal = "≥ 1.5x the per-image loop" if args.device == "cpu" else "≥ 30 images/s"

@@ -164,9 +164,9 @@ def main() -> None:
 
         cfg = PretrainConfig(model=args.model, init_from_bert=None, batch_tokens=args.batch_tokens, steps=400,
                              val_percent=0)
-        from uniter.pretrain.trainer import Plan
+        from uniter.pretrain.trainer import BatchPlan
 
-        plan = Plan(cfg, corpus, world=1)
+        plan = BatchPlan(cfg, corpus, world=1)
         data = MicroBatches(plan, corpus, vocab, rank=0)
         loader = DataLoader(data, batch_size=None, sampler=range(200), num_workers=args.loader_workers,
                             prefetch_factor=4 if args.loader_workers else None,

@@ -25,11 +25,12 @@ from feature_extraction.d2compat import import_detectron2
 import_detectron2()
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
-from detectron2.layers import ShapeSpec  # noqa: E402
+from detectron2.layers import Conv2d, FrozenBatchNorm2d, ShapeSpec  # noqa: E402
 from detectron2.modeling import BACKBONE_REGISTRY, ROI_HEADS_REGISTRY, build_model  # noqa: E402
 from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet, build_resnet_backbone  # noqa: E402
 from detectron2.modeling.roi_heads import Res5ROIHeads  # noqa: E402
 from detectron2.modeling.roi_heads.fast_rcnn import FastRCNNOutputLayers  # noqa: E402
+from detectron2.structures import Boxes, Instances  # noqa: E402
 
 CAFFE_PIXEL_MEAN = [102.9801, 115.9465, 122.7717]  # BGR, pixel values stay in 0..255
 NUM_OBJECTS = 1600
@@ -101,8 +102,9 @@ class BUTDRes5ROIHeads(Res5ROIHeads):
         return ret
 
 
-def butd_config(*, depth: int = 101, post_nms_topk: int = 300, min_size: int = 600, max_size: int = 1000,
-                device: str = "cpu") -> CfgNode:
+def butd_config(
+    *, depth: int = 101, post_nms_topk: int = 300, min_size: int = 600, max_size: int = 1000, device: str = "cpu"
+) -> CfgNode:
     """The Detectron2 config of the VG BUTD detector (test time)."""
     cfg = get_cfg()
     m = cfg.MODEL
@@ -154,8 +156,12 @@ class Detections:
     attr_logits: torch.Tensor  # (R, 401)
 
 
-def detect(model: nn.Module, images: list[torch.Tensor], autocast_dtype: torch.dtype | None = None,
-           boxes: list[torch.Tensor] | None = None) -> list[Detections]:
+def detect(
+    model: nn.Module,
+    images: list[torch.Tensor],
+    autocast_dtype: torch.dtype | None = None,
+    boxes: list[torch.Tensor] | None = None,
+) -> list[Detections]:
     """Run the detector on a batch of BGR uint8/float CHW tensors, already at test scale.
 
     With `boxes` (per image, (R, 4) xyxy at test scale) the RoI head runs on those boxes instead of
@@ -171,8 +177,6 @@ def detect(model: nn.Module, images: list[torch.Tensor], autocast_dtype: torch.d
         if boxes is None:
             proposals, _ = model.proposal_generator(batch, feats, None)
         else:
-            from detectron2.structures import Boxes, Instances
-
             proposals = []
             for img, b in zip(batch.image_sizes, boxes, strict=True):
                 inst = Instances(img)
@@ -207,8 +211,6 @@ def init_random(model: nn.Module, seed: int = 0) -> nn.Module:
     Detectron2's own init with identity FrozenBN lets activations grow ~1e7× through 33 residual
     blocks and the RPN then proposes nothing; scaling each residual branch's last BN by 0.2 (the
     usual "small residual" trick) keeps every layer in range. Compute cost is the real model's."""
-    from detectron2.layers import FrozenBatchNorm2d
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -236,8 +238,6 @@ def fold_frozen_bn(model: nn.Module) -> nn.Module:
 
     Detectron2 applies FrozenBN as a separate pass after each of the ~100 convs; folded, the
     scale and shift ride along in the conv (measured ~10% faster on CPU)."""
-    from detectron2.layers import Conv2d, FrozenBatchNorm2d
-
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Conv2d) and isinstance(module.norm, FrozenBatchNorm2d):

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.configbase import InputFile, InputFolder, SectionConfig
+from contract.configbase import InputFile, InputFolder, SectionConfig
 
 
 class WeightsFile(InputFile):
@@ -46,7 +46,7 @@ class ExtractConfig(SectionConfig):
     processes: int = Field(default=1, ge=1)  # one per GPU (device cuda → cuda:0..N-1)
 
     @model_validator(mode="after")
-    def _detector_needs_weights(self) -> "ExtractConfig":
+    def _detector_needs_weights(self) -> ExtractConfig:
         if self.backend == "detectron2" and self.weights is None:
             raise ValueError(
                 "backend 'detectron2' needs weights: the path of the BUTD weights file "
@@ -70,11 +70,12 @@ class DownstreamConfig(SectionConfig):
     shard_images: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
-    def _names(self) -> "DownstreamConfig":
+    def _names(self) -> DownstreamConfig:
         bad = [n for n in self.images if not n or "/" in n]
         if bad:
             raise ValueError(f"image set names {bad}: expected non-empty names without '/'")
         unknown = sorted(set(self.gt_boxes) - set(self.images))
         if unknown:
-            raise ValueError(f"gt_boxes for {unknown}: not image sets of downstream.images ({', '.join(sorted(self.images))})")
+            sets = ", ".join(sorted(self.images))
+            raise ValueError(f"gt_boxes for {unknown}: not image sets of downstream.images ({sets})")
         return self

@@ -22,6 +22,8 @@ import importlib
 import sys
 import types
 
+import PIL.Image
+
 
 class _MissingOps(types.ModuleType):
     """Any op looked up here exists, and raises a clear error when called."""
@@ -42,8 +44,6 @@ class _MissingOps(types.ModuleType):
 
 def import_detectron2() -> types.ModuleType:
     """Import detectron2 (bridged if needed) and return the package."""
-    import PIL.Image
-
     if not hasattr(PIL.Image, "LINEAR"):
         PIL.Image.LINEAR = PIL.Image.Resampling.BILINEAR  # type: ignore[attr-defined]
     if "detectron2._C" not in sys.modules:
@@ -52,8 +52,3 @@ def import_detectron2() -> types.ModuleType:
         except ImportError:
             sys.modules["detectron2._C"] = _MissingOps("detectron2._C")
     return importlib.import_module("detectron2")
-
-
-def has_compiled_ops() -> bool:
-    import_detectron2()
-    return not isinstance(sys.modules.get("detectron2._C"), _MissingOps)

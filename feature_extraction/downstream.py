@@ -2,7 +2,8 @@
 detector (the same backend, weights and box selection, so fine-tuning sees what pretraining saw).
 
 reader (every image file of each configured folder, by set and path, cut into shards of
-`shard_images` per set) → the extract stage's DataLoader/detector path → writer (shard per chunk).
+`shard_images` per set) → featurize.extract_chunks (the DataLoader/detector path the extract stage
+uses too) → writer (shard per chunk; each row also carries its file's numeric `image_id`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from contract.errors import InputDataError
+from contract.fingerprint import folder_files
+from contract.stage import Stage, StageContext, now
 from feature_extraction.config import DownstreamConfig, ExtractConfig
-from feature_extraction.schema import pack
-from feature_extraction.stage import Item, _stats, extract_chunks, storage_spec, summarize
-from pipeline.errors import InputDataError
-from pipeline.fingerprint import folder_files
-from pipeline.stage import Stage, StageContext, now
+from feature_extraction.featurize import Item, extract_chunks, shard_stats, storage_spec, summarize
+from feature_extraction.schema import task_features_table
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ def annotated_boxes(path: str) -> dict[int, list[tuple[int, tuple[float, float, 
     except json.JSONDecodeError as exc:
         raise InputDataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise InputDataError(f"{path}: {where}: expected id, image_id and bbox [x, y, w, h] ({type(exc).__name__}: {exc})") from None
+        raise InputDataError(
+            f"{path}: {where}: expected id, image_id and bbox [x, y, w, h] ({type(exc).__name__}: {exc})"
+        ) from None
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -57,8 +60,10 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
         for path in folder_files(folder):
             key = f"{name}/{path.stem}"
             if key in seen:
-                raise InputDataError(f"{folder}: two images would share the key {key!r}: {seen[key]} and {path} "
-                                     "(a set's file stems must be unique)")
+                raise InputDataError(
+                    f"{folder}: two images would share the key {key!r}: {seen[key]} and {path} "
+                    "(a set's file stems must be unique)"
+                )
             seen[key] = path
             try:
                 with Image.open(path) as im:
@@ -72,8 +77,11 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
         shards += [(f"{name}-{i // n:05d}", items[i : i + n]) for i in range(0, len(items), n)]
         if name in cfg.gt_boxes:
             boxes = annotated_boxes(cfg.gt_boxes[name])
-            gt = [Item(f"{it.key}#gt", None, 0, it.width, it.height, it.path, tuple(b for _, b in boxes[iid]))
-                  for it in items if (iid := image_id(Path(it.path).stem)) is not None and iid in boxes]
+            gt = [
+                Item(f"{it.key}#gt", None, 0, it.width, it.height, it.path, tuple(b for _, b in boxes[iid]))
+                for it in items
+                if (iid := image_id(Path(it.path).stem)) is not None and iid in boxes
+            ]
             if not gt:
                 log.warning("downstream: %s annotates none of the images of set %r", cfg.gt_boxes[name], name)
             shards += [(f"{name}-gt-{i // n:05d}", gt[i : i + n]) for i in range(0, len(gt), n)]
@@ -85,16 +93,18 @@ def run_downstream(ctx: StageContext) -> None:
     extract: ExtractConfig = ctx.extra["extract"]
     shards = plan(cfg)
     chunks = [items for _, items in shards]
+    ids = {it.key: image_id(Path(it.path).stem) for items in chunks for it in items}  # `#gt` rows: their image's
     todo = [i for i, (sid, _) in enumerate(shards) if not ctx.shard_done(sid)]
     with ctx.progress.task("downstream", total=sum(len(chunks[i]) for i in todo)) as bar:
         for index, rows in extract_chunks(extract, extract.device, storage_spec(ctx), chunks, todo):
-            ctx.write_shard(shards[index][0], {"task_features": pack(rows)}, _stats(rows), now())
+            table = task_features_table(rows, ids)
+            ctx.write_shard(shards[index][0], {"task_features": table}, shard_stats(rows), now())
             bar.advance(len(rows))
 
 
 DOWNSTREAM = Stage(
     name="downstream",
-    version=1,
+    version=2,  # 2: task_features gained image_id
     run=run_downstream,
     inputs=(),
     tables=("task_features",),

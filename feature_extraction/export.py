@@ -16,14 +16,25 @@ import base64
 import csv
 import io
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
 from feature_extraction.schema import RegionFeatures
 
-LXMERT_FIELDS = ["img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf", "num_boxes", "boxes", "features"]
+LXMERT_FIELDS = [
+    "img_id",
+    "img_h",
+    "img_w",
+    "objects_id",
+    "objects_conf",
+    "attrs_id",
+    "attrs_conf",
+    "num_boxes",
+    "boxes",
+    "features",
+]
 
 
 def safe_name(key: str) -> str:
@@ -59,16 +70,20 @@ def to_lxmert_tsv(rows: Iterable[RegionFeatures], path: Path) -> int:
         writer = csv.DictWriter(f, fieldnames=LXMERT_FIELDS, delimiter="\t")
         for r in rows:
             k = r.num_boxes
-            writer.writerow({
-                "img_id": r.image_key, "img_h": r.image_h, "img_w": r.image_w,
-                "objects_id": _b64((r.object_ids if r.object_ids is not None else np.full(k, -1)).astype(np.int64)),
-                "objects_conf": _b64(r.conf.astype(np.float32)),
-                "attrs_id": _b64((r.attr_ids if r.attr_ids is not None else np.full(k, -1)).astype(np.int64)),
-                "attrs_conf": _b64(np.zeros(k, dtype=np.float32)),
-                "num_boxes": k,
-                "boxes": _b64(r.boxes.astype(np.float32)),
-                "features": _b64(r.features.astype(np.float32)),
-            })
+            writer.writerow(
+                {
+                    "img_id": r.image_key,
+                    "img_h": r.image_h,
+                    "img_w": r.image_w,
+                    "objects_id": _b64((r.object_ids if r.object_ids is not None else np.full(k, -1)).astype(np.int64)),
+                    "objects_conf": _b64(r.conf.astype(np.float32)),
+                    "attrs_id": _b64((r.attr_ids if r.attr_ids is not None else np.full(k, -1)).astype(np.int64)),
+                    "attrs_conf": _b64(np.zeros(k, dtype=np.float32)),
+                    "num_boxes": k,
+                    "boxes": _b64(r.boxes.astype(np.float32)),
+                    "features": _b64(r.features.astype(np.float32)),
+                }
+            )
             n += 1
     return n
 
@@ -80,10 +95,20 @@ def read_lxmert_tsv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         for item in csv.DictReader(f, LXMERT_FIELDS, delimiter="\t"):
             k = int(item["num_boxes"])
-            decoded = {"img_id": item["img_id"], "img_h": int(item["img_h"]), "img_w": int(item["img_w"]), "num_boxes": k}
-            for key, shape, dtype in (("objects_id", (k,), np.int64), ("objects_conf", (k,), np.float32),
-                                      ("attrs_id", (k,), np.int64), ("attrs_conf", (k,), np.float32),
-                                      ("boxes", (k, 4), np.float32), ("features", (k, -1), np.float32)):
+            decoded = {
+                "img_id": item["img_id"],
+                "img_h": int(item["img_h"]),
+                "img_w": int(item["img_w"]),
+                "num_boxes": k,
+            }
+            for key, shape, dtype in (
+                ("objects_id", (k,), np.int64),
+                ("objects_conf", (k,), np.float32),
+                ("attrs_id", (k,), np.int64),
+                ("attrs_conf", (k,), np.float32),
+                ("boxes", (k, 4), np.float32),
+                ("features", (k, -1), np.float32),
+            ):
                 decoded[key] = np.frombuffer(base64.b64decode(item[key]), dtype=dtype).reshape(shape)
             out.append(decoded)
     return out

@@ -42,8 +42,13 @@ def grid_features(key: str, image: Image.Image, rows: int = 6, cols: int = 6) ->
     vectors = np.stack([cell_vector(image.crop(c)) for c in crops])
     feats = (vectors @ _PROJECTION.T).astype(np.float16)
     return RegionFeatures(
-        image_key=key, image_w=image.width, image_h=image.height, features=feats, boxes=boxes,
-        conf=np.ones(len(boxes), dtype=np.float32), backend="grid",
+        image_key=key,
+        image_w=image.width,
+        image_h=image.height,
+        features=feats,
+        boxes=boxes,
+        conf=np.ones(len(boxes), dtype=np.float32),
+        backend="grid",
     )
 
 
@@ -52,9 +57,20 @@ def box_features(key: str, image: Image.Image, boxes: np.ndarray) -> RegionFeatu
     box's pixels as of a grid cell (ground-truth boxes for referring expressions)."""
     image = image.convert("RGB")
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
-    crops = [(int(x0), int(y0), max(int(np.ceil(x1)), int(x0) + 1), max(int(np.ceil(y1)), int(y0) + 1)) for x0, y0, x1, y1 in boxes]
-    vectors = np.stack([cell_vector(image.crop(c)) for c in crops]) if len(crops) else np.zeros((0, _IN_DIM), np.float32)
+    crops = [
+        (int(x0), int(y0), max(int(np.ceil(x1)), int(x0) + 1), max(int(np.ceil(y1)), int(y0) + 1))
+        for x0, y0, x1, y1 in boxes
+    ]
+    if crops:
+        vectors = np.stack([cell_vector(image.crop(c)) for c in crops])
+    else:
+        vectors = np.zeros((0, _IN_DIM), np.float32)
     return RegionFeatures(
-        image_key=key, image_w=image.width, image_h=image.height, features=(vectors @ _PROJECTION.T).astype(np.float16),
-        boxes=boxes, conf=np.ones(len(boxes), dtype=np.float32), backend="grid",
+        image_key=key,
+        image_w=image.width,
+        image_h=image.height,
+        features=(vectors @ _PROJECTION.T).astype(np.float16),
+        boxes=boxes,
+        conf=np.ones(len(boxes), dtype=np.float32),
+        backend="grid",
     )

@@ -1,4 +1,6 @@
 """The `features` table: one row per image, versioned. Readers use `unpack` to get NumPy arrays.
+`features_table` writes the extract stage's table; `task_features_table` the downstream stage's
+`task_features`: the same columns plus `image_id`.
 
 | column | type | shape / meaning |
 |---|---|---|
@@ -9,14 +11,23 @@
 | boxes | list<float32> | (N, 4) x1, y1, x2, y2 in pixels |
 | norm_bb | list<float32> | (N, 7) x1/W, y1/H, x2/W, y2/H, w/W, h/H, w·h/(W·H) |
 | conf | list<float32> | (N,) detector confidence, descending (1.0 for grid cells) |
-| soft_labels | binary, null for grid | float16 (N, 1601): class distribution, **background in column 0** (Caffe/UNITER order), VG objects 1..1600 |
+| soft_labels | binary, null for grid | float16 (N, 1601), **background in column 0** (Caffe/UNITER), VG 1..1600 |
 | object_ids | list<int32>, null for grid | (N,) argmax VG object class, 0..1599 |
 | attr_ids | list<int32>, null for grid | (N,) argmax VG attribute, 0..399 |
 | backend | string | `detectron2` or `grid` |
+
+`task_features` only:
+
+| column | type | shape / meaning |
+|---|---|---|
+| image_id | int64, null if none | the number the file stem ends in (COCO_val2014_000000000042 → 42) |
+
+(a `<set>/<stem>#gt` row carries the id of its image, like `<set>/<stem>`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +54,7 @@ FEATURES_SCHEMA = pa.schema(
     ],
     metadata={"uniter.features.version": str(SCHEMA_VERSION), "uniter.features.dim": str(FEATURE_DIM)},
 )
+TASK_FEATURES_SCHEMA = FEATURES_SCHEMA.append(pa.field("image_id", pa.int64()))
 
 
 @dataclass
@@ -75,7 +87,7 @@ def normalize_boxes(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.stack([x1, y1, x2, y2, bw, bh, bw * bh], axis=1).astype(np.float32)
 
 
-def pack(rows: list[RegionFeatures]) -> pa.Table:
+def features_table(rows: list[RegionFeatures]) -> pa.Table:
     """Rows → a `features` table (sorted by image key, so a shard's bytes do not depend on order)."""
     rows = sorted(rows, key=lambda r: r.image_key)
     col = {f.name: [] for f in FEATURES_SCHEMA}
@@ -88,11 +100,19 @@ def pack(rows: list[RegionFeatures]) -> pa.Table:
         col["boxes"].append(r.boxes.astype(np.float32).ravel().tolist())
         col["norm_bb"].append(r.norm_bb.ravel().tolist())
         col["conf"].append(r.conf.astype(np.float32).tolist())
-        col["soft_labels"].append(None if r.soft_labels is None else np.ascontiguousarray(r.soft_labels, dtype="<f2").tobytes())
+        soft = None if r.soft_labels is None else np.ascontiguousarray(r.soft_labels, dtype="<f2").tobytes()
+        col["soft_labels"].append(soft)
         col["object_ids"].append(None if r.object_ids is None else r.object_ids.astype(np.int32).tolist())
         col["attr_ids"].append(None if r.attr_ids is None else r.attr_ids.astype(np.int32).tolist())
         col["backend"].append(r.backend)
     return pa.table({f.name: pa.array(col[f.name], f.type) for f in FEATURES_SCHEMA}, schema=FEATURES_SCHEMA)
+
+
+def task_features_table(rows: list[RegionFeatures], image_ids: Mapping[str, int | None]) -> pa.Table:
+    """Rows → a `task_features` table: `features_table` plus `image_id` (``image_ids[image_key]``)."""
+    table = features_table(rows)
+    ids = pa.array([image_ids[k] for k in table.column("image_key").to_pylist()], pa.int64())
+    return pa.Table.from_arrays([*table.columns, ids], schema=TASK_FEATURES_SCHEMA)
 
 
 def unpack(row: dict) -> RegionFeatures:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms, box_iou  # noqa: F401 — box_iou re-exported for tests
+from torchvision.ops import batched_nms, nms
 
 from feature_extraction.butd import Detections
 
@@ -30,8 +30,15 @@ class Selection:
     conf: torch.Tensor  # (N,)
 
 
-def select_caffe(det: Detections, *, nms_iou: float = 0.3, conf_thresh: float = 0.2, min_boxes: int = 10,
-                 max_boxes: int = 100, score_floor: float = 0.01) -> Selection:
+def select_caffe(
+    det: Detections,
+    *,
+    nms_iou: float = 0.3,
+    conf_thresh: float = 0.2,
+    min_boxes: int = 10,
+    max_boxes: int = 100,
+    score_floor: float = 0.01,
+) -> Selection:
     boxes, scores = det.proposals, det.probs[:, :-1]  # drop background (last in Detectron2's order)
     rois, classes = torch.nonzero(scores >= score_floor, as_tuple=True)
     pair_scores = scores[rois, classes]
@@ -45,8 +52,9 @@ def select_caffe(det: Detections, *, nms_iou: float = 0.3, conf_thresh: float = 
     return Selection(index, boxes[index], max_conf[index])
 
 
-def select_lxmert36(det: Detections, box_transform, image_size: tuple[int, int], *, num_boxes: int = 36,
-                    score_thresh: float = 0.2) -> Selection:
+def select_lxmert36(
+    det: Detections, box_transform, image_size: tuple[int, int], *, num_boxes: int = 36, score_thresh: float = 0.2
+) -> Selection:
     scores = det.probs[:, :-1]
     num_classes = scores.shape[1]
     regressed = box_transform.apply_deltas(det.deltas, det.proposals).view(-1, num_classes, 4)
@@ -82,11 +90,10 @@ def select_lxmert36(det: Detections, box_transform, image_size: tuple[int, int],
     return Selection(index, regressed[index, cls], scores[index, cls])
 
 
-def select_caffe_reference(det: Detections, *, nms_iou: float = 0.3, conf_thresh: float = 0.2,
-                           min_boxes: int = 10, max_boxes: int = 100) -> Selection:
+def select_caffe_reference(
+    det: Detections, *, nms_iou: float = 0.3, conf_thresh: float = 0.2, min_boxes: int = 10, max_boxes: int = 100
+) -> Selection:
     """The reference's literal loop over 1600 classes (for tests and the per-image benchmark baseline)."""
-    from torchvision.ops import nms
-
     boxes, scores = det.proposals, det.probs[:, :-1]
     max_conf = torch.zeros(len(boxes), dtype=scores.dtype)
     for c in range(scores.shape[1]):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import InputDataError
+from contract.errors import InputDataError
 
 _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"),
@@ -66,7 +66,11 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Copy weights into ``model`` by Detectron2 name; every model weight must be present."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith(("num_batches_tracked",)) and k not in ("pixel_mean", "pixel_std")]
+    missing = [
+        k
+        for k in own
+        if k not in state and not k.endswith(("num_batches_tracked",)) and k not in ("pixel_mean", "pixel_std")
+    ]
     if missing:
         raise InputDataError(f"{path}: {len(missing)} weights missing, e.g. {', '.join(missing[:5])}")
     bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

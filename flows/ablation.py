@@ -1,4 +1,4 @@
-"""The ablation as a Prefect flow: a thin wrapper over `uniter.finetune.ablation.run_ablation`."""
+"""The ablation as a Prefect flow: a thin wrapper over `pipeline.ablation.run_ablation`."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 from prefect import flow
 
+from pipeline.ablation import run_ablation
 from pipeline.config import load_config
-from uniter.finetune.ablation import run_ablation
 
 
 @flow(name="ablation", log_prints=False)

@@ -1,59 +1,47 @@
-"""The DAG as Prefect flows (NOTE: not named pipeline.py: a Prefect runner puts this folder on
-sys.path, where a `pipeline` module would shadow the `pipeline` package in worker processes): `full_pipeline` (every stage), `corpus_rebuild` (ingest → extract),
-`train` (downstream → evaluate) and one flow per stage (`stage-<name>`). Each stage is a cached
-task (flows/stages.py); each flow run publishes a Markdown artifact of what every stage did."""
+"""The DAG as Prefect flows, derived from `pipeline.stages`: `full-pipeline` (every stage),
+`corpus-rebuild` (the corpus stages, the scheduled deployment), `train` (the stages that train on the
+corpus) and one `stage-<name>` flow per stage. Each stage is a task that calls the runner
+(flows/tasks.py); each flow run publishes a Markdown artifact of what every stage did.
+
+NOTE: not named pipeline.py: a Prefect runner puts this folder on sys.path, where a `pipeline`
+module would shadow the `pipeline` package in worker processes."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, task
+from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.stages import result_storage, stage_task_for, transient
+from flows.tasks import shard_group_task, stage_task
 from pipeline.config import OrchestrationConfig, PipelineConfig, load_config
-from pipeline.dag import STAGES, get_stage
-from pipeline.runner import run_shards, shard_ids
+from pipeline.runner import shard_ids
+from pipeline.stages import CORPUS_STAGES, GPU_STAGES, STAGES, TRAIN_STAGES, get_stage
 
-CORPUS_STAGES = ("ingest", "crawl", "dedup", "extract")
-TRAIN_STAGES = ("downstream", "pretrain", "finetune", "evaluate")
 REPORTS = {"dedup": "report.md", "evaluate": "report.html"}
 
 
 def run_stages(names: list[str] | tuple[str, ...], config_path: str, force: bool, title: str) -> list[dict[str, Any]]:
     cfg = load_config(config_path)
-    results_block = result_storage(cfg)
     results = []
     for name in names:
         # Sequential on purpose: a stage's key needs its inputs' content digests.
         if cfg.orchestration.fan_out > 1 and not force:
             fan_out(name, config_path, cfg)
-        state = stage_task_for(name, results_block, force)(name, config_path, force, return_state=True)
-        summary = dict(state.result())
-        if state.name == "Cached":  # Prefect answered from its cache: no stage code ran
-            summary["status"] = "cached"
-        results.append(summary)
+        results.append(stage_task.with_options(name=name)(name, config_path, force))
     publish_summary(title, results, cfg.storage.uri)
     return results
 
 
-@task(name="shards", task_run_name="{stage} × {count}", retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=transient)
-def shard_group_task(stage: str, config_path: str, shards: list[str], count: int) -> int:
-    """Write one group of a sharded stage's shards (resumable: done shards are skipped)."""
-    return run_shards(stage, load_config(config_path), shards)
-
-
 def task_runner(orch: OrchestrationConfig, workers: int):
     if orch.task_runner == "dask":
-        from prefect_dask import DaskTaskRunner
+        from prefect_dask import DaskTaskRunner  # noqa: PLC0415 — dask loads only for runs that ask for it
 
         if orch.dask_address:
             return DaskTaskRunner(address=orch.dask_address)
         # threads in one worker process each: the stages start their own process pools
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": False})
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
@@ -65,8 +53,12 @@ def fan_out(name: str, config_path: str, cfg: PipelineConfig) -> None:
     n = min(cfg.orchestration.fan_out, len(pending))
     groups = [pending[i::n] for i in range(n)]
     with task_runner(cfg.orchestration, n) as runner:
-        futures = [runner.submit(shard_group_task, parameters={"stage": name, "config_path": config_path, "shards": g,
-                                                               "count": len(g)}) for g in groups]
+        futures = [
+            runner.submit(
+                shard_group_task, parameters={"stage": name, "config_path": config_path, "shards": g, "count": len(g)}
+            )
+            for g in groups
+        ]
         for future in futures:
             future.result()  # raises the first failure (after its retries)
 
@@ -76,18 +68,25 @@ def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str
     for r in results:
         rows = sum(o.get("rows", 0) for o in r.get("outputs", []))
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r.get("counts", {}).items()) if isinstance(v, (int, float)))
-        lines.append(f"| {r['stage']} | {r['status']} | `{r['key'][:12]}` | {rows:,} | {r.get('seconds', 0):.1f} | {counts} |")
-    links = [f"- {r['stage']}: {storage_uri}/artifacts/{r['stage']}/{r['key']}/files/{REPORTS[r['stage']]}"
-             for r in results if r["stage"] in REPORTS]
+        lines.append(
+            f"| {r['stage']} | {r['status']} | `{r['key'][:12]}` | {rows:,} | {r.get('seconds', 0):.1f} | {counts} |"
+        )
+    links = [
+        f"- {r['stage']}: {storage_uri}/artifacts/{r['stage']}/{r['key']}/files/{REPORTS[r['stage']]}"
+        for r in results
+        if r["stage"] in REPORTS
+    ]
     if links:
         lines += ["", "Reports:", *links]
     return "\n".join(lines) + "\n"
 
 
 def publish_summary(title: str, results: list[dict[str, Any]], storage_uri: str) -> None:
-    create_markdown_artifact(key="uniter-" + title.lower().replace(" ", "-").replace("_", "-"),
-                             markdown=summary_markdown(title, results, storage_uri),
-                             description=f"{title}: every stage's status, counts and timing")
+    create_markdown_artifact(
+        key="uniter-" + title.lower().replace(" ", "-").replace("_", "-"),
+        markdown=summary_markdown(title, results, storage_uri),
+        description=f"{title}: every stage's status, counts and timing",
+    )
 
 
 @flow(name="full-pipeline", log_prints=False)
@@ -113,17 +112,35 @@ def train(config_path: str, force: bool = False) -> list[dict[str, Any]]:
     return run_stages(TRAIN_STAGES, config_path, force, "train")
 
 
-def _stage_flow(name: str):
-    @flow(name=f"stage-{name}", log_prints=False)
+def _stage_flow(name: str) -> Flow:
     def one_stage(config_path: str, force: bool = False) -> list[dict[str, Any]]:
         return run_stages([name], config_path, force, f"stage {name}")
 
+    # NOTE: a deployment loads its flow by `module:qualname`; naming the function after the module
+    # attribute it is stored under (stage_<name>) makes that entrypoint importable.
+    one_stage.__name__ = one_stage.__qualname__ = f"stage_{name}"
     one_stage.__doc__ = f"The {name} stage alone (its inputs must be built)."
-    return one_stage
+    return flow(name=f"stage-{name}", log_prints=False)(one_stage)
 
 
 # One flow per stage, as module attributes (`flows/dag.py:stage_crawl` in prefect.yaml).
-STAGE_FLOWS = {name: _stage_flow(name) for name in STAGES}
+STAGE_FLOWS: dict[str, Flow] = {name: _stage_flow(name) for name in STAGES}
 globals().update({f"stage_{name}": f for name, f in STAGE_FLOWS.items()})
-ALL_FLOWS = {"full-pipeline": full_pipeline, "corpus-rebuild": corpus_rebuild, "train": train,
-             **{f"stage-{n}": f for n, f in STAGE_FLOWS.items()}}
+
+# Every flow by its Prefect name, and the stages it runs.
+ALL_FLOWS: dict[str, Flow] = {
+    "full-pipeline": full_pipeline,
+    "corpus-rebuild": corpus_rebuild,
+    "train": train,
+    **{f"stage-{n}": f for n, f in STAGE_FLOWS.items()},
+}
+FLOW_STAGES: dict[str, tuple[str, ...]] = {
+    "full-pipeline": tuple(STAGES),
+    "corpus-rebuild": CORPUS_STAGES,
+    "train": TRAIN_STAGES,
+    **{f"stage-{n}": (n,) for n in STAGES},
+}
+# The module attribute that holds each flow: its deployment entrypoint is `flows/dag.py:<attribute>`.
+ENTRYPOINTS: dict[str, str] = {name: f.fn.__name__ for name, f in ALL_FLOWS.items()}
+# Flows that run a GPU stage go to the GPU work pool when there is one.
+GPU_FLOWS: frozenset[str] = frozenset(name for name, names in FLOW_STAGES.items() if GPU_STAGES.intersection(names))

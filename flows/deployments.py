@@ -7,58 +7,66 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from flows.dag import ALL_FLOWS
+from prefect import flow as prefect_flow
+from prefect import serve as prefect_serve
+from prefect.deployments import run_deployment
+from prefect.schedules import Cron, Interval
+
+from flows.dag import ALL_FLOWS, ENTRYPOINTS, GPU_FLOWS
 from pipeline.config import PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRYPOINTS = {"full-pipeline": "full_pipeline", "corpus-rebuild": "corpus_rebuild", "train": "train",
-               **{name: name.replace("-", "_") for name in ALL_FLOWS if name.startswith("stage-")}}
+SCHEDULED_FLOW = "corpus-rebuild"
 
 
 def schedule_kwargs(cfg: PipelineConfig, flow_name: str, interval: float | None) -> dict[str, Any]:
-    """Only corpus-rebuild is scheduled: the config's cron, or an interval (seconds) instead."""
-    if flow_name != "corpus-rebuild":
+    """Only corpus-rebuild is scheduled: the config's cron (in its timezone), or an interval
+    (seconds) instead."""
+    if flow_name != SCHEDULED_FLOW:
         return {}
     if interval:
-        return {"interval": timedelta(seconds=interval)}
-    return {"cron": cfg.orchestration.corpus_rebuild_cron, "timezone": cfg.orchestration.timezone}
+        return {"schedule": Interval(timedelta(seconds=interval))}
+    return {"schedule": Cron(cfg.orchestration.corpus_rebuild_cron, timezone=cfg.orchestration.timezone)}
 
 
 def runner_deployments(config_path: str, cfg: PipelineConfig, interval: float | None = None) -> list:
     params = {"config_path": str(Path(config_path).resolve())}
-    return [f.to_deployment(name=cfg.orchestration.deployment_name, parameters=params,
-                            **schedule_kwargs(cfg, name, interval)) for name, f in ALL_FLOWS.items()]
+    return [
+        f.to_deployment(
+            name=cfg.orchestration.deployment_name, parameters=params, **schedule_kwargs(cfg, name, interval)
+        )
+        for name, f in ALL_FLOWS.items()
+    ]
 
 
 def serve(config_path: str, cfg: PipelineConfig, interval: float | None = None) -> None:
     """Serve every deployment from this process until interrupted (no work pool, no worker)."""
-    from prefect import serve as prefect_serve
-
     prefect_serve(*runner_deployments(config_path, cfg, interval), print_starting_message=False)
 
 
-GPU_FLOWS = ("full-pipeline", "train", "stage-downstream", "stage-pretrain", "stage-finetune")
-
-
-def deploy(config_path: str, cfg: PipelineConfig, pool: str, interval: float | None = None,
-           gpu_pool: str | None = None) -> list[str]:
+def deploy(
+    config_path: str, cfg: PipelineConfig, pool: str, interval: float | None = None, gpu_pool: str | None = None
+) -> list[str]:
     """Register every deployment to `pool` (a process work pool; `prefect worker start -p POOL`
     runs them from this checkout); with `gpu_pool`, the flows that train go there instead."""
-    from prefect import flow as prefect_flow
-
     params = {"config_path": str(Path(config_path).resolve())}
     ids = []
     for name, attr in ENTRYPOINTS.items():
         remote = prefect_flow.from_source(source=str(ROOT), entrypoint=f"flows/dag.py:{attr}")
         target = gpu_pool if gpu_pool and name in GPU_FLOWS else pool
-        ids.append(str(remote.deploy(name=cfg.orchestration.deployment_name, work_pool_name=target, parameters=params,
-                                     print_next_steps=False, **schedule_kwargs(cfg, name, interval))))
+        deployment_id = remote.deploy(
+            name=cfg.orchestration.deployment_name,
+            work_pool_name=target,
+            parameters=params,
+            print_next_steps=False,
+            ignore_warnings=True,  # its advice is printed on stdout, which `--json` keeps for one JSON object
+            **schedule_kwargs(cfg, name, interval),
+        )
+        ids.append(str(deployment_id))
     return ids
 
 
 def trigger(flow_name: str, config_path: str, cfg: PipelineConfig, force: bool = False):
     """Run `flow_name`'s deployment on the server and wait for its end; the final flow run."""
-    from prefect.deployments import run_deployment
-
     params = {"config_path": str(Path(config_path).resolve()), "force": force}
     return run_deployment(name=f"{flow_name}/{cfg.orchestration.deployment_name}", parameters=params, timeout=None)

@@ -10,14 +10,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
+from contract.configbase import StorageUri, StrictModel
+from contract.errors import ConfigError
 from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
 from corpus.ingest.config import IngestConfig
 from feature_extraction.config import DownstreamConfig, ExtractConfig
 from uniter.finetune.config import AblationConfig, FinetuneConfig
 from uniter.pretrain.config import PretrainConfig
-from pipeline.configbase import StorageUri, StrictModel
-from pipeline.errors import ConfigError
 
 
 class StorageConfig(StrictModel):
@@ -72,7 +72,9 @@ def load_config(path: str | Path) -> PipelineConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (storage, ingest, …) at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (storage, ingest, …) at the top level, got {type(data).__name__}"
+        )
     try:
         return PipelineConfig.model_validate(data, context={"base_dir": path.parent.resolve()})
     except ValidationError as exc:

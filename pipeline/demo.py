@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
-from pipeline.errors import UniterError
+from contract.errors import UniterError
 
 SAMPLE_WEB = Path(__file__).resolve().parent.parent / "sample" / "images" / "web"
 SAMPLE_PORT = 18765  # the port in sample/cc and sample/sbu URLs

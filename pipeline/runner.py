@@ -8,20 +8,21 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from pipeline.artifact import Artifact, Manifest
+from contract.artifact import Artifact, Manifest
+from contract.configbase import InputFile, InputFolder, SectionConfig
+from contract.errors import MissingInputError
+from contract.fingerprint import file_fingerprint, folder_fingerprint, sha256_json
+from contract.progress import NullProgress, Progress
+from contract.stage import Stage, StageContext
 from pipeline.config import PipelineConfig
-from pipeline.configbase import InputFile, InputFolder, SectionConfig
-from pipeline.dag import STAGES, get_stage
-from pipeline.errors import MissingInputError
-from pipeline.fingerprint import file_fingerprint, folder_fingerprint, sha256_json
-from pipeline.progress import NullProgress, Progress
-from pipeline.stage import Stage, StageContext
+from pipeline.stages import STAGES, get_stage
 from storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,6 @@ def code_version() -> str:
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
         try:
             return f"uniter-pipeline {version('uniter-pipeline')}"
         except PackageNotFoundError:
@@ -73,7 +72,7 @@ def key_payload(value: Any, files: dict[str, str]) -> Any:
 
 
 @dataclass
-class Plan:
+class StagePlan:
     """What a stage would run on: its key, or the upstream stages still missing."""
 
     stage: Stage
@@ -89,17 +88,20 @@ class Planner:
 
     def __init__(self, cfg: PipelineConfig, storage: Storage):
         self.cfg, self.storage = cfg, storage
-        self._plans: dict[str, Plan] = {}
+        self._plans: dict[str, StagePlan] = {}
         self._manifests: dict[str, Manifest | None] = {}
 
-    def plan(self, name: str) -> Plan:
+    def plan(self, name: str) -> StagePlan:
         if name in self._plans:
             return self._plans[name]
         stage = get_stage(name)
         files: dict[str, str] = {}
         payload = key_payload(getattr(self.cfg, name, None), files)
         if stage.extra_config:
-            payload = {"section": payload, "extra": {x: key_payload(getattr(self.cfg, x), files) for x in stage.extra_config}}
+            payload = {
+                "section": payload,
+                "extra": {x: key_payload(getattr(self.cfg, x), files) for x in stage.extra_config},
+            }
         config_sha = sha256_json(payload)
         inputs: dict[str, str] = {}
         manifests: dict[str, Manifest] = {}
@@ -115,7 +117,7 @@ class Planner:
         if not missing:
             # Content only: stage identity + config (files by digest) + upstream content digests.
             key = sha256_json({"stage": name, "version": stage.version, "config": config_sha, "inputs": inputs})
-        plan = Plan(stage, key, config_sha, {**inputs, **files}, manifests, missing)
+        plan = StagePlan(stage, key, config_sha, {**inputs, **files}, manifests, missing)
         self._plans[name] = plan
         return plan
 
@@ -213,8 +215,14 @@ def run_stage(
     return StageRun(name, "ran", manifest, time.time() - started, resumed_shards=resumed)
 
 
-def _context(plan: Plan, cfg: PipelineConfig, storage: Storage, art: Artifact, progress: Progress | None,
-             selection: frozenset[str] | None = None) -> StageContext:
+def _context(
+    plan: StagePlan,
+    cfg: PipelineConfig,
+    storage: Storage,
+    art: Artifact,
+    progress: Progress | None,
+    selection: frozenset[str] | None = None,
+) -> StageContext:
     return StageContext(
         stage=plan.stage,
         config=getattr(cfg, plan.stage.name, None),

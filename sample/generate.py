@@ -60,23 +60,51 @@ def main() -> None:
 
     # RefCOCO (unc): refs pickle of builtins + instances.json; COCO 25 is in its val split
     refs = [
-        {"ref_id": 0, "ann_id": 1001, "image_id": 25, "split": "val", "category_id": 25, "file_name": "COCO_train2014_000000000025_1001.jpg",
-         "sentences": [{"tokens": ["giraffe", "on", "left"], "raw": "giraffe on left", "sent_id": 0}], "sent_ids": [0]},
-        {"ref_id": 1, "ann_id": 1002, "image_id": 9, "split": "train", "category_id": 51, "file_name": "COCO_train2014_000000000009_1002.jpg",
-         "sentences": [{"tokens": ["bowl", "of", "broccoli"], "raw": "bowl of broccoli", "sent_id": 1}], "sent_ids": [1]},
+        {
+            "ref_id": 0,
+            "ann_id": 1001,
+            "image_id": 25,
+            "split": "val",
+            "category_id": 25,
+            "file_name": "COCO_train2014_000000000025_1001.jpg",
+            "sentences": [{"tokens": ["giraffe", "on", "left"], "raw": "giraffe on left", "sent_id": 0}],
+            "sent_ids": [0],
+        },
+        {
+            "ref_id": 1,
+            "ann_id": 1002,
+            "image_id": 9,
+            "split": "train",
+            "category_id": 51,
+            "file_name": "COCO_train2014_000000000009_1002.jpg",
+            "sentences": [{"tokens": ["bowl", "of", "broccoli"], "raw": "bowl of broccoli", "sent_id": 1}],
+            "sent_ids": [1],
+        },
     ]
     (HERE / "refcoco").mkdir(exist_ok=True)
     with open(HERE / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f, protocol=2)
     instances = {
         "images": [
-            {"id": 25, "file_name": "COCO_train2014_000000000025.jpg", "width": 320, "height": 240,
-             "flickr_url": "http://farm9.staticflickr.com/8090/8424963022_8f0a8a1c4f_z.jpg"},
-            {"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "width": 320, "height": 240,
-             "flickr_url": "http://farm5.staticflickr.com/4026/4614312466_9b8b6a5a1d_z.jpg"},
+            {
+                "id": 25,
+                "file_name": "COCO_train2014_000000000025.jpg",
+                "width": 320,
+                "height": 240,
+                "flickr_url": "http://farm9.staticflickr.com/8090/8424963022_8f0a8a1c4f_z.jpg",
+            },
+            {
+                "id": 9,
+                "file_name": "COCO_train2014_000000000009.jpg",
+                "width": 320,
+                "height": 240,
+                "flickr_url": "http://farm5.staticflickr.com/4026/4614312466_9b8b6a5a1d_z.jpg",
+            },
         ],
-        "annotations": [{"id": 1001, "image_id": 25, "bbox": [10, 20, 100, 200], "category_id": 25},
-                        {"id": 1002, "image_id": 9, "bbox": [50, 60, 120, 90], "category_id": 51}],
+        "annotations": [
+            {"id": 1001, "image_id": 25, "bbox": [10, 20, 100, 200], "category_id": 25},
+            {"id": 1002, "image_id": 9, "bbox": [50, 60, 120, 90], "category_id": 51},
+        ],
         "categories": [{"id": 25, "name": "giraffe"}, {"id": 51, "name": "bowl"}],
     }
     (HERE / "refcoco" / "instances.json").write_text(json.dumps(instances, indent=1))
@@ -94,24 +122,49 @@ def vqa() -> None:
             color = colors[image_id % 4]
             asked = [
                 ("What color is the biggest shape?", "other", [color] * 8 + [colors[(image_id + 1) % 4]] * 2),
-                ("Is there a circle?", "yes/no", ["yes" if image_id % 2 else "no"] * 9 + ["no" if image_id % 2 else "yes"]),
+                (
+                    "Is there a circle?",
+                    "yes/no",
+                    ["yes" if image_id % 2 else "no"] * 9 + ["no" if image_id % 2 else "yes"],
+                ),
                 ("How many shapes are there?", "number", [str(2 + image_id % 3)] * 7 + ["3"] * 3),
             ]
             for k, (text, kind, answers) in enumerate(asked):
                 qid = image_id * 1000 + k
                 questions.append({"image_id": image_id, "question": text, "question_id": qid})
-                annotations.append({"question_type": text.split()[0].lower(), "multiple_choice_answer": answers[0],
-                                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
-                                                for i, a in enumerate(answers)],
-                                    "image_id": image_id, "answer_type": kind, "question_id": qid})
+                annotations.append(
+                    {
+                        "question_type": text.split()[0].lower(),
+                        "multiple_choice_answer": answers[0],
+                        "answers": [
+                            {"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)
+                        ],
+                        "image_id": image_id,
+                        "answer_type": kind,
+                        "question_id": qid,
+                    }
+                )
         info = {"description": "uniter-pipeline demo sample", "version": "2.0"}
         folder = HERE / "vqa"
         folder.mkdir(exist_ok=True)
-        (folder / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(json.dumps(
-            {"info": info, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": f"{split}2014",
-             "questions": questions}, indent=1))
-        (folder / f"v2_mscoco_{split}2014_annotations.json").write_text(json.dumps(
-            {"info": info, "data_type": "mscoco", "data_subtype": f"{split}2014", "annotations": annotations}, indent=1))
+        (folder / f"v2_OpenEnded_mscoco_{split}2014_questions.json").write_text(
+            json.dumps(
+                {
+                    "info": info,
+                    "task_type": "Open-Ended",
+                    "data_type": "mscoco",
+                    "data_subtype": f"{split}2014",
+                    "questions": questions,
+                },
+                indent=1,
+            )
+        )
+        (folder / f"v2_mscoco_{split}2014_annotations.json").write_text(
+            json.dumps(
+                {"info": info, "data_type": "mscoco", "data_subtype": f"{split}2014", "annotations": annotations},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import duckdb
+import duckdb_extension_httpfs
 
 from storage.base import Storage, StorageError
 
@@ -30,8 +31,6 @@ def httpfs_extension_path() -> Path:
     NOTE: DuckDB would otherwise download the extension at first use, which fails offline
     and on locked-down workers; the wheel pins it to our exact DuckDB version.
     """
-    import duckdb_extension_httpfs
-
     base = Path(duckdb_extension_httpfs.__file__).parent / "extensions" / f"v{duckdb.__version__}"
     path = base / "httpfs.duckdb_extension"
     if not path.is_file():
@@ -48,7 +47,9 @@ class Catalog:
 
     def __init__(self, storage: Storage, tables: dict[str, list[str]], settings: dict | None = None):
         self.storage = storage
-        self.con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, **(settings or {})})
+        self.con = duckdb.connect(
+            config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, **(settings or {})}
+        )
         if storage.uri.startswith("s3://"):
             self._connect_s3()
         self.views: dict[str, int] = {}

@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
 from storage.base import StorageError, check_key
 
 
@@ -23,9 +27,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 class S3Storage:
     def __init__(self, uri: str, endpoint_url: str | None = None, region: str | None = None):
-        import boto3
-        from botocore.config import Config
-
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.endpoint_url = endpoint_url
@@ -61,8 +62,6 @@ class S3Storage:
         return io.BufferedReader(_RangeReader(self, self._key(key), head["ContentLength"]), buffer_size=1 << 20)
 
     def read_bytes(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
-
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
         except ClientError as exc:
@@ -83,8 +82,6 @@ class S3Storage:
             raise self._error(key, exc) from None
 
     def _head(self, key: str) -> dict | None:
-        from botocore.exceptions import ClientError
-
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
@@ -106,7 +103,7 @@ class S3Storage:
                     k = obj["Key"]
                     # A prefix "a/b" must not match "a/bc": only the object itself or its children.
                     if k == full or k.startswith(full + "/"):
-                        keys.append(k[len(strip):])
+                        keys.append(k[len(strip) :])
         except Exception as exc:
             raise self._error(prefix, exc) from None
         return sorted(keys)
@@ -145,9 +142,9 @@ class _RangeReader(io.RawIOBase):
         if self._pos >= self._size:
             return 0
         end = min(self._pos + len(buffer), self._size) - 1
-        body = self._s3.client.get_object(
-            Bucket=self._s3.bucket, Key=self._key, Range=f"bytes={self._pos}-{end}"
-        )["Body"].read()
+        body = self._s3.client.get_object(Bucket=self._s3.bucket, Key=self._key, Range=f"bytes={self._pos}-{end}")[
+            "Body"
+        ].read()
         n = len(body)
         buffer[:n] = body
         self._pos += n

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tokenizers import BertWordPieceTokenizer
 
 # Fake credentials for the local moto server only; set before boto3 is imported anywhere.
 S3_KEY_ID = "AKIAUNITERTESTKEY000"
@@ -84,7 +85,7 @@ def read_table(storage, manifest, table: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.artifact import Artifact
+    from contract.artifact import Artifact
 
     art = Artifact(storage, manifest.stage, manifest.key)
     parts = []
@@ -133,3 +134,14 @@ def demo_config(tmp_path: Path, storage_uri: str | None = None) -> tuple[Path, d
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     return cfg, doc
+
+
+@pytest.fixture(scope="session")
+def vocab(tmp_path_factory) -> str:
+    """A small WordPiece vocabulary trained on the fixture captions (no model hub here)."""
+    folder = tmp_path_factory.mktemp("vocab")
+    captions = [f"photo {i} of a thing on the table near a window" for i in range(200)]
+    tok = BertWordPieceTokenizer(lowercase=True)
+    tok.train_from_iterator(captions, vocab_size=120, min_frequency=1)
+    tok.save_model(str(folder))
+    return str(folder / "vocab.txt")

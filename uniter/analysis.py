@@ -21,12 +21,19 @@ The rules, in order (thresholds chosen on synthetic maps of each pattern, see th
 from __future__ import annotations
 
 import io
-from pathlib import Path
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from contract.errors import InputDataError, MissingInputError
+from uniter import modeling_uniter
+from uniter.data import Corpus
+from uniter.pretrain.tasks import Vocab, pack
 
 PATTERNS = ("vertical", "diagonal", "vertical+diagonal", "block", "heterogeneous", "reversed block")
 SPECIAL_VD, SPECIAL_V, DIAG_D, WITHIN_BLOCK, WITHIN_REVERSED = 0.25, 0.5, 0.5, 0.8, 0.3
@@ -118,8 +125,6 @@ def classify_heads(maps: list[torch.Tensor], text_lens: list[int], lengths: list
 
 
 def _heat(attn: np.ndarray, text_len: int, cell: int):  # → PIL image
-    from PIL import Image, ImageDraw
-
     n = attn.shape[0]
     scaled = attn / max(float(attn.max()), 1e-9)
     pixels = (255 * (1 - scaled)).astype(np.uint8)  # dark = much attention
@@ -134,8 +139,6 @@ def _heat(attn: np.ndarray, text_len: int, cell: int):  # → PIL image
 def heatmap_grid_png(maps: list[torch.Tensor], example: int, text_len: int, length: int, labels: np.ndarray,
                      max_side: int = 160) -> bytes:
     """One heatmap per (layer, head) of one example, boundary in red, the head's pattern below it."""
-    from PIL import Image, ImageDraw
-
     cell = max(1, max_side // max(1, length))
     size = length * cell
     layers, heads = len(maps), maps[0].shape[1]
@@ -157,8 +160,6 @@ def heatmap_grid_png(maps: list[torch.Tensor], example: int, text_len: int, leng
 
 def summary_png(labels: np.ndarray, width: int = 640, height: int = 320) -> bytes:
     """Stacked bars per layer: how many (head, example) maps fall in each pattern."""
-    from PIL import Image, ImageDraw
-
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     layers = labels.shape[0]
     img = Image.new("RGB", (width, height), "white")
@@ -187,58 +188,19 @@ def summary_png(labels: np.ndarray, width: int = 640, height: int = 320) -> byte
 
 def load_encoder(folder: Path):
     """Any UNITER checkpoint folder (pretraining or a fine-tuned head): its `uniter` encoder."""
-    import json
-
-    from uniter import modeling_uniter
-
     arch = (json.loads((folder / "config.json").read_text()).get("architectures") or ["UniterModel"])[0]
     cls = getattr(modeling_uniter, arch, None)
     if cls is None or not arch.startswith("Uniter"):
-        from pipeline.errors import InputDataError
-
         raise InputDataError(f"{folder}/config.json: architecture {arch!r} is not a UNITER model of this project")
     return cls.from_pretrained(folder)
 
 
-def analyze_attention(cfg, checkpoint: str | None, n: int, out: Path, examples_png: int = 4) -> dict:
-    """Attention maps of `n` validation pairs of the config's corpus under a checkpoint (a folder, or
-    None: the config's pretrained model), classified and drawn into `out`."""
-    import json
-    import tempfile
-
-    from pipeline.artifact import Artifact
-    from pipeline.errors import MissingInputError
-    from pipeline.runner import Planner, storage_for
-    from uniter.data import Corpus, build_features, build_texts, load_tokenizer
-    from uniter.pretrain.tasks import Vocab, pack
-
-    storage = storage_for(cfg)
-    planner = Planner(cfg, storage)
-    plan = planner.plan("pretrain")
-    if plan.missing:
-        raise MissingInputError(f"attention analysis reads the corpus: run {', '.join(plan.missing)} first")
-    p = cfg.pretrain
-    tokenizer = load_tokenizer(p.tokenizer, p.lowercase)
-    dedup, extract = plan.input_manifests["dedup"], plan.input_manifests["extract"]
-    pairs = [Artifact(storage, "dedup", dedup.key).file_key(f.path) for f in dedup.tables.get("corpus_pairs", [])]
-    text_path = build_texts(storage, pairs, dedup.table_sha256("corpus_pairs"), tokenizer, p.max_txt_len)
-    feats = [build_features(storage, Artifact(storage, "extract", extract.key).file_key(f.path), f.sha256)
-             for f in extract.tables.get("features", [])]
-    corpus = Corpus(text_path, feats, p.conf_thresh, p.min_bb, p.max_bb, p.val_percent)
+def analyze_attention(corpus: Corpus, tokenizer, model, n: int, out: Path, examples_png: int = 4) -> dict:
+    """Attention maps of `n` pairs of `corpus` (validation pairs first) under `model`, each head
+    classified; pictures and `attention.json` written into `out`."""
     order = np.concatenate([np.flatnonzero(corpus.is_val), np.flatnonzero(~corpus.is_val)])[:n]
     if not len(order):
         raise MissingInputError("the corpus has no image-text pairs with features to analyze")
-    with tempfile.TemporaryDirectory(prefix="uniter-attn-") as tmp:
-        folder = Path(checkpoint) if checkpoint else Path(tmp)
-        if checkpoint is None:
-            manifest = planner.manifest("pretrain")
-            if manifest is None:
-                raise MissingInputError("no pretrained model for this config: run `uniter run pretrain` first, or pass --checkpoint")
-            art = Artifact(storage, "pretrain", manifest.key)
-            for name in manifest.files:
-                if name.startswith("model/"):
-                    (folder / name.split("/", 1)[1]).write_bytes(storage.read_bytes(art.file_key(f"files/{name}")))
-        model = load_encoder(folder)
     vocab = Vocab.from_tokenizer(tokenizer)
     texts = [np.concatenate([[vocab.cls], corpus.text(int(i)), [vocab.sep]]) for i in order]
     batch = pack(texts, [corpus.example_region(int(i)) for i in order], vocab)
@@ -249,9 +211,18 @@ def analyze_attention(cfg, checkpoint: str | None, n: int, out: Path, examples_p
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention_summary.png").write_bytes(summary_png(labels))
     for e in range(min(examples_png, len(order))):
-        (out / f"attention_example_{e:02d}.png").write_bytes(heatmap_grid_png(maps, e, text_lens[e], lengths[e], labels))
-    per_layer = [{name: int((labels[layer] == k).sum()) for k, name in enumerate(PATTERNS)} for layer in range(labels.shape[0])]
-    summary = {"examples": len(order), "layers": labels.shape[0], "heads": labels.shape[1], "per_layer": per_layer,
-               "overall": {name: int((labels == k).sum()) for k, name in enumerate(PATTERNS)}, "out": str(out.resolve())}
+        grid = heatmap_grid_png(maps, e, text_lens[e], lengths[e], labels)
+        (out / f"attention_example_{e:02d}.png").write_bytes(grid)
+    per_layer = [
+        {name: int((labels[layer] == k).sum()) for k, name in enumerate(PATTERNS)} for layer in range(labels.shape[0])
+    ]
+    summary = {
+        "examples": len(order),
+        "layers": labels.shape[0],
+        "heads": labels.shape[1],
+        "per_layer": per_layer,
+        "overall": {name: int((labels == k).sum()) for k, name in enumerate(PATTERNS)},
+        "out": str(out.resolve()),
+    }
     (out / "attention.json").write_text(json.dumps(summary, indent=2))
     return summary

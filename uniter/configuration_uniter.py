@@ -31,7 +31,8 @@ class UniterConfig(PretrainedConfig):
         tie_word_embeddings: bool = True,  # MLM decoder = word embeddings; MRFR output = image input Linear
         **kwargs,
     ):
-        super().__init__(pad_token_id=pad_token_id, **kwargs)
+        super().__init__(**kwargs)
+        self.pad_token_id = pad_token_id
         self.tie_word_embeddings = tie_word_embeddings
         if hidden_size % num_attention_heads:
             raise ValueError(

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.errors import ConfigError
+from contract.errors import ConfigError
 from storage import Storage
 
 log = logging.getLogger(__name__)

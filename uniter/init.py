@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from contract.errors import ConfigError
 from uniter.data import resolve
 
 

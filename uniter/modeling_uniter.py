@@ -191,8 +191,9 @@ class UniterPreTrainedModel(PreTrainedModel):
 
 @dataclass
 class UniterModelOutput(ModelOutput):
-    last_hidden_state: torch.Tensor = None  # (B, L, H), packed [text | regions | padding]
-    pooler_output: torch.Tensor = None  # (B, H)
+    last_hidden_state: torch.Tensor  # (B, L, H), packed [text | regions | padding]
+    # NOTE: always set; typed as required although HF's ModelOutput lets only its first field go without a default
+    pooler_output: torch.Tensor = None  # type: ignore[assignment]  # (B, H)
 
 
 class UniterModel(UniterPreTrainedModel):
@@ -262,7 +263,7 @@ class UniterOnlyMLMHead(nn.Module):
 class RegionFeatureRegression(nn.Module):
     """MRFR: back to the 2048-d feature through the image input Linear's weight (tied, transposed)."""
 
-    def __init__(self, config: UniterConfig, img_linear_weight: nn.Parameter):
+    def __init__(self, config: UniterConfig, img_linear_weight: torch.Tensor):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), ACT[config.hidden_act],
                                  nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
@@ -290,10 +291,10 @@ class RegionClassification(nn.Module):
 
 @dataclass
 class UniterPretrainingOutput(ModelOutput):
-    loss: torch.Tensor = None  # scalar, the task's loss (ITM includes the weighted WRA term)
-    logits: torch.Tensor = None  # task predictions at the scored positions
-    targets: torch.Tensor = None  # what they were scored against
-    ot_distance: torch.Tensor = None  # (B,) WRA distances of the ITM batch, when computed
+    loss: torch.Tensor | None = None  # scalar, the task's loss (ITM includes the weighted WRA term)
+    logits: torch.Tensor | None = None  # task predictions at the scored positions
+    targets: torch.Tensor | None = None  # what they were scored against
+    ot_distance: torch.Tensor | None = None  # (B,) WRA distances of the ITM batch, when computed
 
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -374,8 +375,8 @@ class UniterForPretraining(UniterPreTrainedModel):
 
 @dataclass
 class UniterDownstreamOutput(ModelOutput):
-    loss: torch.Tensor = None  # scalar, when the batch carries targets
-    logits: torch.Tensor = None  # VQA (B, answers); NLVR2 (B, 2); retrieval (B,); RE (B, N)
+    loss: torch.Tensor | None = None  # scalar, when the batch carries targets
+    logits: torch.Tensor | None = None  # VQA (B, answers); NLVR2 (B, 2); retrieval (B,); RE (B, N)
 
 
 def _encode(uniter: UniterModel, batch: dict) -> UniterModelOutput:
@@ -412,6 +413,7 @@ class UniterForNlvr2(UniterPreTrainedModel):
         super().__init__(config)
         self.uniter = UniterModel(config)
         h = config.hidden_size
+        self.nlvr2_output: nn.Module
         if config.nlvr2_head == "pair":
             self.nlvr2_output = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.GELU(),
                                               nn.LayerNorm(2 * h, eps=config.layer_norm_eps), nn.Linear(2 * h, 2))
@@ -449,12 +451,12 @@ class UniterForNlvr2(UniterPreTrainedModel):
             lmask, rmask = mask[0::2], mask[1::2]
             l2r, _ = self.attention(left, right, right, key_padding_mask=~rmask, need_weights=False)
             r2l, _ = self.attention(right, left, left, key_padding_mask=~lmask, need_weights=False)
-            pooled = []
+            sides = []
             for seq, ctx, m in ((left, l2r, lmask), (right, r2l, rmask)):
                 fused = self.fuse(torch.cat([seq, ctx], dim=-1))  # (S, L, H)
                 weights = self.attn_pool(fused).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)  # (S, L)
-                pooled.append(torch.einsum("sl,slh->sh", weights, fused))
-            logits = self.nlvr2_output(torch.cat(pooled, dim=-1))  # (S, 2)
+                sides.append(torch.einsum("sl,slh->sh", weights, fused))  # (S, H)
+            logits = self.nlvr2_output(torch.cat(sides, dim=-1))  # (S, 2)
         loss = F.cross_entropy(logits, batch["targets"]) if "targets" in batch else None
         return UniterDownstreamOutput(loss, logits)
 

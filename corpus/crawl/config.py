@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from pipeline.configbase import Location, SectionConfig
+from contract.configbase import Location, SectionConfig
 
 DEFAULT_USER_AGENT = "uniter-pipeline/0.1 (vision-language research corpus builder)"
 
@@ -16,7 +16,9 @@ class CrawlConfig(SectionConfig):
     """Fetch every distinct image of `pairs`, validate, normalize and hash it."""
 
     # How fast we go and how hard we push servers: not part of the output's identity.
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"concurrency", "per_host", "per_host_rate", "workers", "open_shards"})
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset(
+        {"concurrency", "per_host", "per_host_rate", "workers", "open_shards"}
+    )
 
     shard_images: int = Field(default=1000, ge=1)  # distinct images per shard (the unit of resume)
     concurrency: int = Field(default=64, ge=1, le=4096)  # requests in flight, in total

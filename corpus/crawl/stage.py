@@ -10,23 +10,21 @@ crawl; a shard is published when all its images are settled (fetched or failed).
 from __future__ import annotations
 
 import asyncio
-import logging
 import multiprocessing
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from corpus.crawl.fetch import Fetched, Fetcher
-from corpus.crawl.imaging import ImageOptions, ImageRejected, Processed, process_image
-from pipeline.stage import Stage, StageContext, now, shard_id
+from contract.stage import Stage, StageContext, now, shard_id
+from corpus.images.fetch import Fetched, Fetcher
+from corpus.images.imaging import ImageOptions, Processed, process_or_reject
 from storage.catalog import Catalog
-
-log = logging.getLogger(__name__)
 
 IMAGES_SCHEMA = pa.schema(
     [
@@ -68,14 +66,6 @@ class Outcome:
     detail: str = ""
 
 
-def process_or_reject(data: bytes, opts: ImageOptions) -> Processed | tuple[str, str]:
-    """Worker entry point. Returns the failure as a tuple: custom exceptions don't pickle back."""
-    try:
-        return process_image(data, opts)
-    except ImageRejected as exc:
-        return exc.reason, exc.detail
-
-
 def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, Iterator[tuple[int, list[str], list[str]]]]:
     """(number of distinct images, iterator of (shard index, keys, uris)), sorted by image key so the
     same pairs always give the same shards. DuckDB sorts out of core; we stream its result."""
@@ -113,7 +103,7 @@ def run_crawl(ctx: StageContext) -> None:
 async def _crawl(ctx: StageContext, shards, bar) -> None:
     cfg = ctx.config
     workers = cfg.workers or os.cpu_count() or 1
-    opts = ImageOptions(max_side=cfg.max_side, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels)
+    opts = ImageOptions.from_settings(cfg)
     # NOTE: forkserver, not fork: the event loop, aiohttp and DuckDB threads must not be copied.
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver"))
     decode_slots = asyncio.Semaphore(4 * workers)  # bounded queue between download and decode
@@ -213,7 +203,8 @@ def binary_column(values: list[bytes]) -> pa.Array:
     shard's ~100 MB of JPEGs cost more than everything else the main process does (measured)."""
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum([len(v) for v in values], out=offsets[1:])
-    return pa.Array.from_buffers(pa.binary(), len(values), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))])
+    buffers = [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(values))]
+    return pa.Array.from_buffers(pa.binary(), len(values), buffers)
 
 
 def summarize(counts: dict[str, Any]) -> dict[str, Any]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.configbase import InputFile, Location, SectionConfig, StrictModel
+from contract.configbase import InputFile, Location, SectionConfig, StrictModel
 
 EvalName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_+]*$", max_length=48)]
 
@@ -47,7 +47,7 @@ class FlickrIdsEval(StrictModel):
     path: InputFile
 
 
-EvalSet = Annotated[Union[KarpathyEval, RefcocoEval, FlickrIdsEval], Field(discriminator="format")]
+EvalSet = Annotated[KarpathyEval | RefcocoEval | FlickrIdsEval, Field(discriminator="format")]
 
 
 class DedupConfig(SectionConfig):
@@ -56,7 +56,7 @@ class DedupConfig(SectionConfig):
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset()
 
     # Largest pHash Hamming distance between one image's whole-image hash and any window hash of the
-    # other (see corpus/imagehash.py). 4 matches JPEG q40, 50 % resizes, 3–5 % crops and ±10 %
+    # other (see corpus/images/imagehash.py). 4 matches JPEG q40, 50 % resizes, 3–5 % crops and ±10 %
     # brightness in ≥ 99 % of cases while no two distinct fixture photos come closer than 12.
     phash_max_distance: int = Field(default=4, ge=0, le=16)
     near_duplicates: bool = True  # merge near duplicates (exact ones are always merged)
@@ -66,7 +66,7 @@ class DedupConfig(SectionConfig):
     eval_shard_images: int = Field(default=1000, ge=1)  # evaluation images hashed per shard
 
     @model_validator(mode="after")
-    def _unique(self) -> "DedupConfig":
+    def _unique(self) -> DedupConfig:
         names = [e.name for e in self.eval_sets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

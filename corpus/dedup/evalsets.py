@@ -11,12 +11,11 @@ from __future__ import annotations
 import io
 import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
+from contract.errors import InputDataError
+from corpus.annotations.reader import JsonArrayStream
+from corpus.annotations.records import as_int, coco_images, flickr30k_photo_id, join_location, karpathy_image_uri
 from corpus.dedup.config import FlickrIdsEval, KarpathyEval, RefcocoEval
-from corpus.ingest.formats import COCO_IMAGES_URL, as_int, flickr_id_from_url, join_location
-from corpus.ingest.reader import JsonArrayStream
-from pipeline.errors import InputDataError
 
 
 @dataclass(frozen=True)
@@ -55,26 +54,19 @@ def read_karpathy(spec: KarpathyEval) -> list[EvalItem]:
     for img in JsonArrayStream(spec.path, "images"):
         if not isinstance(img, dict) or img.get("split") not in splits or not isinstance(img.get("filename"), str):
             continue
-        filename = img["filename"]
+        filename, uri = img["filename"], karpathy_image_uri(img, spec.dataset, spec.image_root)
         if spec.dataset == "coco":
             coco_id = as_int(img.get("cocoid"))
-            root = spec.image_root or COCO_IMAGES_URL
-            items.append(EvalItem(spec.name, img["split"], f"coco:{coco_id}", coco_id, None,
-                                  join_location(root, img.get("filepath", ""), filename)))
+            items.append(EvalItem(spec.name, img["split"], f"coco:{coco_id}", coco_id, None, uri))
         else:
-            flickr_id = as_int(Path(filename).stem)
-            uri = join_location(spec.image_root, filename) if spec.image_root else None
+            flickr_id = flickr30k_photo_id(filename)
             items.append(EvalItem(spec.name, img["split"], f"flickr30k:{filename}", None, flickr_id, uri))
     return items
 
 
 def read_refcoco(spec: RefcocoEval) -> list[EvalItem]:
     splits = set(spec.splits)
-    images: dict[int, tuple[str | None, int | None]] = {}
-    if spec.instances:
-        for img in JsonArrayStream(spec.instances, "images"):
-            if isinstance(img, dict) and (image_id := as_int(img.get("id"))) is not None:
-                images[image_id] = (img.get("file_name"), flickr_id_from_url(img.get("flickr_url")))
+    images = coco_images(spec.instances) if spec.instances else {}
     seen: dict[int, EvalItem] = {}
     for i, ref in enumerate(load_refs(spec.refs)):
         if not isinstance(ref, dict) or ref.get("split") not in splits:
@@ -84,7 +76,7 @@ def read_refcoco(spec: RefcocoEval) -> list[EvalItem]:
             raise InputDataError(f"{spec.refs}: ref #{i} has no integer image_id")
         if image_id in seen:
             continue
-        file_name, flickr_id = images.get(image_id, (None, None))
+        file_name, _coco_url, flickr_id = images.get(image_id, (None, None, None))
         if file_name is None:
             file_name = f"COCO_train2014_{image_id:012d}.jpg"  # RefCOCO images are all COCO train2014
         uri = join_location(spec.image_root, file_name) if spec.image_root else None

@@ -56,14 +56,18 @@ def _masks(width: int, radius: int) -> list[int]:
     return [sum(1 << b for b in bits) for k in range(radius + 1) for bits in itertools.combinations(range(width), k)]
 
 
-def hamming_join(con: duckdb.DuckDBPyConnection, query: str, index: str, d: int, exclude_self: bool = False) -> pa.Table:
+def hamming_join(
+    con: duckdb.DuckDBPyConnection, query: str, index: str, d: int, exclude_self: bool = False
+) -> pa.Table:
     """Pairs ``(qid, iid, distance)`` with popcount(q.h xor i.h) <= d, one row per (qid, iid) with
     the smallest distance. ``query`` and ``index`` are relations with columns ``id BIGINT, h BIGINT``
     (an id may appear with several hashes, e.g. crop windows)."""
     n_q = con.execute(f"select count(*) from ({query})").fetchone()[0]
     n_i = con.execute(f"select count(*) from ({index})").fetchone()[0]
     if not n_q or not n_i:
-        return pa.table({"qid": pa.array([], pa.int64()), "iid": pa.array([], pa.int64()), "distance": pa.array([], pa.int32())})
+        return pa.table(
+            {"qid": pa.array([], pa.int64()), "iid": pa.array([], pa.int64()), "distance": pa.array([], pa.int32())}
+        )
     plan = plan_bands(d, n_q, n_i)
     self_clause = "and q.id <> i.id" if exclude_self else ""
     parts = []
@@ -73,13 +77,17 @@ def hamming_join(con: duckdb.DuckDBPyConnection, query: str, index: str, d: int,
         if plan.radius == 0:
             probe = f"select id, h, {band} as v from ({query})"
         else:
-            probe = f"select id, h, unnest(list_transform([{masks}]::BIGINT[], x -> xor({band}, x))) as v from ({query})"
+            neighbours = f"unnest(list_transform([{masks}]::BIGINT[], x -> xor({band}, x)))"
+            probe = f"select id, h, {neighbours} as v from ({query})"
         parts.append(
             f"""select q.id as qid, i.id as iid, bit_count(xor(q.h, i.h)) as distance
             from ({probe}) q join (select id, h, {band} as v from ({index})) i on q.v = i.v
             where bit_count(xor(q.h, i.h)) <= {d} {self_clause}"""
         )
-    sql = f"select qid, iid, min(distance)::INTEGER as distance from ({' union all '.join(parts)}) group by qid, iid order by qid, iid"
+    sql = (
+        f"select qid, iid, min(distance)::INTEGER as distance from ({' union all '.join(parts)}) "
+        "group by qid, iid order by qid, iid"
+    )
     return con.execute(sql).arrow().read_all()
 
 

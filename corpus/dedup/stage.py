@@ -13,39 +13,72 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import multiprocessing
 import os
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from typing import Protocol
 
 import pyarrow as pa
 
-from corpus.crawl.config import CrawlConfig
-from corpus.crawl.fetch import Fetcher
-from corpus.crawl.imaging import ImageOptions, Processed
-from corpus.crawl.stage import process_or_reject
+from contract.stage import Stage, StageContext, batched, now, shard_id
 from corpus.dedup.evalsets import EvalItem, read_eval_set
 from corpus.dedup.join import components, hamming_join
-from pipeline.stage import Stage, StageContext, batched, now, shard_id
+from corpus.images.fetch import Fetcher, FetchSettings
+from corpus.images.imaging import ImageOptions, ImageSettings, Processed, process_or_reject
 from storage.catalog import Catalog
 
-log = logging.getLogger(__name__)
 
-EVAL_SCHEMA = pa.schema([
-    ("eval_set", pa.string()), ("split", pa.string()), ("item", pa.string()), ("coco_id", pa.int64()),
-    ("flickr_id", pa.int64()), ("image_uri", pa.string()), ("status", pa.string()),
-    ("phash", pa.int64()), ("phash_windows", pa.list_(pa.int64())),
-])
-MAP_SCHEMA = pa.schema([("image_key", pa.string()), ("kept_key", pa.string()), ("removed", pa.bool_()), ("cluster_size", pa.int32())])
-DUPLICATES_SCHEMA = pa.schema([("image_key", pa.string()), ("kept_key", pa.string()), ("rule", pa.string()), ("distance", pa.int32())])
-REMOVED_SCHEMA = pa.schema([
-    ("image_key", pa.string()), ("rule", pa.string()), ("eval_set", pa.string()), ("eval_split", pa.string()),
-    ("eval_item", pa.string()), ("distance", pa.int32()), ("matched_key", pa.string()),
-])
+class CrawlSettings(FetchSettings, ImageSettings, Protocol):
+    """What dedup reads from the `crawl` config section: evaluation images are fetched and hashed as
+    the crawl fetches and hashes the corpus images."""
+
+    workers: int | None
 
 
-def run_dedup(ctx: StageContext, crawl_cfg: CrawlConfig) -> None:
+EVAL_SCHEMA = pa.schema(
+    [
+        ("eval_set", pa.string()),
+        ("split", pa.string()),
+        ("item", pa.string()),
+        ("coco_id", pa.int64()),
+        ("flickr_id", pa.int64()),
+        ("image_uri", pa.string()),
+        ("status", pa.string()),
+        ("phash", pa.int64()),
+        ("phash_windows", pa.list_(pa.int64())),
+    ]
+)
+MAP_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("kept_key", pa.string()),
+        ("removed", pa.bool_()),
+        ("cluster_size", pa.int32()),
+    ]
+)
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("kept_key", pa.string()),
+        ("rule", pa.string()),
+        ("distance", pa.int32()),
+    ]
+)
+REMOVED_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("rule", pa.string()),
+        ("eval_set", pa.string()),
+        ("eval_split", pa.string()),
+        ("eval_item", pa.string()),
+        ("distance", pa.int32()),
+        ("matched_key", pa.string()),
+    ]
+)
+
+
+def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
     cfg = ctx.config
     items = [item for spec in cfg.eval_sets for item in read_eval_set(spec)]
     eval_shards = []
@@ -83,8 +116,11 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlConfig) -> None:
         if not ctx.shard_done("report-00000"):
             started = now()
             table, report, stats = build_report(catalog, cfg)
-            ctx.write_shard("report-00000", {"decontamination": table}, stats, started,
-                            extras={"report.json": json.dumps(report, indent=1).encode(), "report.md": report_markdown(report).encode()})
+            files = {
+                "report.json": json.dumps(report, indent=1).encode(),
+                "report.md": report_markdown(report).encode(),
+            }
+            ctx.write_shard("report-00000", {"decontamination": table}, stats, started, extras=files)
     finally:
         catalog.close()
 
@@ -92,34 +128,53 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlConfig) -> None:
 # --- evaluation images ------------------------------------------------------------------------
 
 
-def hash_eval_images(items: list[EvalItem], crawl_cfg: CrawlConfig, cfg) -> tuple[pa.Table, dict]:
+def hash_eval_images(items: list[EvalItem], crawl_cfg: CrawlSettings, cfg) -> tuple[pa.Table, dict]:
     """Fetch and hash the evaluation images of one shard, with the crawl's fetcher and worker.
     Their own image roots are readable in addition to the crawl's."""
-    roots = list(crawl_cfg.file_roots) + [i.image_uri.rsplit("/", 1)[0] for i in items if i.image_uri and i.image_uri.startswith("/")]
-    fetch_cfg = crawl_cfg.model_copy(update={"file_roots": sorted(set(roots))})
+    eval_roots = [i.image_uri.rsplit("/", 1)[0] for i in items if i.image_uri and i.image_uri.startswith("/")]
+    roots = sorted(set(crawl_cfg.file_roots) | set(eval_roots))
     wanted = [i for i in items if i.image_uri] if cfg.appearance else []
-    results = asyncio.run(_fetch_and_hash(wanted, fetch_cfg)) if wanted else {}
+    results = asyncio.run(_fetch_and_hash(wanted, crawl_cfg, roots)) if wanted else {}
     rows = []
     for item in items:
         res = results.get(item.item + "\0" + item.eval_set)
-        status = "skipped" if not cfg.appearance else "no_location" if not item.image_uri else (res if isinstance(res, str) else "ok")
+        if not cfg.appearance:
+            status = "skipped"
+        elif not item.image_uri:
+            status = "no_location"
+        else:
+            status = res if isinstance(res, str) else "ok"
         ok = isinstance(res, Processed)
-        rows.append({
-            "eval_set": item.eval_set, "split": item.split, "item": item.item, "coco_id": item.coco_id,
-            "flickr_id": item.flickr_id, "image_uri": item.image_uri, "status": status,
-            "phash": res.phash if ok else None, "phash_windows": res.phash_windows if ok else None,
-        })
+        rows.append(
+            {
+                "eval_set": item.eval_set,
+                "split": item.split,
+                "item": item.item,
+                "coco_id": item.coco_id,
+                "flickr_id": item.flickr_id,
+                "image_uri": item.image_uri,
+                "status": status,
+                "phash": res.phash if ok else None,
+                "phash_windows": res.phash_windows if ok else None,
+            }
+        )
     table = pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
-    return table, {"eval_items": len(rows), "eval_hashed": sum(r["status"] == "ok" for r in rows),
-                   "eval_status": dict(sorted(Counter(r["status"] for r in rows).items()))}
+    return table, {
+        "eval_items": len(rows),
+        "eval_hashed": sum(r["status"] == "ok" for r in rows),
+        "eval_status": dict(sorted(Counter(r["status"] for r in rows).items())),
+    }
 
 
-async def _fetch_and_hash(items: list[EvalItem], fetch_cfg: CrawlConfig) -> dict[str, Processed | str]:
-    opts = ImageOptions(max_side=fetch_cfg.max_side, jpeg_quality=fetch_cfg.jpeg_quality, max_pixels=fetch_cfg.max_pixels)
-    workers = fetch_cfg.workers or os.cpu_count() or 1
+async def _fetch_and_hash(
+    items: list[EvalItem], crawl_cfg: CrawlSettings, file_roots: list[str]
+) -> dict[str, Processed | str]:
+    opts = ImageOptions.from_settings(crawl_cfg)
+    workers = crawl_cfg.workers or os.cpu_count() or 1
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-        async with Fetcher(fetch_cfg) as fetcher:
+        async with Fetcher(crawl_cfg, file_roots) as fetcher:
+
             async def one(item: EvalItem):
                 fetched = await fetcher.fetch(item.image_uri)
                 if fetched.body is None:
@@ -182,25 +237,45 @@ def build_map(catalog: Catalog, cfg) -> tuple[dict[str, pa.Table], dict]:
             if m not in removed_ids:
                 removed_rows.append((m, "duplicate_of_removed", row[2], row[3], row[4], None, row[0]))
 
-    con.register("roots_t", pa.table({"id": pa.array(list(root), pa.int64()), "root": pa.array(list(root.values()), pa.int64())}))
+    roots_t = pa.table({"id": pa.array(list(root), pa.int64()), "root": pa.array(list(root.values()), pa.int64())})
+    con.register("roots_t", roots_t)
     con.register("removed_roots_t", pa.table({"root": pa.array(sorted(first_match), pa.int64())}))
-    image_map = con.execute("""
-        with m as (select i.id, i.image_key, coalesce(r.root, i.id) as root from img i left join roots_t r on r.id = i.id)
+    image_map = (
+        con.execute("""
+        with m as (
+            select i.id, i.image_key, coalesce(r.root, i.id) as root from img i left join roots_t r on r.id = i.id)
         select m.image_key, k.image_key as kept_key, m.root in (select root from removed_roots_t) as removed,
                (count(*) over (partition by m.root))::INTEGER as cluster_size
-        from m join img k on k.id = m.root order by m.image_key""").arrow().read_all().cast(MAP_SCHEMA)
-    needed = sorted({i for a, b, *_ in dups for i in (a, b)} | {r[0] for r in removed_rows} | {r[6] for r in removed_rows if r[6] is not None})
-    key_of = dict(con.execute("select id, image_key from img where id in (select unnest($1::BIGINT[]))", [needed]).fetchall())
+        from m join img k on k.id = m.root order by m.image_key""")
+        .arrow()
+        .read_all()
+        .cast(MAP_SCHEMA)
+    )
+    needed = sorted(
+        {i for a, b, *_ in dups for i in (a, b)}
+        | {r[0] for r in removed_rows}
+        | {r[6] for r in removed_rows if r[6] is not None}
+    )
+    key_of = dict(
+        con.execute("select id, image_key from img where id in (select unnest($1::BIGINT[]))", [needed]).fetchall()
+    )
     dup_table = pa.table(
-        {"image_key": [key_of[a] for a, *_ in dups], "kept_key": [key_of[root.get(a, a)] if root.get(a, a) in key_of else None for a, *_ in dups],
-         "rule": [r for _, _, r, _ in dups], "distance": [dist for *_, dist in dups]},
+        {
+            "image_key": [key_of[a] for a, *_ in dups],
+            "kept_key": [key_of.get(root.get(a, a)) for a, *_ in dups],
+            "rule": [r for _, _, r, _ in dups],
+            "distance": [dist for *_, dist in dups],
+        },
         schema=DUPLICATES_SCHEMA,
     )
     removed = pa.table(
         {
-            "image_key": [key_of[r[0]] for r in removed_rows], "rule": [r[1] for r in removed_rows],
-            "eval_set": [r[2] for r in removed_rows], "eval_split": [r[3] for r in removed_rows],
-            "eval_item": [r[4] for r in removed_rows], "distance": [r[5] for r in removed_rows],
+            "image_key": [key_of[r[0]] for r in removed_rows],
+            "rule": [r[1] for r in removed_rows],
+            "eval_set": [r[2] for r in removed_rows],
+            "eval_split": [r[3] for r in removed_rows],
+            "eval_item": [r[4] for r in removed_rows],
+            "distance": [r[5] for r in removed_rows],
             "matched_key": [key_of[r[6]] if r[6] is not None else None for r in removed_rows],
         },
         schema=REMOVED_SCHEMA,
@@ -211,7 +286,8 @@ def build_map(catalog: Catalog, cfg) -> tuple[dict[str, pa.Table], dict]:
         "near_duplicates": len(dups) - len(exact),
         "images_removed": sum(image_map.column("removed").to_pylist()),
     }
-    stats["images_kept"] = sum(1 for k, kk, rm in zip(*(image_map.column(c).to_pylist() for c in ("image_key", "kept_key", "removed")), strict=True) if k == kk and not rm)
+    mapped = zip(*(image_map.column(c).to_pylist() for c in ("image_key", "kept_key", "removed")), strict=True)
+    stats["images_kept"] = sum(1 for k, kk, rm in mapped if k == kk and not rm)
     return {"image_map": image_map, "duplicates": dup_table.sort_by("image_key"), "removed": removed}, stats
 
 
@@ -234,9 +310,11 @@ ev as (
 )
 select distinct i.id, rule, eval_set, split, item, null::INTEGER as distance, null::VARCHAR as matched_key
 from (
-    select p.image_key, 'coco_id' as rule, ev.eval_set, ev.split, ev.item from pimg p join ev on p.coco_id = ev.coco_id
+    select p.image_key, 'coco_id' as rule, ev.eval_set, ev.split, ev.item
+    from pimg p join ev on p.coco_id = ev.coco_id
     union all
-    select p.image_key, 'flickr_id' as rule, ev.eval_set, ev.split, ev.item from pimg p join ev on p.flickr_id = ev.flickr_id
+    select p.image_key, 'flickr_id' as rule, ev.eval_set, ev.split, ev.item
+    from pimg p join ev on p.flickr_id = ev.flickr_id
 ) m join img i on i.image_key = m.image_key
 order by i.id, rule, eval_set, item
 """
@@ -246,7 +324,8 @@ def appearance_matches(con, d: int) -> list[tuple]:
     """Pretraining images within pHash distance d of an evaluation image, in either direction."""
     con.execute("""
         create or replace temp table ev_ok as
-        select (row_number() over (order by eval_set, item) - 1)::BIGINT as id, eval_set, split, item, phash, phash_windows
+        select (row_number() over (order by eval_set, item) - 1)::BIGINT as id,
+               eval_set, split, item, phash, phash_windows
         from eval_images where status = 'ok'""")
     corpus_full = "select id, phash as h from img"
     corpus_all = "select id, phash as h from img union all select id, unnest(phash_windows) as h from img"
@@ -255,9 +334,9 @@ def appearance_matches(con, d: int) -> list[tuple]:
     a = hamming_join(con, corpus_full, eval_all, d)
     b = hamming_join(con, eval_full, corpus_all, d)
     best: dict[tuple[int, int], int] = {}
-    for img_id, ev_id, dist in zip(a.column("qid").to_pylist(), a.column("iid").to_pylist(), a.column("distance").to_pylist(), strict=True):
+    for img_id, ev_id, dist in zip(*(a.column(c).to_pylist() for c in ("qid", "iid", "distance")), strict=True):
         best[(img_id, ev_id)] = min(dist, best.get((img_id, ev_id), 99))
-    for ev_id, img_id, dist in zip(b.column("qid").to_pylist(), b.column("iid").to_pylist(), b.column("distance").to_pylist(), strict=True):
+    for ev_id, img_id, dist in zip(*(b.column(c).to_pylist() for c in ("qid", "iid", "distance")), strict=True):
         best[(img_id, ev_id)] = min(dist, best.get((img_id, ev_id), 99))
     evals = {r[0]: r[1:] for r in con.execute("select id, eval_set, split, item from ev_ok").fetchall()}
     return sorted((img_id, "appearance", *evals[ev_id], dist, None) for (img_id, ev_id), dist in best.items())
@@ -274,13 +353,17 @@ def write_kept_images(ctx: StageContext, catalog: Catalog, bar) -> None:
         if ctx.shard_done(name):
             continue
         started = now()
-        table = catalog.con.execute(f"""
+        table = (
+            catalog.con.execute(f"""
             select i.image_key, i.sha256, i.phash, i.width, i.height, {catalog.literal(key)} as crawl_file,
                    i.file_row_number::BIGINT as crawl_row, m.cluster_size
             from read_parquet({catalog.url(key)}, file_row_number = true) i
             join image_map m on m.image_key = i.image_key
             where m.kept_key = i.image_key and not m.removed
-            order by i.image_key""").arrow().read_all()
+            order by i.image_key""")
+            .arrow()
+            .read_all()
+        )
         ctx.write_shard(name, {"corpus_images": table}, {"corpus_images": table.num_rows}, started)
 
 
@@ -293,11 +376,15 @@ def write_kept_pairs(ctx: StageContext, catalog: Catalog, bar) -> None:
         if ctx.shard_done(name):
             continue
         started = now()
-        table = catalog.con.execute(f"""
+        table = (
+            catalog.con.execute(f"""
             select p.* replace (m.kept_key as image_key), p.image_key as original_image_key
             from read_parquet({catalog.url(key)}) p join image_map m on m.image_key = p.image_key
             where not m.removed
-            order by p.pair_id""").arrow().read_all()
+            order by p.pair_id""")
+            .arrow()
+            .read_all()
+        )
         ctx.write_shard(name, {"corpus_pairs": table}, {"corpus_pairs": table.num_rows}, started)
 
 
@@ -306,24 +393,37 @@ def write_kept_pairs(ctx: StageContext, catalog: Catalog, bar) -> None:
 
 def build_report(catalog: Catalog, cfg) -> tuple[pa.Table, dict, dict]:
     con = catalog.con
-    table = con.execute("""
+    table = (
+        con.execute("""
         with r as (select distinct image_key, rule, eval_set from removed)
-        select p.source, r.eval_set, r.rule, count(distinct r.image_key)::BIGINT as images, count(distinct p.pair_id)::BIGINT as pairs
+        select p.source, r.eval_set, r.rule,
+               count(distinct r.image_key)::BIGINT as images, count(distinct p.pair_id)::BIGINT as pairs
         from r join pairs p on p.image_key = r.image_key
-        group by all order by all""").arrow().read_all()
+        group by all order by all""")
+        .arrow()
+        .read_all()
+    )
     totals = con.execute("""
         select (select count(*) from pairs), (select count(distinct image_key) from pairs),
-               (select count(*) from images), (select count(*) from image_map where kept_key = image_key and not removed),
+               (select count(*) from images),
+               (select count(*) from image_map where kept_key = image_key and not removed),
                (select count(*) from pairs p join image_map m using (image_key) where not m.removed),
-               (select count(*) from duplicates where rule = 'exact'), (select count(*) from duplicates where rule = 'near'),
+               (select count(*) from duplicates where rule = 'exact'),
+               (select count(*) from duplicates where rule = 'near'),
                (select count(distinct image_key) from removed)""").fetchone()
     evals = con.execute("""
-        select eval_set, count(*), count(*) filter (where status = 'ok') from eval_images group by 1 order by 1""").fetchall()
+        select eval_set, count(*), count(*) filter (where status = 'ok')
+        from eval_images group by 1 order by 1""").fetchall()
     report = {
         "phash_max_distance": cfg.phash_max_distance,
         "rules": {"identity": cfg.identity, "appearance": cfg.appearance, "near_duplicates": cfg.near_duplicates},
-        "corpus": {"pairs_in": totals[0], "images_in": totals[1], "images_crawled": totals[2],
-                   "images_kept": totals[3], "pairs_kept": totals[4]},
+        "corpus": {
+            "pairs_in": totals[0],
+            "images_in": totals[1],
+            "images_crawled": totals[2],
+            "images_kept": totals[3],
+            "pairs_kept": totals[4],
+        },
         "duplicates": {"exact": totals[5], "near": totals[6]},
         "images_removed": totals[7],
         "eval_sets": {name: {"items": n, "images_hashed": ok} for name, n, ok in evals},
@@ -357,7 +457,10 @@ def report_markdown(report: dict) -> str:
         "",
         "| source | evaluation set | rule | images removed | pairs removed |",
         "|---|---|---|---:|---:|",
-        *(f"| {r['source']} | {r['eval_set']} | {r['rule']} | {r['images']:,} | {r['pairs']:,} |" for r in report["removed"]),
+        *(
+            f"| {r['source']} | {r['eval_set']} | {r['rule']} | {r['images']:,} | {r['pairs']:,} |"
+            for r in report["removed"]
+        ),
     ]
     return "\n".join(lines) + "\n"
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.configbase import InputFile, Location, SectionConfig, StrictModel
+from contract.configbase import InputFile, Location, SectionConfig, StrictModel
 
 SourceName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]*$", max_length=48)]
 
@@ -81,7 +81,7 @@ class KarpathySource(_Source):
     splits: list[Literal["train", "restval", "val", "test"]] = ["train", "restval", "val", "test"]
 
     @model_validator(mode="after")
-    def _flickr_needs_root(self) -> "KarpathySource":
+    def _flickr_needs_root(self) -> KarpathySource:
         if self.dataset == "flickr30k" and self.image_root is None:
             raise ValueError("dataset 'flickr30k' needs image_root: Flickr30K images have no public URL")
         return self
@@ -104,7 +104,7 @@ class TableSource(_Source):
 
 
 Source = Annotated[
-    Union[CocoSource, VisualGenomeSource, ConceptualCaptionsSource, SbuSource, KarpathySource, TableSource],
+    CocoSource | VisualGenomeSource | ConceptualCaptionsSource | SbuSource | KarpathySource | TableSource,
     Field(discriminator="format"),
 ]
 
@@ -122,7 +122,7 @@ class IngestConfig(SectionConfig):
     workers: int | None = Field(default=None, ge=1, le=256)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "IngestConfig":
+    def _unique_names(self) -> IngestConfig:
         seen: set[str] = set()
         for src in self.sources:
             if src.source_name in seen:

@@ -12,14 +12,30 @@ import io
 import json
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from contract.errors import InputDataError
+from contract.stage import batched
+from corpus.annotations.reader import JsonArrayStream, count_lines, file_size, read_line_chunks
+from corpus.annotations.records import (
+    FLICKR_PATTERN,
+    CocoImage,
+    as_int,
+    coco_images,
+    flickr30k_photo_id,
+    flickr_id_from_url,
+    join_location,
+    karpathy_image_uri,
+)
 from corpus.ingest.config import (
     CocoSource,
     ConceptualCaptionsSource,
@@ -28,12 +44,8 @@ from corpus.ingest.config import (
     TableSource,
     VisualGenomeSource,
 )
-from corpus.ingest.reader import JsonArrayStream, count_lines, file_size, read_line_chunks
 from corpus.ingest.writer import ShardBuilder
-from pipeline.errors import InputDataError
-from pipeline.stage import batched
 
-COCO_IMAGES_URL = "http://images.cocodataset.org"
 MAX_URL_CHARS = 2048
 
 
@@ -51,7 +63,11 @@ class Chunk:
 # - a usable URL is http(s)://host[/…] with no whitespace or control characters, at most 2048 chars.
 
 # Exactly the characters Python's str.split() splits on, as a class both `re` and RE2 accept.
-_WHITESPACE = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+_WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(map(chr, range(0x2000, 0x200B)))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 def _regex_class(chars: str) -> str:
@@ -62,9 +78,7 @@ WHITESPACE_RUN = _regex_class(_WHITESPACE) + "+"
 # A caption needs cleaning only if it has a whitespace character other than a single inner space.
 NEEDS_CLEANING = _regex_class(_WHITESPACE.replace(" ", "")) + "|  |^ | $"
 URL_PATTERN = r"https?://[^\x00-\x20\x7f/?#]+(?:[/?#][^\x00-\x20\x7f]*)?"
-FLICKR_PATTERN = r"flickr\.com/(?:[^/]*/)*(?P<id>\d+)_[^/]*$"
 _URL = re.compile(URL_PATTERN)
-_FLICKR = re.compile(FLICKR_PATTERN)
 
 
 def clean_caption(text: Any) -> str | None:
@@ -83,14 +97,6 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def flickr_id_from_url(url: str | None) -> int | None:
-    """Photo id of a static Flickr URL (``…staticflickr.com/3153/2970773875_164f0c0b83_z.jpg``)."""
-    if not url or "flickr.com/" not in url:
-        return None
-    m = _FLICKR.search(url)
-    return int(m.group("id")) if m else None
-
-
 def url_key(url: str) -> str:
     """Image key of a URL-only image (CC, SBU, tables): same URL, same image."""
     return "url:" + hashlib.sha256(url.encode("utf-8")).hexdigest()[:20]
@@ -103,12 +109,11 @@ def url_keys(urls: pa.Array) -> pa.Array:
     """`url_key` of a whole column (DuckDB's vectorized sha256: same digests, ~4x faster)."""
     con = getattr(_local, "duckdb", None)
     if con is None:  # one connection per thread: DuckDB connections are not thread-safe
-        import duckdb
-
         # One DuckDB thread: ingest already runs one worker process per core.
         con = _local.duckdb = duckdb.connect(config={"threads": 1})
     url_table = pa.table({"u": urls})  # noqa: F841 — DuckDB reads it by its name
-    return con.sql("select 'url:' || left(sha256(u), 20) as k from url_table").arrow().read_all().column("k").combine_chunks()
+    keys = con.sql("select 'url:' || left(sha256(u), 20) as k from url_table").arrow().read_all()
+    return keys.column("k").combine_chunks()
 
 
 def clean_captions(captions: pa.Array) -> pa.Array:
@@ -121,8 +126,14 @@ def clean_captions(captions: pa.Array) -> pa.Array:
 
 
 def add_url_pairs(
-    out: ShardBuilder, name: str, split: str, line_numbers: list[int], captions: list[str], urls: list[str],
-    caption_file: str, url_file: str,
+    out: ShardBuilder,
+    name: str,
+    split: str,
+    line_numbers: list[int],
+    captions: list[str],
+    urls: list[str],
+    caption_file: str,
+    url_file: str,
 ) -> None:
     """Vectorized normalization of (line, caption, url) rows; bad rows go to rejects one by one."""
     if not line_numbers:
@@ -138,13 +149,16 @@ def add_url_pairs(
         lens = url_len.to_numpy(zero_copy_only=False)
         for i in bad:
             where = f"line {line_numbers[i]}"
+            detail = f"{captions[i].strip()}\t{urls[i].strip()}"
             if not ok_url[i]:
-                out.reject(url_file, where, "missing_url" if lens[i] == 0 else "bad_url", f"{captions[i].strip()}\t{urls[i].strip()}")
+                out.reject(url_file, where, "missing_url" if lens[i] == 0 else "bad_url", detail)
             else:
-                out.reject(caption_file, where, "empty_caption", f"{captions[i].strip()}\t{urls[i].strip()}")
+                out.reject(caption_file, where, "empty_caption", detail)
         caps, url_arr = caps.filter(good), url_arr.filter(good)
         line_numbers = pa.array(line_numbers, pa.int64()).filter(good)
-    line_ids = pc.cast(pa.array(line_numbers, pa.int64()) if isinstance(line_numbers, list) else line_numbers, pa.string())
+    if isinstance(line_numbers, list):
+        line_numbers = pa.array(line_numbers, pa.int64())
+    line_ids = pc.cast(line_numbers, pa.string())
     flickr = pc.struct_field(pc.extract_regex(url_arr, FLICKR_PATTERN), [0])
     out.extend(
         {
@@ -156,22 +170,6 @@ def add_url_pairs(
             "flickr_id": pc.cast(pc.if_else(pc.equal(flickr, ""), None, flickr), pa.int64()),
         }
     )
-
-
-def join_location(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
-
-
-def as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    return None
 
 
 # --- line formats -----------------------------------------------------------------------------
@@ -198,7 +196,8 @@ class ConceptualCaptions:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                out.reject(path, f"line {line_no}", "undecodable_text", f"{exc.reason} at byte {exc.start}: {raw[:200]!r}")
+                detail = f"{exc.reason} at byte {exc.start}: {raw[:200]!r}"
+                out.reject(path, f"line {line_no}", "undecodable_text", detail)
                 continue
             caption, sep, url = text.rpartition("\t")
             if sep:
@@ -277,23 +276,15 @@ class Coco:
         self.source = source
         self.name = source.source_name
         self.total_bytes = file_size(source.path)
-        self.images: dict[int, tuple[str | None, str | None, int | None]] | None = None
-
-    def _load_images(self) -> dict:
-        images = {}
-        for img in JsonArrayStream(self.source.path, "images"):
-            image_id = as_int(img.get("id")) if isinstance(img, dict) else None
-            if image_id is None:
-                continue  # an image without id can't be referenced; its captions are rejected below
-            images[image_id] = (img.get("file_name"), img.get("coco_url"), flickr_id_from_url(img.get("flickr_url")))
-        return images
+        self.images: dict[int, CocoImage] | None = None
 
     def chunks(self, n: int) -> Iterator[Chunk]:
         yield from _json_chunks(JsonArrayStream(self.source.path, "annotations"), n)
 
     def normalize(self, chunk: Chunk, out: ShardBuilder) -> None:
         if self.images is None:
-            self.images = self._load_images()
+            # An image without an integer id is left out: its captions are rejected as unknown_image.
+            self.images = coco_images(self.source.path)
         name, split, path, root = self.name, self.source.split, self.source.path, self.source.image_root
         out.records += len(chunk.records)
         for i, ann in chunk.records:
@@ -317,7 +308,8 @@ class Coco:
             file_name, coco_url, flickr_id = image
             uri = join_location(root, file_name) if root and file_name else coco_url
             if not uri or (not root and url_problem(uri)):
-                out.reject(path, where, "no_image_location", f"image {image_id}: no file_name with image_root, no usable coco_url")
+                detail = f"image {image_id}: no file_name with image_root, no usable coco_url"
+                out.reject(path, where, "no_image_location", detail)
                 continue
             out.pair(f"{name}:{ann_id}", f"coco:{image_id}", uri, caption, split, image_id, flickr_id)
 
@@ -356,9 +348,13 @@ class VisualGenome:
                 out.reject(path, where, "bad_record", region)
                 continue
             region_id, image_id = as_int(region.get("region_id")), as_int(region.get("image_id"))
-            box = [as_int(round(region[k])) if isinstance(region.get(k), (int, float)) else None for k in ("x", "y", "width", "height")]
+            box = [
+                as_int(round(region[k])) if isinstance(region.get(k), (int, float)) else None
+                for k in ("x", "y", "width", "height")
+            ]
             if region_id is None or image_id is None or None in box:
-                out.reject(path, where, "bad_record", f"expected integer region_id, image_id, x, y, width, height: {region}")
+                detail = f"expected integer region_id, image_id, x, y, width, height: {region}"
+                out.reject(path, where, "bad_record", detail)
                 continue
             where = f"region {region_id}"
             image = self.images.get(image_id)
@@ -377,7 +373,14 @@ class VisualGenome:
                 out.reject(path, where, "no_image_location", f"image {image_id} has no usable url")
                 continue
             out.pair(
-                f"{name}:{region_id}", f"vg:{image_id}", uri, caption, split, coco_id, flickr_id, image_id,
+                f"{name}:{region_id}",
+                f"vg:{image_id}",
+                uri,
+                caption,
+                split,
+                coco_id,
+                flickr_id,
+                image_id,
                 (region_id, *box),
             )
 
@@ -399,7 +402,11 @@ class Karpathy:
         out.records += len(chunk.records)
         for i, img in chunk.records:
             where = f"images[{i}]"
-            if not isinstance(img, dict) or not isinstance(img.get("filename"), str) or not isinstance(img.get("sentences"), list):
+            if (
+                not isinstance(img, dict)
+                or not isinstance(img.get("filename"), str)
+                or not isinstance(img.get("sentences"), list)
+            ):
                 out.reject(path, where, "bad_record", f"expected an image with 'filename' and 'sentences': {img}")
                 continue
             split = img.get("split")
@@ -412,17 +419,17 @@ class Karpathy:
                     out.reject(path, where, "bad_record", f"COCO image without integer 'cocoid': {filename}")
                     continue
                 flickr_id, image_key = None, f"coco:{coco_id}"
-                uri = join_location(src.image_root or COCO_IMAGES_URL, img.get("filepath", ""), filename)
             else:
                 coco_id = None
-                # NOTE: Flickr30K file stems are Flickr photo ids (used to decontaminate SBU/COCO/VG).
-                flickr_id = as_int(Path(filename).stem)
+                flickr_id = flickr30k_photo_id(filename)
                 image_key = f"flickr30k:{Path(filename).stem}"
-                uri = join_location(src.image_root, filename)
+            # Flickr30K sources have an image_root (the config requires it): the location is never None.
+            uri = karpathy_image_uri(img, src.dataset, src.image_root)
             for j, sent in enumerate(img["sentences"]):
                 sent_id = as_int(sent.get("sentid")) if isinstance(sent, dict) else None
                 if sent_id is None:
-                    out.reject(path, f"{where}.sentences[{j}]", "bad_record", f"expected a sentence with integer 'sentid': {sent}")
+                    detail = f"expected a sentence with integer 'sentid': {sent}"
+                    out.reject(path, f"{where}.sentences[{j}]", "bad_record", detail)
                     continue
                 caption = clean_caption(sent.get("raw"))
                 if caption is None:
@@ -445,18 +452,21 @@ class Table:
         self.total_bytes = file_size(source.path)
         self.kind = Path(source.path).suffix.lower().lstrip(".")
         if self.kind not in ("parquet", "csv", "tsv", "jsonl"):
-            raise InputDataError(f"{source.path}: unsupported table type '.{self.kind}': expected .parquet, .csv, .tsv or .jsonl")
+            raise InputDataError(
+                f"{source.path}: unsupported table type '.{self.kind}': expected .parquet, .csv, .tsv or .jsonl"
+            )
         self.root = source.image_root or str(Path(source.path).parent)
 
     def _rows(self) -> Iterator[tuple[str, Any, int]]:
         """(locator, row dict or error text, bytes) in file order."""
         path = self.source.path
         if self.kind == "parquet":
-            import pyarrow.parquet as pq
-
             pf = pq.ParquetFile(path)
-            if not {"caption"} <= set(pf.schema_arrow.names) or not {"image_url", "image_path"} & set(pf.schema_arrow.names):
-                raise InputDataError(f"{path}: expected columns 'caption' and 'image_url' or 'image_path'; found {pf.schema_arrow.names}")
+            names = pf.schema_arrow.names
+            if not {"caption"} <= set(names) or not {"image_url", "image_path"} & set(names):
+                raise InputDataError(
+                    f"{path}: expected columns 'caption' and 'image_url' or 'image_path'; found {names}"
+                )
             per_row = self.total_bytes / max(1, pf.metadata.num_rows)
             row = 0
             for batch in pf.iter_batches(batch_size=8192):
@@ -482,7 +492,9 @@ class Table:
                 reader = csv.DictReader(text, delimiter="\t" if self.kind == "tsv" else ",")
                 names = reader.fieldnames or []
                 if "caption" not in names or not {"image_url", "image_path"} & set(names):
-                    raise InputDataError(f"{path}: expected a header with 'caption' and 'image_url' or 'image_path'; found {names}")
+                    raise InputDataError(
+                        f"{path}: expected a header with 'caption' and 'image_url' or 'image_path'; found {names}"
+                    )
                 for row_no, rec in enumerate(reader, 1):
                     yield f"row {row_no}", rec, 0
 

@@ -6,21 +6,18 @@ reader (formats.*.chunks) → worker (normalize + Parquet encode, in-process or 
 
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
+from contract.artifact import encode_tables
+from contract.stage import Stage, StageContext, now, shard_id
 from corpus.ingest.formats import Chunk, open_format
 from corpus.ingest.writer import ShardBuilder
-from pipeline.artifact import encode_tables
-from pipeline.stage import Stage, StageContext, now, shard_id
-
-log = logging.getLogger(__name__)
 
 # Formats whose chunks are cheap to ship to another process (raw lines). The JSON formats hold an
 # image index that every worker would need a copy of, and ijson parsing dominates them anyway.
@@ -71,6 +68,7 @@ def _pending(ctx: StageContext, fmt, shard_rows: int, bar) -> Iterator[Chunk]:
 def _process(fmt, chunks: Iterator[Chunk], workers: int, scratch: Path):
     """Yield ``(chunk, result, folder)`` in chunk order. With several workers at most two chunks
     per worker are in flight, so memory stays bounded whatever the input size."""
+
     def folder_for(chunk: Chunk) -> Path:
         folder = scratch / f"{fmt.name}-{chunk.index:05d}"
         folder.mkdir()

@@ -88,8 +88,10 @@ class ShardBuilder:
         for f in PAIRS_SCHEMA:
             if f.name == "source":
                 arrays.append(pa.array([self.source] * n, pa.string()))
+            elif isinstance(columns.get(f.name), list):
+                arrays.append(pa.array(columns[f.name], type=f.type))
             elif f.name in columns:
-                arrays.append(pa.array(columns[f.name], type=f.type) if isinstance(columns[f.name], list) else columns[f.name].cast(f.type))
+                arrays.append(columns[f.name].cast(f.type))
             else:
                 arrays.append(pa.nulls(n, f.type))
         self.batches.append(pa.RecordBatch.from_arrays(arrays, schema=PAIRS_SCHEMA))
@@ -113,7 +115,8 @@ class ShardBuilder:
         n = len(self.cols["pair_id"])
         if n or not batches:
             cols = {**self.cols, "source": [self.source] * n}
-            batches.insert(0, pa.RecordBatch.from_pydict({f.name: pa.array(cols[f.name], f.type) for f in PAIRS_SCHEMA}, schema=PAIRS_SCHEMA))
+            arrays = {f.name: pa.array(cols[f.name], f.type) for f in PAIRS_SCHEMA}
+            batches.insert(0, pa.RecordBatch.from_pydict(arrays, schema=PAIRS_SCHEMA))
         pairs = pa.Table.from_batches(batches, schema=PAIRS_SCHEMA).combine_chunks()
         rejects = pa.table(
             {f.name: pa.array(self.rejects[f.name], type=f.type) for f in REJECTS_SCHEMA}, schema=REJECTS_SCHEMA

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.artifact import Artifact
+from contract.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
@@ -21,15 +21,26 @@ from tests.fixtures import images as fx
 from tests.fixtures import server as srv
 
 ROOT = Path(__file__).resolve().parents[2]
-CRAWL = dict(allow_private_networks=True, retries=1, backoff=0.05, read_timeout=0.5, total_timeout=5,
-             max_bytes=1_000_000, max_side=200, workers=2)
+CRAWL = dict(
+    allow_private_networks=True,
+    retries=1,
+    backoff=0.05,
+    read_timeout=0.5,
+    total_timeout=5,
+    max_bytes=1_000_000,
+    max_side=200,
+    workers=2,
+)
 
 
 def _config(tmp_path: Path, storage: dict, urls: list[str], **crawl) -> Path:
     rows = [{"image_url": u, "caption": f"caption {i}"} for i, u in enumerate(urls)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    doc = {"storage": storage, "ingest": {"sources": [{"format": "table", "name": "web", "path": "pairs.jsonl"}]},
-           "crawl": {**CRAWL, **crawl}}
+    doc = {
+        "storage": storage,
+        "ingest": {"sources": [{"format": "table", "name": "web", "path": "pairs.jsonl"}]},
+        "crawl": {**CRAWL, **crawl},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -38,33 +49,52 @@ def _config(tmp_path: Path, storage: dict, urls: list[str], **crawl) -> Path:
 def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, storage_spec):
     photo = fx.synthetic_photo(11, (640, 480))
     good = {
-        "/jpeg.jpg": fx.jpeg(photo), "/cmyk.jpg": fx.cmyk_jpeg(photo), "/palette.png": fx.palette_png(photo),
-        "/alpha.png": fx.alpha_png(photo), "/png16.png": fx.png16(photo), "/exif.jpg": fx.exif_rotated_jpeg(photo),
+        "/jpeg.jpg": fx.jpeg(photo),
+        "/cmyk.jpg": fx.cmyk_jpeg(photo),
+        "/palette.png": fx.palette_png(photo),
+        "/alpha.png": fx.alpha_png(photo),
+        "/png16.png": fx.png16(photo),
+        "/exif.jpg": fx.exif_rotated_jpeg(photo),
     }
     routes = {p: srv.serve(b) for p, b in good.items()}
-    routes.update({
-        "/flaky.jpg": srv.fail_then_serve(500, 1, fx.jpeg(fx.synthetic_photo(12))),
-        "/busy.jpg": srv.fail_then_serve(429, 1, fx.jpeg(fx.synthetic_photo(13)), {"Retry-After": "1"}),
-        "/slow.jpg": srv.slow_body(),
-        "/reset.jpg": srv.reset_connection,
-        "/truncated.jpg": srv.serve(fx.truncated_jpeg(photo)),
-        "/html.jpg": srv.serve(b"<!DOCTYPE html><html>Not Found</html>", "image/jpeg"),
-        "/big.jpg": srv.serve(b"\xff" * 1_200_000),
-        "/loop.jpg": srv.redirect("/loop.jpg"),
-        "/private.jpg": srv.redirect("http://10.0.0.1/x.jpg"),
-        "/bomb.png": srv.serve(fx.decompression_bomb_png(), "image/png"),
-        "/noai.jpg": srv.serve(fx.jpeg(photo), headers={"X-Robots-Tag": "noai"}),
-    })
+    routes.update(
+        {
+            "/flaky.jpg": srv.fail_then_serve(500, 1, fx.jpeg(fx.synthetic_photo(12))),
+            "/busy.jpg": srv.fail_then_serve(429, 1, fx.jpeg(fx.synthetic_photo(13)), {"Retry-After": "1"}),
+            "/slow.jpg": srv.slow_body(),
+            "/reset.jpg": srv.reset_connection,
+            "/truncated.jpg": srv.serve(fx.truncated_jpeg(photo)),
+            "/html.jpg": srv.serve(b"<!DOCTYPE html><html>Not Found</html>", "image/jpeg"),
+            "/big.jpg": srv.serve(b"\xff" * 1_200_000),
+            "/loop.jpg": srv.redirect("/loop.jpg"),
+            "/private.jpg": srv.redirect("http://10.0.0.1/x.jpg"),
+            "/bomb.png": srv.serve(fx.decompression_bomb_png(), "image/png"),
+            "/noai.jpg": srv.serve(fx.jpeg(photo), headers={"X-Robots-Tag": "noai"}),
+        }
+    )
     expected_failures = {
-        "/slow.jpg": "timeout", "/reset.jpg": "connection_reset", "/truncated.jpg": "corrupt_image",
-        "/html.jpg": "not_an_image", "/big.jpg": "too_large", "/loop.jpg": "too_many_redirects",
-        "/private.jpg": "blocked_private_address", "/bomb.png": "decompression_bomb", "/noai.jpg": "x_robots_tag",
+        "/slow.jpg": "timeout",
+        "/reset.jpg": "connection_reset",
+        "/truncated.jpg": "corrupt_image",
+        "/html.jpg": "not_an_image",
+        "/big.jpg": "too_large",
+        "/loop.jpg": "too_many_redirects",
+        "/private.jpg": "blocked_private_address",
+        "/bomb.png": "decompression_bomb",
+        "/noai.jpg": "x_robots_tag",
         "/missing.jpg": "http_404",
     }
     with srv.ImageServer(routes) as server:
         urls = [server.url(p) for p in [*good, "/flaky.jpg", "/busy.jpg", *expected_failures]]
         urls.append(server.url("/jpeg.jpg"))  # a second caption of the same image: fetched once
-        cfg_path = _config(tmp_path, storage_spec, urls, allowed_networks=["127.0.0.1/32"], allow_private_networks=False, shard_images=5)
+        cfg_path = _config(
+            tmp_path,
+            storage_spec,
+            urls,
+            allowed_networks=["127.0.0.1/32"],
+            allow_private_networks=False,
+            shard_images=5,
+        )
         cfg = load_config(cfg_path)
         run_stage("ingest", cfg)
         result = run_stage("crawl", cfg)
@@ -99,18 +129,26 @@ def test_sigkill_mid_crawl_then_resume(tmp_path):
         def route(h):
             time.sleep(0.02)
             srv.send(h, 200, body)
+
         return route
 
     with srv.ImageServer({p: slow(b) for p, b in photos.items()}) as server:
         urls = [server.url(p) for p in photos]
         (tmp_path / "k").mkdir()
-        killed_cfg = _config(tmp_path / "k", {"uri": str(tmp_path / "killed")}, urls, shard_images=10, concurrency=4, workers=1)
+        killed_cfg = _config(
+            tmp_path / "k", {"uri": str(tmp_path / "killed")}, urls, shard_images=10, concurrency=4, workers=1
+        )
         cfg = load_config(killed_cfg)
         run_stage("ingest", cfg)
         storage = storage_for(cfg)
         art = Artifact(storage, "crawl", Planner(cfg, storage).plan("crawl").key)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "crawl", "-c", str(killed_cfg), "-q"],
-                                cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "run", "crawl", "-c", str(killed_cfg), "-q"],
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 120
         while len(art.done_shards()) < 4:
             assert proc.poll() is None, proc.stderr.read()

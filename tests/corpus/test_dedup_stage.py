@@ -9,9 +9,9 @@ import pickle
 import pytest
 import yaml
 
+from contract.errors import InputDataError
 from corpus.dedup.evalsets import load_refs
 from pipeline.config import load_config
-from pipeline.errors import InputDataError
 from pipeline.runner import run_stage, storage_for
 from tests.conftest import read_table
 from tests.fixtures import images as fx
@@ -21,16 +21,29 @@ P = {i: fx.synthetic_photo(3000 + i, (400, 300)) for i in range(16)}
 
 # web images: (path, bytes); the planted near duplicates are the issue's transformations
 WEB = {
-    "/a.jpg": fx.jpeg(P[0]), "/a-copy.jpg": fx.jpeg(P[0]),                          # exact
-    "/b.jpg": fx.jpeg(P[1]), "/b-q40.jpg": fx.jpeg(P[1], 40),                       # JPEG quality 40
-    "/c.jpg": fx.jpeg(P[2]), "/c-half.jpg": fx.jpeg(fx.resized(P[2], 0.5)),         # 50 % resize
-    "/d.jpg": fx.jpeg(P[3]), "/d-crop.jpg": fx.jpeg(fx.cropped(P[3], 0.05)),        # 5 % crop
-    "/e.jpg": fx.jpeg(P[4]), "/e-bright.jpg": fx.jpeg(fx.brightened(P[4], 1.1)),    # brightness +10 %
-    "/f.jpg": fx.jpeg(P[5]), "/f-dark.jpg": fx.jpeg(fx.brightened(P[5], 0.9)),      # brightness −10 %
-    "/g.jpg": fx.jpeg(P[6]), "/h.jpg": fx.jpeg(P[7]),                                # distinct
-    "/f30k-copy.jpg": fx.jpeg(fx.resized(P[8], 0.6), 50),                            # a Flickr30K image
+    "/a.jpg": fx.jpeg(P[0]),
+    "/a-copy.jpg": fx.jpeg(P[0]),  # exact
+    "/b.jpg": fx.jpeg(P[1]),
+    "/b-q40.jpg": fx.jpeg(P[1], 40),  # JPEG quality 40
+    "/c.jpg": fx.jpeg(P[2]),
+    "/c-half.jpg": fx.jpeg(fx.resized(P[2], 0.5)),  # 50 % resize
+    "/d.jpg": fx.jpeg(P[3]),
+    "/d-crop.jpg": fx.jpeg(fx.cropped(P[3], 0.05)),  # 5 % crop
+    "/e.jpg": fx.jpeg(P[4]),
+    "/e-bright.jpg": fx.jpeg(fx.brightened(P[4], 1.1)),  # brightness +10 %
+    "/f.jpg": fx.jpeg(P[5]),
+    "/f-dark.jpg": fx.jpeg(fx.brightened(P[5], 0.9)),  # brightness −10 %
+    "/g.jpg": fx.jpeg(P[6]),
+    "/h.jpg": fx.jpeg(P[7]),  # distinct
+    "/f30k-copy.jpg": fx.jpeg(fx.resized(P[8], 0.6), 50),  # a Flickr30K image
 }
-NEAR = {("/b.jpg", "/b-q40.jpg"), ("/c.jpg", "/c-half.jpg"), ("/d.jpg", "/d-crop.jpg"), ("/e.jpg", "/e-bright.jpg"), ("/f.jpg", "/f-dark.jpg")}
+NEAR = {
+    ("/b.jpg", "/b-q40.jpg"),
+    ("/c.jpg", "/c-half.jpg"),
+    ("/d.jpg", "/d-crop.jpg"),
+    ("/e.jpg", "/e-bright.jpg"),
+    ("/f.jpg", "/f-dark.jpg"),
+}
 
 
 @pytest.fixture
@@ -40,44 +53,128 @@ def corpus(tmp_path):
     coco.mkdir(parents=True)
     for cid, pid in [(1, 9), (2, 10), (3, 11), (4, 13)]:
         (coco / f"COCO_train2014_{cid:012d}.jpg").write_bytes(fx.jpeg(P[pid]))
-    (tmp_path / "captions.json").write_text(json.dumps({
-        "images": [{"id": c, "file_name": f"COCO_train2014_{c:012d}.jpg",
-                    "flickr_url": f"http://farm1.staticflickr.com/1/{f}_abcdef0123_z.jpg"} for c, f in [(1, 111), (2, 222), (3, 333), (4, 444)]],
-        "annotations": [{"id": 10 * c + k, "image_id": c, "caption": f"coco {c} caption {k}"} for c in (1, 2, 3, 4) for k in (1, 2)],
-    }))
+    (tmp_path / "captions.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "id": c,
+                        "file_name": f"COCO_train2014_{c:012d}.jpg",
+                        "flickr_url": f"http://farm1.staticflickr.com/1/{f}_abcdef0123_z.jpg",
+                    }
+                    for c, f in [(1, 111), (2, 222), (3, 333), (4, 444)]
+                ],
+                "annotations": [
+                    {"id": 10 * c + k, "image_id": c, "caption": f"coco {c} caption {k}"}
+                    for c in (1, 2, 3, 4)
+                    for k in (1, 2)
+                ],
+            }
+        )
+    )
     vg = tmp_path / "vg" / "VG_100K"
     vg.mkdir(parents=True)
     (vg / "5.jpg").write_bytes(fx.jpeg(P[12]))
-    (tmp_path / "image_data.json").write_text(json.dumps([{"image_id": 5, "url": "https://x/VG_100K/5.jpg", "coco_id": 1, "flickr_id": None}]))
-    (tmp_path / "regions.json").write_text(json.dumps([{"id": 5, "regions": [
-        {"region_id": 51, "image_id": 5, "phrase": "a region", "x": 1, "y": 2, "width": 30, "height": 40}]}]))
+    (tmp_path / "image_data.json").write_text(
+        json.dumps([{"image_id": 5, "url": "https://x/VG_100K/5.jpg", "coco_id": 1, "flickr_id": None}])
+    )
+    (tmp_path / "regions.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": 5,
+                    "regions": [
+                        {
+                            "region_id": 51,
+                            "image_id": 5,
+                            "phrase": "a region",
+                            "x": 1,
+                            "y": 2,
+                            "width": 30,
+                            "height": 40,
+                        }
+                    ],
+                }
+            ]
+        )
+    )
     f30k = tmp_path / "f30k"
     f30k.mkdir()
     (f30k / "111.jpg").write_bytes(fx.jpeg(P[8]))
-    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": [
-        {"filename": "111.jpg", "split": "test", "sentences": [{"raw": "x", "sentid": 0}]}]}))
-    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000002.jpg", "split": "test", "cocoid": 2, "sentences": []},
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000004.jpg", "split": "train", "cocoid": 4, "sentences": []}]}))
+    (tmp_path / "dataset_flickr30k.json").write_text(
+        json.dumps({"images": [{"filename": "111.jpg", "split": "test", "sentences": [{"raw": "x", "sentid": 0}]}]})
+    )
+    (tmp_path / "dataset_coco.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "filepath": "train2014",
+                        "filename": "COCO_train2014_000000000002.jpg",
+                        "split": "test",
+                        "cocoid": 2,
+                        "sentences": [],
+                    },
+                    {
+                        "filepath": "train2014",
+                        "filename": "COCO_train2014_000000000004.jpg",
+                        "split": "train",
+                        "cocoid": 4,
+                        "sentences": [],
+                    },
+                ]
+            }
+        )
+    )
     with open(tmp_path / "refs(unc).p", "wb") as f:
-        pickle.dump([{"ref_id": 1, "image_id": 3, "split": "val", "sentences": [{"raw": "left one", "sent_id": 1}]},
-                     {"ref_id": 2, "image_id": 4, "split": "train", "sentences": []}], f, protocol=2)
+        pickle.dump(
+            [
+                {"ref_id": 1, "image_id": 3, "split": "val", "sentences": [{"raw": "left one", "sent_id": 1}]},
+                {"ref_id": 2, "image_id": 4, "split": "train", "sentences": []},
+            ],
+            f,
+            protocol=2,
+        )
 
     def write(server: srv.ImageServer, storage: dict, **dedup) -> str:
-        (tmp_path / "web.jsonl").write_text("".join(json.dumps({"image_url": server.url(p), "caption": f"web {p}"}) + "\n" for p in WEB))
+        (tmp_path / "web.jsonl").write_text(
+            "".join(json.dumps({"image_url": server.url(p), "caption": f"web {p}"}) + "\n" for p in WEB)
+        )
         doc = {
             "storage": storage,
-            "ingest": {"sources": [
-                {"format": "table", "name": "web", "path": "web.jsonl"},
-                {"format": "coco", "path": "captions.json", "image_root": str(coco)},
-                {"format": "vg", "image_data": "image_data.json", "region_descriptions": "regions.json", "image_root": str(tmp_path / "vg")},
-            ]},
+            "ingest": {
+                "sources": [
+                    {"format": "table", "name": "web", "path": "web.jsonl"},
+                    {"format": "coco", "path": "captions.json", "image_root": str(coco)},
+                    {
+                        "format": "vg",
+                        "image_data": "image_data.json",
+                        "region_descriptions": "regions.json",
+                        "image_root": str(tmp_path / "vg"),
+                    },
+                ]
+            },
             "crawl": {"allow_private_networks": True, "file_roots": [str(tmp_path)], "shard_images": 6, "workers": 2},
-            "dedup": {"eval_sets": [
-                {"name": "flickr30k", "format": "karpathy", "dataset": "flickr30k", "path": "dataset_flickr30k.json", "image_root": str(f30k)},
-                {"name": "coco_test", "format": "karpathy", "dataset": "coco", "path": "dataset_coco.json", "image_root": str(tmp_path / "coco")},
-                {"name": "refcoco", "format": "refcoco", "refs": "refs(unc).p", "image_root": str(coco)},
-            ], **dedup},
+            "dedup": {
+                "eval_sets": [
+                    {
+                        "name": "flickr30k",
+                        "format": "karpathy",
+                        "dataset": "flickr30k",
+                        "path": "dataset_flickr30k.json",
+                        "image_root": str(f30k),
+                    },
+                    {
+                        "name": "coco_test",
+                        "format": "karpathy",
+                        "dataset": "coco",
+                        "path": "dataset_coco.json",
+                        "image_root": str(tmp_path / "coco"),
+                    },
+                    {"name": "refcoco", "format": "refcoco", "refs": "refs(unc).p", "image_root": str(coco)},
+                ],
+                **dedup,
+            },
         }
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -104,7 +201,12 @@ def test_duplicates_and_decontamination(corpus, storage_spec):
 
     dups, removed, images, pairs = _tables(cfg, result, "duplicates", "removed", "corpus_images", "corpus_pairs")
     path_of = {v: k for k, v in web_key.items()}
-    found = {tuple(sorted((path_of.get(d["image_key"], d["image_key"]), path_of.get(d["kept_key"], d["kept_key"])))): d["rule"] for d in dups}
+    found = {
+        tuple(sorted((path_of.get(d["image_key"], d["image_key"]), path_of.get(d["kept_key"], d["kept_key"])))): d[
+            "rule"
+        ]
+        for d in dups
+    }
     assert found[("/a-copy.jpg", "/a.jpg")] == "exact"
     for pair in NEAR:
         assert found.get(tuple(sorted(pair))) == "near", pair
@@ -116,7 +218,12 @@ def test_duplicates_and_decontamination(corpus, storage_spec):
         by_rule.setdefault(r["rule"], set()).add((path_of.get(r["image_key"], r["image_key"]), r["eval_set"]))
     assert by_rule["appearance"] >= {("/f30k-copy.jpg", "flickr30k")}
     # VG 5 inherits COCO 1's Flickr id; COCO 2 and 3 also match their evaluation items' Flickr ids
-    assert by_rule["flickr_id"] == {("coco:1", "flickr30k"), ("vg:5", "flickr30k"), ("coco:2", "coco_test"), ("coco:3", "refcoco")}
+    assert by_rule["flickr_id"] == {
+        ("coco:1", "flickr30k"),
+        ("vg:5", "flickr30k"),
+        ("coco:2", "coco_test"),
+        ("coco:3", "refcoco"),
+    }
     assert by_rule["coco_id"] == {("coco:2", "coco_test"), ("coco:3", "refcoco")}
     # the evaluation images themselves sit in the corpus as COCO 2 and 3: appearance finds them too
     assert {("coco:2", "coco_test"), ("coco:3", "refcoco")} <= by_rule["appearance"]
@@ -142,8 +249,11 @@ def test_duplicates_and_decontamination(corpus, storage_spec):
     assert rows[("coco", "flickr30k", "flickr_id")] == (1, 2)
     assert rows[("vg", "flickr30k", "flickr_id")] == (1, 1)
     assert rows[("coco", "refcoco", "coco_id")] == (1, 2) and rows[("coco", "coco_test", "coco_id")] == (1, 2)
-    assert report["eval_sets"] == {"coco_test": {"items": 1, "images_hashed": 1}, "flickr30k": {"items": 1, "images_hashed": 1},
-                                   "refcoco": {"items": 1, "images_hashed": 1}}
+    assert report["eval_sets"] == {
+        "coco_test": {"items": 1, "images_hashed": 1},
+        "flickr30k": {"items": 1, "images_hashed": 1},
+        "refcoco": {"items": 1, "images_hashed": 1},
+    }
     md = storage_for(cfg).read_bytes(f"artifacts/dedup/{result.manifest.key}/files/report.md").decode()
     assert "| web | flickr30k | appearance | 1 | 1 |" in md
 
@@ -185,7 +295,7 @@ def test_refs_pickles_load_only_builtins(tmp_path):
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_dedup_resumes_from_finished_shards(corpus, storage_spec):
     """A dedup that stopped after some of its shards resumes from them and ends byte-identical."""
-    from pipeline.artifact import Artifact
+    from contract.artifact import Artifact
 
     with srv.ImageServer({p: srv.serve(b) for p, b in WEB.items()}) as server:
         cfg = load_config(corpus(server, storage_spec))

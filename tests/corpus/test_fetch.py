@@ -9,7 +9,7 @@ import time
 import pytest
 
 from corpus.crawl.config import CrawlConfig
-from corpus.crawl.fetch import Fetcher, SafeResolver, address_allowed, retry_after_seconds
+from corpus.images.fetch import Fetcher, SafeResolver, address_allowed, retry_after_seconds
 from tests.fixtures import images as fx
 from tests.fixtures import server as srv
 
@@ -17,8 +17,16 @@ GOOD = fx.jpeg(fx.synthetic_photo(5))
 
 
 def _cfg(**kw) -> CrawlConfig:
-    base = dict(allow_private_networks=True, connect_timeout=2, read_timeout=0.5, total_timeout=5,
-                retries=2, backoff=0.05, max_bytes=200_000, contact="https://example.org/uniter-contact")
+    base = dict(
+        allow_private_networks=True,
+        connect_timeout=2,
+        read_timeout=0.5,
+        total_timeout=5,
+        retries=2,
+        backoff=0.05,
+        max_bytes=200_000,
+        contact="https://example.org/uniter-contact",
+    )
     base.update(kw)
     return CrawlConfig(**base)
 
@@ -41,14 +49,18 @@ def test_good_image_and_honest_user_agent(server):
     server.routes["/a.jpg"] = srv.serve(GOOD)
     (res,) = fetch_all(_cfg(), [server.url("/a.jpg")])
     assert res.body == GOOD and res.reason is None and res.attempts == 1
-    assert server.user_agents == ["uniter-pipeline/0.1 (vision-language research corpus builder) +https://example.org/uniter-contact"]
+    assert server.user_agents == [
+        "uniter-pipeline/0.1 (vision-language research corpus builder) +https://example.org/uniter-contact"
+    ]
 
 
 def test_http_errors_and_retries(server):
     server.routes["/flaky.jpg"] = srv.fail_then_serve(500, 1, GOOD)
     server.routes["/down.jpg"] = srv.status(503)
     server.routes["/gone.jpg"] = srv.status(410)
-    flaky, down, gone, missing = fetch_all(_cfg(), [server.url(p) for p in ("/flaky.jpg", "/down.jpg", "/gone.jpg", "/nope.jpg")])
+    flaky, down, gone, missing = fetch_all(
+        _cfg(), [server.url(p) for p in ("/flaky.jpg", "/down.jpg", "/gone.jpg", "/nope.jpg")]
+    )
     assert flaky.body == GOOD and flaky.attempts == 2
     assert (down.reason, down.http_status) == ("http_503", 503) and server.hits["/down.jpg"] == 3  # 1 + 2 retries
     assert gone.reason == "http_410" and server.hits["/gone.jpg"] == 1  # 4xx: no retry
@@ -68,7 +80,9 @@ def test_slow_reset_and_oversized_bodies(server):
     server.routes["/reset.jpg"] = srv.reset_connection
     server.routes["/big.jpg"] = srv.serve(b"\xff" * 300_000)
     server.routes["/endless.jpg"] = srv.endless_body()
-    slow, reset, big, endless = fetch_all(_cfg(retries=1), [server.url(p) for p in ("/slow.jpg", "/reset.jpg", "/big.jpg", "/endless.jpg")])
+    slow, reset, big, endless = fetch_all(
+        _cfg(retries=1), [server.url(p) for p in ("/slow.jpg", "/reset.jpg", "/big.jpg", "/endless.jpg")]
+    )
     assert slow.reason == "timeout"
     assert reset.reason == "connection_reset"
     assert big.reason == "too_large" and "Content-Length" in big.detail
@@ -100,7 +114,9 @@ def test_private_addresses_are_refused_on_every_hop(server):
     assert server.hits["/a.jpg"] == 1  # no redirect reached it
 
     # Without the allowlist: refused by IP literal, and by name (the resolver's answer is checked).
-    direct, by_name = fetch_all(_cfg(allow_private_networks=False), [server.url("/a.jpg"), f"http://localhost:{server.port}/a.jpg"])
+    direct, by_name = fetch_all(
+        _cfg(allow_private_networks=False), [server.url("/a.jpg"), f"http://localhost:{server.port}/a.jpg"]
+    )
     assert direct.reason == by_name.reason == "blocked_private_address"
     assert "localhost resolves to" in by_name.detail
     assert server.hits["/a.jpg"] == 1
@@ -113,8 +129,14 @@ def test_resolver_filters_private_answers():
     with pytest.raises(OSError, match="localhost resolves to"):
         asyncio.run(resolve(False))
     assert asyncio.run(resolve(True))
-    assert not address_allowed("10.1.2.3") and not address_allowed("::ffff:192.168.0.1") and not address_allowed("224.0.0.1")
-    assert not address_allowed("169.254.169.254") and not address_allowed("fe80::1") and address_allowed("93.184.216.34")
+    assert (
+        not address_allowed("10.1.2.3")
+        and not address_allowed("::ffff:192.168.0.1")
+        and not address_allowed("224.0.0.1")
+    )
+    assert (
+        not address_allowed("169.254.169.254") and not address_allowed("fe80::1") and address_allowed("93.184.216.34")
+    )
 
 
 def test_x_robots_tag(server):
@@ -134,14 +156,17 @@ def test_local_files_only_inside_roots(tmp_path):
     (tmp_path / "secret.jpg").write_bytes(b"secret")
     os.symlink(tmp_path / "secret.jpg", root / "link.jpg")
     cfg = _cfg(file_roots=[str(root)])
-    ok, via_uri, dotdot, link, missing, other = fetch_all(cfg, [
-        str(root / "sub" / "a.jpg"),
-        f"file://{root}/sub/a.jpg",
-        f"{root}/sub/../../secret.jpg",
-        str(root / "link.jpg"),
-        str(root / "none.jpg"),
-        "s3://bucket/key.jpg",
-    ])
+    ok, via_uri, dotdot, link, missing, other = fetch_all(
+        cfg,
+        [
+            str(root / "sub" / "a.jpg"),
+            f"file://{root}/sub/a.jpg",
+            f"{root}/sub/../../secret.jpg",
+            str(root / "link.jpg"),
+            str(root / "none.jpg"),
+            "s3://bucket/key.jpg",
+        ],
+    )
     assert ok.body == GOOD and via_uri.body == GOOD
     assert dotdot.reason == link.reason == "outside_roots"
     assert missing.reason == "file_not_found" and other.reason == "unsupported_scheme"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corpus.crawl.imaging import ImageOptions, ImageRejected, process_image
-from corpus.imagehash import hamming, phash
+from corpus.images.imagehash import hamming, phash
+from corpus.images.imaging import ImageOptions, ImageRejected, process_image
 from tests.fixtures import images as fx
 
 PHOTO = fx.synthetic_photo(1, (320, 240))

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import InputDataError
+from contract.errors import InputDataError
 from tests.conftest import run_ingest
 
 
@@ -26,10 +26,22 @@ def reasons(rejects):
 COCO = {
     "info": {"year": 2014},
     "images": [
-        {"id": 9, "file_name": "COCO_train2014_000000000009.jpg", "coco_url": "http://images.cocodataset.org/train2014/COCO_train2014_000000000009.jpg",
-         "flickr_url": "http://farm4.staticflickr.com/3153/2970773875_164f0c0b83_z.jpg", "width": 640, "height": 480},
-        {"id": 25, "file_name": "COCO_train2014_000000000025.jpg", "coco_url": "http://images.cocodataset.org/train2014/COCO_train2014_000000000025.jpg",
-         "flickr_url": "http://farm9.staticflickr.com/8090/8424963022_8f0a8a1c4f_z.jpg", "width": 640, "height": 426},
+        {
+            "id": 9,
+            "file_name": "COCO_train2014_000000000009.jpg",
+            "coco_url": "http://images.cocodataset.org/train2014/COCO_train2014_000000000009.jpg",
+            "flickr_url": "http://farm4.staticflickr.com/3153/2970773875_164f0c0b83_z.jpg",
+            "width": 640,
+            "height": 480,
+        },
+        {
+            "id": 25,
+            "file_name": "COCO_train2014_000000000025.jpg",
+            "coco_url": "http://images.cocodataset.org/train2014/COCO_train2014_000000000025.jpg",
+            "flickr_url": "http://farm9.staticflickr.com/8090/8424963022_8f0a8a1c4f_z.jpg",
+            "width": 640,
+            "height": 426,
+        },
     ],
     "annotations": [
         {"id": 48, "image_id": 9, "caption": "A plate  of food\nwith broccoli. "},
@@ -58,7 +70,12 @@ def test_coco_captions(tmp_path):
         ("annotations[4]", "unknown_image"),
         ("annotations[5]", "bad_record"),
     ]
-    assert run.manifest.counts["reject_reasons"] == {"bad_record": 1, "empty_caption": 1, "missing_caption": 1, "unknown_image": 1}
+    assert run.manifest.counts["reject_reasons"] == {
+        "bad_record": 1,
+        "empty_caption": 1,
+        "missing_caption": 1,
+        "unknown_image": 1,
+    }
     assert all(r["file"] == str(tmp_path / "captions.json") for r in rejects)
 
 
@@ -66,7 +83,9 @@ def test_coco_image_root_and_key_order(tmp_path):
     """`annotations` before `images` in the file still works (two streaming passes)."""
     doc = {"annotations": COCO["annotations"][:2], "images": COCO["images"]}
     (tmp_path / "c.json").write_text(json.dumps(doc))
-    pairs, _, _ = run_ingest(tmp_path, {"format": "coco", "name": "coco_val", "path": "c.json", "image_root": "imgs/train2014"})
+    pairs, _, _ = run_ingest(
+        tmp_path, {"format": "coco", "name": "coco_val", "path": "c.json", "image_root": "imgs/train2014"}
+    )
     got = by_id(pairs)
     assert got["coco_val:67"]["image_uri"] == str(tmp_path / "imgs" / "train2014" / "COCO_train2014_000000000025.jpg")
 
@@ -74,7 +93,10 @@ def test_coco_image_root_and_key_order(tmp_path):
 @pytest.mark.parametrize(
     "text, expected",
     [
-        ('{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1, "caption": "a"}, {"id": 2,', "at line 1, column 92 (byte 91): premature EOF"),
+        (
+            '{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1, "caption": "a"}, {"id": 2,',
+            "at line 1, column 92 (byte 91): premature EOF",
+        ),
         ('{"images": [],\n "annotations": [\n  {"id": 1 "image_id": 1}]}', "at line 3, column 14 (byte 46)"),
         ('[{"id": 1}]', "expected an object at the top level, found an array"),
         ('{"images": []}', "expected a top-level key 'annotations' holding an array; it is missing"),
@@ -91,7 +113,9 @@ def test_coco_malformed_file_stops_with_position(tmp_path, text, expected):
 
 
 def test_failed_file_publishes_nothing(tmp_path):
-    (tmp_path / "bad.json").write_text('{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1, "caption": "a"},')
+    (tmp_path / "bad.json").write_text(
+        '{"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1, "caption": "a"},'
+    )
     with pytest.raises(InputDataError):
         run_ingest(tmp_path, {"format": "coco", "path": "bad.json"}, shard_rows=1)
     assert not list((tmp_path / "data").rglob("_manifest.json"))
@@ -101,22 +125,77 @@ def test_failed_file_publishes_nothing(tmp_path):
 
 
 def test_visual_genome_regions(tmp_path):
-    (tmp_path / "image_data.json").write_text(json.dumps([
-        {"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg", "width": 800, "height": 600, "coco_id": None, "flickr_id": None},
-        {"id": 2, "url": "https://cs.stanford.edu/people/rak248/VG_100K/2.jpg", "coco_id": 30, "flickr_id": 2970773875},
-    ]))
-    (tmp_path / "regions.json").write_text(json.dumps([
-        {"id": 1, "regions": [
-            {"region_id": 1382, "image_id": 1, "phrase": "the clock is green", "x": 421, "y": 57, "width": 82, "height": 139},
-            {"region_id": 1383, "image_id": 1, "phrase": "", "x": 1, "y": 2, "width": 3, "height": 4},
-        ]},
-        {"id": 2, "regions": [
-            {"region_id": 2001, "image_id": 2, "phrase": "white vase", "x": 100.0, "y": 80, "width": 200, "height": 300},
-            {"region_id": 2002, "image_id": 2, "phrase": "no box"},
-            {"region_id": 2003, "image_id": 77, "phrase": "unknown image", "x": 0, "y": 0, "width": 1, "height": 1},
-        ]},
-    ]))
-    src = {"format": "vg", "image_data": "image_data.json", "region_descriptions": "regions.json", "image_root": "/data/vg"}
+    (tmp_path / "image_data.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image_id": 1,
+                    "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/1.jpg",
+                    "width": 800,
+                    "height": 600,
+                    "coco_id": None,
+                    "flickr_id": None,
+                },
+                {
+                    "id": 2,
+                    "url": "https://cs.stanford.edu/people/rak248/VG_100K/2.jpg",
+                    "coco_id": 30,
+                    "flickr_id": 2970773875,
+                },
+            ]
+        )
+    )
+    (tmp_path / "regions.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": 1,
+                    "regions": [
+                        {
+                            "region_id": 1382,
+                            "image_id": 1,
+                            "phrase": "the clock is green",
+                            "x": 421,
+                            "y": 57,
+                            "width": 82,
+                            "height": 139,
+                        },
+                        {"region_id": 1383, "image_id": 1, "phrase": "", "x": 1, "y": 2, "width": 3, "height": 4},
+                    ],
+                },
+                {
+                    "id": 2,
+                    "regions": [
+                        {
+                            "region_id": 2001,
+                            "image_id": 2,
+                            "phrase": "white vase",
+                            "x": 100.0,
+                            "y": 80,
+                            "width": 200,
+                            "height": 300,
+                        },
+                        {"region_id": 2002, "image_id": 2, "phrase": "no box"},
+                        {
+                            "region_id": 2003,
+                            "image_id": 77,
+                            "phrase": "unknown image",
+                            "x": 0,
+                            "y": 0,
+                            "width": 1,
+                            "height": 1,
+                        },
+                    ],
+                },
+            ]
+        )
+    )
+    src = {
+        "format": "vg",
+        "image_data": "image_data.json",
+        "region_descriptions": "regions.json",
+        "image_root": "/data/vg",
+    }
     pairs, rejects, _ = run_ingest(tmp_path, src)
     got = by_id(pairs)
     assert set(got) == {"vg:1382", "vg:2001"}
@@ -125,7 +204,11 @@ def test_visual_genome_regions(tmp_path):
     assert a["image_uri"] == "/data/vg/VG_100K_2/1.jpg" and a["image_key"] == "vg:1" and a["vg_id"] == 1
     assert a["coco_id"] is None and a["flickr_id"] is None
     assert (b["coco_id"], b["flickr_id"], b["vg_id"], b["region_x"]) == (30, 2970773875, 2, 100)  # VG 1.0 "id" key
-    assert reasons(rejects) == [("region #3", "bad_record"), ("region 1383", "empty_caption"), ("region 2003", "unknown_image")]
+    assert reasons(rejects) == [
+        ("region #3", "bad_record"),
+        ("region 1383", "empty_caption"),
+        ("region 2003", "unknown_image"),
+    ]
 
 
 # --- Conceptual Captions ----------------------------------------------------------------------
@@ -153,8 +236,11 @@ def test_conceptual_captions_tsv(tmp_path):
     assert got["cc:3"]["flickr_id"] == 5148648301 and got["cc:1"]["flickr_id"] is None
     assert {p["split"] for p in pairs} == {"val"}
     assert reasons(rejects) == [
-        ("line 4", "bad_url"), ("line 5", "missing_url"), ("line 6", "empty_caption"),
-        ("line 7", "undecodable_text"), ("line 8", "bad_record"),
+        ("line 4", "bad_url"),
+        ("line 5", "missing_url"),
+        ("line 6", "empty_caption"),
+        ("line 7", "undecodable_text"),
+        ("line 8", "bad_record"),
     ]
     assert run.manifest.counts["blank_lines"] == 1
     assert run.manifest.shards == 3  # 9 lines in shards of 4
@@ -169,7 +255,9 @@ def test_sbu_parallel_files(tmp_path):
     )
     (tmp_path / "caps.txt").write_text("Man sits in a rusted car \nempty next\nok caption\n".replace("empty next", " "))
     pairs, rejects, _ = run_ingest(tmp_path, {"format": "sbu", "urls": "urls.txt", "captions": "caps.txt"})
-    assert [(p["pair_id"], p["caption"], p["flickr_id"]) for p in pairs] == [("sbu:1", "Man sits in a rusted car", 4385058960)]
+    assert [(p["pair_id"], p["caption"], p["flickr_id"]) for p in pairs] == [
+        ("sbu:1", "Man sits in a rusted car", 4385058960)
+    ]
     assert reasons(rejects) == [("line 2", "empty_caption"), ("line 3", "bad_url")]
     assert rejects[1]["file"] == str(tmp_path / "urls.txt") and rejects[0]["file"] == str(tmp_path / "caps.txt")
 
@@ -189,22 +277,75 @@ def _sent(sid, raw):
 
 
 def test_karpathy_coco_and_flickr30k(tmp_path):
-    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
-        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test", "cocoid": 391895,
-         "sentids": [770337], "sentences": [_sent(770337, "A man riding a motorbike.")]},
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg", "imgid": 1, "split": "train", "cocoid": 9,
-         "sentids": [1, 2], "sentences": [_sent(1, "Food."), {"raw": "no id"}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "imgid": 2, "split": "restval", "cocoid": 42,
-         "sentids": [3], "sentences": [_sent(3, "A dog.")]},
-        {"filename": "broken.jpg"},
-    ], "dataset": "coco"}))
-    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": [
-        {"filename": "1000092795.jpg", "imgid": 0, "split": "val", "sentids": [0], "sentences": [_sent(0, "Two young guys.")]},
-    ], "dataset": "flickr30k"}))
+    (tmp_path / "dataset_coco.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "filepath": "val2014",
+                        "filename": "COCO_val2014_000000391895.jpg",
+                        "imgid": 0,
+                        "split": "test",
+                        "cocoid": 391895,
+                        "sentids": [770337],
+                        "sentences": [_sent(770337, "A man riding a motorbike.")],
+                    },
+                    {
+                        "filepath": "train2014",
+                        "filename": "COCO_train2014_000000000009.jpg",
+                        "imgid": 1,
+                        "split": "train",
+                        "cocoid": 9,
+                        "sentids": [1, 2],
+                        "sentences": [_sent(1, "Food."), {"raw": "no id"}],
+                    },
+                    {
+                        "filepath": "val2014",
+                        "filename": "COCO_val2014_000000000042.jpg",
+                        "imgid": 2,
+                        "split": "restval",
+                        "cocoid": 42,
+                        "sentids": [3],
+                        "sentences": [_sent(3, "A dog.")],
+                    },
+                    {"filename": "broken.jpg"},
+                ],
+                "dataset": "coco",
+            }
+        )
+    )
+    (tmp_path / "dataset_flickr30k.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "filename": "1000092795.jpg",
+                        "imgid": 0,
+                        "split": "val",
+                        "sentids": [0],
+                        "sentences": [_sent(0, "Two young guys.")],
+                    },
+                ],
+                "dataset": "flickr30k",
+            }
+        )
+    )
     pairs, rejects, _ = run_ingest(
         tmp_path,
-        {"format": "karpathy", "name": "kc", "dataset": "coco", "path": "dataset_coco.json", "splits": ["train", "test"]},
-        {"format": "karpathy", "name": "kf", "dataset": "flickr30k", "path": "dataset_flickr30k.json", "image_root": "f30k"},
+        {
+            "format": "karpathy",
+            "name": "kc",
+            "dataset": "coco",
+            "path": "dataset_coco.json",
+            "splits": ["train", "test"],
+        },
+        {
+            "format": "karpathy",
+            "name": "kf",
+            "dataset": "flickr30k",
+            "path": "dataset_flickr30k.json",
+            "image_root": "f30k",
+        },
     )
     got = by_id(pairs)
     assert set(got) == {"kc:770337", "kc:1", "kf:0"}  # restval filtered out by `splits`
@@ -219,9 +360,26 @@ def test_karpathy_coco_and_flickr30k(tmp_path):
 def test_karpathy_and_coco_share_image_keys(tmp_path):
     """The same COCO image from the captions file and from Karpathy's file is one image."""
     (tmp_path / "captions.json").write_text(json.dumps(COCO))
-    (tmp_path / "k.json").write_text(json.dumps({"images": [
-        {"filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg", "split": "train", "cocoid": 9, "sentences": [_sent(5, "x")]}]}))
-    pairs, _, _ = run_ingest(tmp_path, {"format": "coco", "path": "captions.json"}, {"format": "karpathy", "dataset": "coco", "path": "k.json"})
+    (tmp_path / "k.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {
+                        "filepath": "train2014",
+                        "filename": "COCO_train2014_000000000009.jpg",
+                        "split": "train",
+                        "cocoid": 9,
+                        "sentences": [_sent(5, "x")],
+                    }
+                ]
+            }
+        )
+    )
+    pairs, _, _ = run_ingest(
+        tmp_path,
+        {"format": "coco", "path": "captions.json"},
+        {"format": "karpathy", "dataset": "coco", "path": "k.json"},
+    )
     keys = {p["pair_id"]: p["image_key"] for p in pairs}
     assert keys["coco:48"] == keys["karpathy:5"] == "coco:9"
 
@@ -240,7 +398,7 @@ def test_table_formats(tmp_path):
     columns = ["image_url", "image_path", "caption", "split", "id"]
     pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), tmp_path / "t.parquet")
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n{broken\n\n[1, 2]\n")
-    (tmp_path / "t.csv").write_text("image_url,caption\nhttp://example.org/a.jpg,\"a, cat\"\n")
+    (tmp_path / "t.csv").write_text('image_url,caption\nhttp://example.org/a.jpg,"a, cat"\n')
     pairs, rejects, _ = run_ingest(
         tmp_path,
         {"format": "table", "name": "pq", "path": "t.parquet"},
@@ -255,8 +413,11 @@ def test_table_formats(tmp_path):
     assert got["csv:1"]["caption"] == "a, cat"
     assert got["pq:x1"]["image_key"] == got["csv:1"]["image_key"]  # same URL in two tables
     assert reasons(rejects) == [
-        ("line 3", "bad_json"), ("line 5", "bad_record"),
-        ("row 3", "bad_url"), ("row 4", "empty_caption"), ("row 5", "missing_url"),
+        ("line 3", "bad_json"),
+        ("line 5", "bad_record"),
+        ("row 3", "bad_url"),
+        ("row 4", "empty_caption"),
+        ("row 5", "missing_url"),
     ]
 
 

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from corpus.annotations.records import flickr_id_from_url
 from corpus.ingest.formats import (
     MAX_URL_CHARS,
     URL_PATTERN,
     clean_caption,
     clean_captions,
-    flickr_id_from_url,
     url_key,
     url_keys,
     url_problem,
@@ -22,9 +22,24 @@ from corpus.ingest.formats import (
 from tests.conftest import run_ingest
 
 TRICKY_CAPTIONS = [
-    "plain caption", " leading", "trailing ", "a  b", "tab\there", "new\nline", "cr\r\nlf",
-    "nbsp\xa0here", "ideographic\u3000space", "thin\u2009space", "zero\u200bwidth", "line\u2028sep",
-    "\x1cfile sep", "", "   ", "\t\n", "émoji 🐈 ok", "mixed \t\xa0\u3000 runs  ",
+    "plain caption",
+    " leading",
+    "trailing ",
+    "a  b",
+    "tab\there",
+    "new\nline",
+    "cr\r\nlf",
+    "nbsp\xa0here",
+    "ideographic\u3000space",
+    "thin\u2009space",
+    "zero\u200bwidth",
+    "line\u2028sep",
+    "\x1cfile sep",
+    "",
+    "   ",
+    "\t\n",
+    "émoji 🐈 ok",
+    "mixed \t\xa0\u3000 runs  ",
 ]
 
 
@@ -44,16 +59,25 @@ def test_caption_cleaning_agrees_on_random_text():
 @pytest.mark.parametrize(
     "url, ok",
     [
-        ("http://example.org/a.jpg", True), ("https://a.b/c?d=e#f", True), ("http://host", True),
-        ("http://h/with space.jpg", False), ("http:///nohost.jpg", False), ("ftp://x.org/a", False),
-        ("http://h/ctrl\x7f", False), ("http://h/tab\t", False), ("javascript:alert(1)", False),
-        ("//example.org/a.jpg", False), ("http://h/" + "a" * MAX_URL_CHARS, False),
+        ("http://example.org/a.jpg", True),
+        ("https://a.b/c?d=e#f", True),
+        ("http://host", True),
+        ("http://h/with space.jpg", False),
+        ("http:///nohost.jpg", False),
+        ("ftp://x.org/a", False),
+        ("http://h/ctrl\x7f", False),
+        ("http://h/tab\t", False),
+        ("javascript:alert(1)", False),
+        ("//example.org/a.jpg", False),
+        ("http://h/" + "a" * MAX_URL_CHARS, False),
     ],
 )
 def test_url_rule_agrees(url, ok):
     assert (url_problem(url) is None) == ok
     arr = pa.array([url])
-    vector_ok = pc.and_(pc.match_substring_regex(arr, f"^{URL_PATTERN}$"), pc.less_equal(pc.utf8_length(arr), MAX_URL_CHARS))
+    vector_ok = pc.and_(
+        pc.match_substring_regex(arr, f"^{URL_PATTERN}$"), pc.less_equal(pc.utf8_length(arr), MAX_URL_CHARS)
+    )
     assert vector_ok.to_pylist() == [ok]
 
 

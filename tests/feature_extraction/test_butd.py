@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from contract.errors import InputDataError
 from feature_extraction.butd import build_butd, butd_config, detect, init_random, optimize_for_inference
+from feature_extraction.detector import region_features
+from feature_extraction.featurize import Item
 from feature_extraction.select import select_caffe, select_caffe_reference, select_lxmert36
-from feature_extraction.stage import region_features
 from feature_extraction.weights import load_weights, save_detectron2_pickle
-from pipeline.errors import InputDataError
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,10 @@ def model():
 @pytest.fixture(scope="module")
 def images():
     gen = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 256, (3, 128, 192), generator=gen, dtype=torch.uint8),
-            torch.randint(0, 256, (3, 160, 128), generator=gen, dtype=torch.uint8)]
+    return [
+        torch.randint(0, 256, (3, 128, 192), generator=gen, dtype=torch.uint8),
+        torch.randint(0, 256, (3, 160, 128), generator=gen, dtype=torch.uint8),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +40,17 @@ def detections(model, images):
 def test_state_dict_uses_detectron2_names(model):
     keys = set(model.state_dict())
     expected = {
-        "backbone.stem.conv1.weight", "backbone.res2.0.conv1.weight", "backbone.res4.22.conv3.norm.weight",
-        "proposal_generator.rpn_head.conv.weight", "proposal_generator.rpn_head.objectness_logits.weight",
-        "proposal_generator.rpn_head.anchor_deltas.weight", "roi_heads.res5.2.conv2.weight",
-        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.bbox_pred.weight",
-        "roi_heads.box_predictor.cls_embedding.weight", "roi_heads.box_predictor.fc_attr.weight",
+        "backbone.stem.conv1.weight",
+        "backbone.res2.0.conv1.weight",
+        "backbone.res4.22.conv3.norm.weight",
+        "proposal_generator.rpn_head.conv.weight",
+        "proposal_generator.rpn_head.objectness_logits.weight",
+        "proposal_generator.rpn_head.anchor_deltas.weight",
+        "roi_heads.res5.2.conv2.weight",
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_embedding.weight",
+        "roi_heads.box_predictor.fc_attr.weight",
         "roi_heads.box_predictor.attr_score.weight",
     }
     assert expected <= keys
@@ -89,8 +98,6 @@ def test_lxmert36_gives_36_distinct_regressed_boxes(model, detections, images):
 
 
 def test_region_features_rows(detections, images):
-    from feature_extraction.stage import Item
-
     det = detections[1]
     sel = select_caffe(det)
     scale = 0.5  # as if the original image were twice the test size
@@ -104,7 +111,9 @@ def test_region_features_rows(detections, images):
     assert np.allclose(row.soft_labels[:, 0], det.probs[sel.index, -1].numpy(), atol=1e-3)
     nb = row.norm_bb
     assert nb.shape == (n, 7) and nb.min() >= 0 and nb.max() <= 1
-    assert np.allclose(nb[:, 0] * 256, row.boxes[:, 0], atol=1e-3) and np.allclose(nb[:, 3] * 320, row.boxes[:, 3], atol=1e-3)
+    assert np.allclose(nb[:, 0] * 256, row.boxes[:, 0], atol=1e-3) and np.allclose(
+        nb[:, 3] * 320, row.boxes[:, 3], atol=1e-3
+    )
     assert np.allclose(nb[:, 6], nb[:, 4] * nb[:, 5])
     assert np.allclose(row.boxes, sel.boxes.numpy() / scale, atol=1e-3)
     assert row.object_ids.max() < 1600 and row.attr_ids.max() < 400
@@ -135,7 +144,9 @@ def test_bad_weight_files_are_refused(tmp_path):
     with pytest.raises(InputDataError, match="refuses global"):
         load_weights(fresh, tmp_path / "evil.pkl")
     assert not (tmp_path / "pwned").exists()
-    (tmp_path / "partial.pkl").write_bytes(pickle.dumps({"model": {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}}))
+    (tmp_path / "partial.pkl").write_bytes(
+        pickle.dumps({"model": {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)}})
+    )
     with pytest.raises(InputDataError, match="weights missing"):
         load_weights(fresh, tmp_path / "partial.pkl")
     with pytest.raises(InputDataError, match="not found"):

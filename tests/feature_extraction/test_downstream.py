@@ -7,13 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 
 import tests.fixtures.images as fx
-from feature_extraction.schema import unpack
+from contract.errors import ConfigError, InputDataError
+from feature_extraction.downstream import image_id
+from feature_extraction.schema import FEATURES_SCHEMA, unpack
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, InputDataError
 from pipeline.runner import run_stage, storage_for
 from tests.conftest import read_table
 from tests.feature_extraction.test_extract_stage import TINY_D2
@@ -29,54 +31,110 @@ def _folder(root: Path, names: list[str], seed: int = 0) -> Path:
 
 def _config(tmp_path: Path, storage: dict, images: dict, extract: dict | None = None) -> Path:
     (tmp_path / "pairs.jsonl").write_text("")
-    doc = {"storage": storage, "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]}, "extract": extract or {"backend": "grid"},
-           "downstream": {"images": images, "shard_images": 2}}
+    doc = {
+        "storage": storage,
+        "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]},
+        "extract": extract or {"backend": "grid"},
+        "downstream": {"images": images, "shard_images": 2},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
 def test_grid_features_of_every_set(tmp_path, storage_spec):
-    _folder(tmp_path / "coco", ["val2014/COCO_val2014_000000000042.jpg", "val2014/COCO_val2014_000000000073.jpg",
-                                "train2014/COCO_train2014_000000000009.jpg"])
+    _folder(
+        tmp_path / "coco",
+        [
+            "val2014/COCO_val2014_000000000042.jpg",
+            "val2014/COCO_val2014_000000000073.jpg",
+            "train2014/COCO_train2014_000000000009.jpg",
+        ],
+    )
     _folder(tmp_path / "nlvr2", ["dev-850-0-img0.png", "dev-850-0-img1.png"], seed=10)
     cfg = load_config(_config(tmp_path, storage_spec, {"coco": "coco", "nlvr2": "nlvr2"}))
     result = run_stage("downstream", cfg)
-    rows = [unpack(r) for r in read_table(storage_for(cfg), result.manifest, "task_features").to_pylist()]
-    assert sorted(r.image_key for r in rows) == ["coco/COCO_train2014_000000000009", "coco/COCO_val2014_000000000042",
-                                                 "coco/COCO_val2014_000000000073", "nlvr2/dev-850-0-img0",
-                                                 "nlvr2/dev-850-0-img1"]
+    table = read_table(storage_for(cfg), result.manifest, "task_features")
+    rows = [unpack(r) for r in table.to_pylist()]
+    assert sorted(r.image_key for r in rows) == [
+        "coco/COCO_train2014_000000000009",
+        "coco/COCO_val2014_000000000042",
+        "coco/COCO_val2014_000000000073",
+        "nlvr2/dev-850-0-img0",
+        "nlvr2/dev-850-0-img1",
+    ]
     assert result.manifest.shards == 3  # coco-00000, coco-00001 (2 per shard), nlvr2-00000
     assert all(r.num_boxes == 36 for r in rows)
+    # the features columns, plus each file's numeric id (null when its stem ends in none)
+    assert table.schema.names == [*FEATURES_SCHEMA.names, "image_id"]
+    assert table.schema.field("image_id").type == pa.int64()
+    assert dict(zip(table.column("image_key").to_pylist(), table.column("image_id").to_pylist(), strict=True)) == {
+        "coco/COCO_train2014_000000000009": 9,
+        "coco/COCO_val2014_000000000042": 42,
+        "coco/COCO_val2014_000000000073": 73,
+        "nlvr2/dev-850-0-img0": None,
+        "nlvr2/dev-850-0-img1": None,
+    }
     assert run_stage("downstream", cfg).status == "cached"
     # an edited image is new content: a new key
     _folder(tmp_path / "nlvr2", ["dev-850-0-img1.png"], seed=99)
-    assert run_stage("downstream", load_config(_config(tmp_path, storage_spec, {"coco": "coco", "nlvr2": "nlvr2"}))).status == "ran"
+    assert (
+        run_stage("downstream", load_config(_config(tmp_path, storage_spec, {"coco": "coco", "nlvr2": "nlvr2"}))).status
+        == "ran"
+    )
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_detectron2_backend_and_ground_truth_boxes(tmp_path, storage_spec):
     _folder(tmp_path / "coco", ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000073.jpg"])
     instances = tmp_path / "instances.json"
-    instances.write_text(json.dumps({"images": [], "annotations": [
-        {"id": 7, "image_id": 42, "bbox": [10, 5, 30, 40]}, {"id": 3, "image_id": 42, "bbox": [50, 20, 20, 20]}]}))
+    instances.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": [
+                    {"id": 7, "image_id": 42, "bbox": [10, 5, 30, 40]},
+                    {"id": 3, "image_id": 42, "bbox": [50, 20, 20, 20]},
+                ],
+            }
+        )
+    )
     path = _config(tmp_path, storage_spec, {"coco": "coco"}, TINY_D2)
     doc = yaml.safe_load(path.read_text())
     doc["downstream"]["gt_boxes"] = {"coco": str(instances)}
     path.write_text(yaml.safe_dump(doc))
     cfg = load_config(path)
     result = run_stage("downstream", cfg)
-    rows = {r["image_key"]: unpack(r) for r in read_table(storage_for(cfg), result.manifest, "task_features").to_pylist()}
-    assert sorted(rows) == ["coco/COCO_val2014_000000000042", "coco/COCO_val2014_000000000042#gt", "coco/COCO_val2014_000000000073"]
+    table = read_table(storage_for(cfg), result.manifest, "task_features")
+    rows = {r["image_key"]: unpack(r) for r in table.to_pylist()}
+    assert sorted(rows) == [
+        "coco/COCO_val2014_000000000042",
+        "coco/COCO_val2014_000000000042#gt",
+        "coco/COCO_val2014_000000000073",
+    ]
     det, gt = rows["coco/COCO_val2014_000000000042"], rows["coco/COCO_val2014_000000000042#gt"]
     assert det.backend == "detectron2" and det.soft_labels.shape[1] == 1601 and 10 <= det.num_boxes <= 40
     # the RoI head ran on exactly the annotated boxes, in ascending annotation id (3, then 7)
     assert np.allclose(gt.boxes, [[50, 20, 70, 40], [10, 5, 40, 45]], atol=0.05) and gt.num_boxes == 2
     assert gt.soft_labels.shape == (2, 1601) and (gt.conf == 1).all()
+    # a ground-truth row carries the id of its image
+    assert dict(zip(table.column("image_key").to_pylist(), table.column("image_id").to_pylist(), strict=True)) == {
+        "coco/COCO_val2014_000000000042": 42,
+        "coco/COCO_val2014_000000000042#gt": 42,
+        "coco/COCO_val2014_000000000073": 73,
+    }
     with pytest.raises(ConfigError, match=r"gt_boxes for \['flickr'\]: not image sets"):
         doc["downstream"]["gt_boxes"] = {"flickr": str(instances)}
         path.write_text(yaml.safe_dump(doc))
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("stem", "expected"),
+    [("COCO_val2014_000000000042", 42), ("1000092795", 1000092795), ("dev-850-0-img0", None), ("img_7b", None)],
+)
+def test_image_id_is_the_number_a_stem_ends_in(stem, expected):
+    assert image_id(stem) == expected
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)

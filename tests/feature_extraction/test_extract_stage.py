@@ -16,19 +16,26 @@ import pytest
 import yaml
 from PIL import Image
 
+from contract.artifact import Artifact
+from contract.errors import ConfigError
 from feature_extraction.export import read_lxmert_tsv, to_lxmert_tsv, to_npz
 from feature_extraction.grid import grid_features
 from feature_extraction.schema import unpack
-from pipeline.artifact import Artifact
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
 from tests.fixtures import images as fx
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_D2 = {"backend": "detectron2", "weights": "random", "min_size": 96, "max_size": 144, "rpn_post_nms_topk": 40,
-           "loader_workers": 0, "batch_size": 3}
+TINY_D2 = {
+    "backend": "detectron2",
+    "weights": "random",
+    "min_size": 96,
+    "max_size": 144,
+    "rpn_post_nms_topk": 40,
+    "loader_workers": 0,
+    "batch_size": 3,
+}
 
 
 def corpus(tmp_path: Path, storage: dict, n: int, extract: dict, name: str = "cfg.yaml") -> Path:
@@ -42,8 +49,12 @@ def corpus(tmp_path: Path, storage: dict, n: int, extract: dict, name: str = "cf
             path.write_bytes(fx.jpeg(fx.synthetic_photo(900 + i, size)))
         rows.append({"image_path": f"images/{i:04d}.jpg", "caption": f"photo {i}"})
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    doc = {"storage": storage, "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]},
-           "crawl": {"file_roots": [str(images)], "workers": 1, "shard_images": 50}, "extract": extract}
+    doc = {
+        "storage": storage,
+        "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]},
+        "crawl": {"file_roots": [str(images)], "workers": 1, "shard_images": 50},
+        "extract": extract,
+    }
     path = tmp_path / name
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -59,7 +70,9 @@ def features(cfg, result):
 
 
 def test_grid_backend(tmp_path, storage_spec):
-    cfg = load_config(corpus(tmp_path, storage_spec, 12, {"grid_rows": 4, "grid_cols": 5, "shard_images": 5, "loader_workers": 0}))
+    cfg = load_config(
+        corpus(tmp_path, storage_spec, 12, {"grid_rows": 4, "grid_cols": 5, "shard_images": 5, "loader_workers": 0})
+    )
     build_upstream(cfg)
     result = run_stage("extract", cfg)
     rows = features(cfg, result)
@@ -125,13 +138,26 @@ def test_detectron2_backend_and_weight_files(tmp_path, storage_spec):
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_parallel_processes_match_one_process(tmp_path, storage_spec):
-    one = load_config(corpus(tmp_path, {"uri": str(tmp_path / "d1")}, 10, {"shard_images": 3, "loader_workers": 0}, "one.yaml"))
-    two = load_config(corpus(tmp_path, {"uri": str(tmp_path / "d2")}, 10, {"shard_images": 3, "loader_workers": 0, "processes": 2}, "two.yaml"))
+    one = load_config(
+        corpus(tmp_path, {"uri": str(tmp_path / "d1")}, 10, {"shard_images": 3, "loader_workers": 0}, "one.yaml")
+    )
+    two = load_config(
+        corpus(
+            tmp_path,
+            {"uri": str(tmp_path / "d2")},
+            10,
+            {"shard_images": 3, "loader_workers": 0, "processes": 2},
+            "two.yaml",
+        )
+    )
     build_upstream(one)
     build_upstream(two)
     a, b = run_stage("extract", one), run_stage("extract", two)
     assert a.manifest.key == b.manifest.key and a.manifest.content_sha256 == b.manifest.content_sha256
-    runs = {r.run_id.rsplit("-", 1)[-1] for r in Artifact(storage_for(two), "extract", b.manifest.key).done_shards().values()}
+    runs = {
+        r.run_id.rsplit("-", 1)[-1]
+        for r in Artifact(storage_for(two), "extract", b.manifest.key).done_shards().values()
+    }
     assert runs == {"0", "1"}  # both processes wrote shards
 
 
@@ -143,8 +169,13 @@ def test_sigkill_then_resume(tmp_path, storage_spec):
     build_upstream(cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "extract", Planner(cfg, storage).plan("extract").key)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "extract", "-c", str(cfg_path), "-q"],
-                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", "extract", "-c", str(cfg_path), "-q"],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 180
     while len(art.done_shards()) < 3:
         assert proc.poll() is None, proc.stderr.read()

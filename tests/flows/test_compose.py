@@ -10,8 +10,7 @@ from pathlib import Path
 import prefect
 import yaml
 
-from flows import dag as flows_dag
-from flows.dag import ALL_FLOWS
+from flows.dag import ENTRYPOINTS, GPU_FLOWS
 from pipeline.config import OrchestrationConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,8 +21,11 @@ def _compose() -> dict:
 
 
 def _env_example() -> dict[str, str]:
-    rows = [line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
+    rows = [
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     return {k: v for k, v in rows}
 
 
@@ -40,8 +42,13 @@ def test_services_and_pinned_images():
         assert services[name]["build"] == "."
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
-    assert "--pool uniter-gpu" in services["worker-gpu"]["command"] and "--pool uniter " in services["worker"]["command"] + " "
-    assert "uniter deploy -c configs/compose.yaml --pool uniter --gpu-pool uniter-gpu" in services["setup"]["command"][-1]
+    assert (
+        "--pool uniter-gpu" in services["worker-gpu"]["command"]
+        and "--pool uniter " in services["worker"]["command"] + " "
+    )
+    assert (
+        "uniter deploy -c configs/compose.yaml --pool uniter --gpu-pool uniter-gpu" in services["setup"]["command"][-1]
+    )
 
 
 def test_environment_names_match_env_example_and_what_the_code_reads():
@@ -52,7 +59,13 @@ def test_environment_names_match_env_example_and_what_the_code_reads():
     for name in ("worker", "worker-gpu", "setup"):
         env = _compose()["services"][name]["environment"]
         # Prefect's client and boto3's credential chain read exactly these names
-        assert {"PREFECT_API_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "UNITER_CACHE_DIR"} <= set(env)
+        assert {
+            "PREFECT_API_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "UNITER_CACHE_DIR",
+        } <= set(env)
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     for secret in ("AWS_SECRET_ACCESS_KEY", "POSTGRES_PASSWORD"):  # never a literal in the compose file
         assert re.search(rf"{secret}:\s*\$\{{{secret}\}}", text)
@@ -67,14 +80,19 @@ def test_the_stack_config_points_at_the_stack():
     assert cfg.storage.uri.split("/")[2] == _env_example()["UNITER_BUCKET"]
 
 
-def test_prefect_yaml_has_a_deployment_per_flow():
+def test_prefect_yaml_matches_the_stage_list():
+    """prefect.yaml is written by hand for `prefect deploy --all`; it must describe exactly the flows
+    derived from pipeline/stages.py: one deployment per flow, the training flows on the GPU pool,
+    only corpus-rebuild scheduled (with the config's default cron)."""
     doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    by_attr = {attr: name for name, attr in ENTRYPOINTS.items()}
     deployed = {}
     for d in doc["deployments"]:
         path, attr = d["entrypoint"].split(":")
-        assert path == "flows/dag.py"
-        deployed[getattr(flows_dag, attr).name] = d
-    assert set(deployed) == set(ALL_FLOWS)
+        assert path == "flows/dag.py" and attr in by_attr, d["entrypoint"]
+        deployed[by_attr[attr]] = d
+    assert set(deployed) == set(ENTRYPOINTS) and len(doc["deployments"]) == len(ENTRYPOINTS)
     assert deployed["corpus-rebuild"]["schedules"][0]["cron"] == OrchestrationConfig().corpus_rebuild_cron
     assert all("schedules" not in d for name, d in deployed.items() if name != "corpus-rebuild")
-    assert deployed["stage-pretrain"]["work_pool"]["name"] == "uniter-gpu" and deployed["stage-crawl"]["work_pool"]["name"] == "uniter"
+    for name, d in deployed.items():
+        assert d["work_pool"]["name"] == ("uniter-gpu" if name in GPU_FLOWS else "uniter"), name

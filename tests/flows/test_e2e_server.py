@@ -23,6 +23,7 @@ from flows.dag import ALL_FLOWS
 from pipeline.config import load_config
 from pipeline.demo import serve_sample
 from pipeline.runner import Planner, storage_for
+from pipeline.stages import STAGES
 from tests.conftest import demo_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,13 +53,23 @@ def _wait(predicate, seconds: float, what: str, proc: subprocess.Popen | None = 
 def server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = _port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5", PREFECT_UI_ENABLED="false")
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
+        PREFECT_UI_ENABLED="false",
+    )
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/api"
 
     def healthy():
@@ -79,8 +90,14 @@ def server(tmp_path_factory):
 
 def _serve(server, cfg_path: Path, log_path: Path) -> subprocess.Popen:
     log = open(log_path, "ab")
-    return subprocess.Popen([UNITER, "serve", "-c", str(cfg_path), "--interval", "3600"], env=server["env"], cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [UNITER, "serve", "-c", str(cfg_path), "--interval", "3600"],
+        env=server["env"],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 @contextlib.contextmanager
@@ -101,8 +118,14 @@ def _deployments(server) -> list[tuple[str, str]]:
 
 
 def _trigger(server, cfg_path: Path, *extra: str) -> dict:
-    done = subprocess.run([UNITER, "run", "all", "--deployment", "-c", str(cfg_path), "--json", *extra], env=server["env"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [UNITER, "run", "all", "--deployment", "-c", str(cfg_path), "--json", *extra],
+        env=server["env"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)
 
@@ -111,14 +134,15 @@ def _summary_markdown(server, flow_run_id: str) -> str:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with _client(server) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     return next(a.data for a in arts if a.type == "markdown")
 
 
 def _contents(cfg) -> dict[str, str]:
     planner = Planner(cfg, storage_for(cfg))
-    return {s: planner.manifest(s).content_sha256 for s in ("ingest", "crawl", "dedup", "extract", "downstream", "pretrain",
-                                                            "finetune", "evaluate")}
+    return {s: planner.manifest(s).content_sha256 for s in STAGES}
 
 
 def test_deployments_end_to_end(server, tmp_path):
@@ -127,7 +151,9 @@ def test_deployments_end_to_end(server, tmp_path):
     with serve_sample():
         serving = _serve(server, cfg_path, tmp_path / "serve.log")
         try:
-            deployed = _wait(lambda: d if len(d := _deployments(server)) == 11 else None, 120, "11 deployments", serving)
+            deployed = _wait(
+                lambda: d if len(d := _deployments(server)) == 11 else None, 120, "11 deployments", serving
+            )
             assert deployed == sorted((name, "uniter") for name in ALL_FLOWS)  # a deployment per flow
 
             first = _trigger(server, cfg_path)
@@ -140,10 +166,34 @@ def test_deployments_end_to_end(server, tmp_path):
             assert again["state"] == "Completed"
             assert _summary_markdown(server, again["flow_run"]).count("| cached |") == 8
 
+            # every stage-<name> deployment loads its flow and runs it (all cached here), at once
+            stages = list(STAGES)
+            runs = [
+                subprocess.Popen(
+                    [UNITER, "run", s, "--deployment", "-c", str(cfg_path), "--json"],
+                    env=server["env"],
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for s in stages
+            ]
+            for stage, run in zip(stages, runs, strict=True):
+                out, err = run.communicate(timeout=600)
+                assert run.returncode == 0, (stage, err[-3000:])
+                assert json.loads(out)["flow"] == f"stage-{stage}"
+                assert f"| {stage} | cached |" in _summary_markdown(server, json.loads(out)["flow_run"])
+
             # kill the serving process in the middle of a forced rebuild, start it again, trigger again
             storage = storage_for(cfg)
-            forced = subprocess.Popen([UNITER, "run", "all", "--deployment", "--force", "-c", str(cfg_path), "--json"],
-                                      env=server["env"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            forced = subprocess.Popen(
+                [UNITER, "run", "all", "--deployment", "--force", "-c", str(cfg_path), "--json"],
+                env=server["env"],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
             before = Planner(cfg, storage).manifest("dedup").created_at
 
             def rebuilt_dedup():  # the forced run has rebuilt ingest, crawl and dedup: it is in extract
@@ -178,7 +228,9 @@ def test_deployments_end_to_end(server, tmp_path):
             with _client(server) as client:
                 rebuild = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["corpus-rebuild"])))
                 assert rebuild and rebuild[0].schedules, "corpus-rebuild carries a schedule"
-                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[rebuild[0].id])))
+                runs = client.read_flow_runs(
+                    deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[rebuild[0].id]))
+                )
             assert any(r.auto_scheduled for r in runs), [(r.name, r.state_name) for r in runs]
         finally:
             os.killpg(serving.pid, signal.SIGKILL)

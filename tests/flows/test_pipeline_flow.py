@@ -1,5 +1,5 @@
-"""The DAG as a Prefect flow (under Prefect's test harness: a real temporary API server):
-stage tasks are keyed by content, results persist on the pipeline's storage, re-runs are cached."""
+"""The DAG as a Prefect flow (under Prefect's test harness: a real temporary API server): stage
+tasks call the runner, whose content key is the one cache; re-runs are cached, changes re-run."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
+from contract.artifact import Artifact
 from flows.dag import full_pipeline
-from flows.stages import RESULT_NAME
-from pipeline.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import storage_for
 from tests.conftest import S3_SECRET, write_config
@@ -32,24 +31,31 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
         (images / f"{i}.jpg").write_bytes(fx.jpeg(fx.synthetic_photo(500 + i, (96, 64))))
         rows.append({"image_path": f"images/{i}.jpg", "caption": f"photo {i}"})
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg_path = write_config(tmp_path / "cfg.yaml", storage_spec, [{"format": "table", "path": "pairs.jsonl"}], shard_rows=4)
+    cfg_path = write_config(
+        tmp_path / "cfg.yaml", storage_spec, [{"format": "table", "path": "pairs.jsonl"}], shard_rows=4
+    )
     doc = yaml.safe_load(cfg_path.read_text())
     doc["crawl"] = {"file_roots": [str(images)], "workers": 1}
     doc["extract"] = {"loader_workers": 0}
     cfg_path.write_text(yaml.safe_dump(doc))
 
     first = full_pipeline(config_path=str(cfg_path), until="extract")
-    assert [(r["stage"], r["status"]) for r in first] == [("ingest", "ran"), ("crawl", "ran"), ("dedup", "ran"), ("extract", "ran")]
+    assert [(r["stage"], r["status"]) for r in first] == [
+        ("ingest", "ran"),
+        ("crawl", "ran"),
+        ("dedup", "ran"),
+        ("extract", "ran"),
+    ]
     assert {o["table"]: o["rows"] for o in first[1]["outputs"]} == {"images": 6, "failures": 0}
     assert {o["table"]: o["rows"] for o in first[2]["outputs"]}["corpus_pairs"] == 6
 
-    # The task's result record lives inside the artifact it describes, on the pipeline's storage.
+    # One cache: the artifact is all there is on the storage — no Prefect result records beside it.
     cfg = load_config(cfg_path)
     storage = storage_for(cfg)
-    record_key = f"{Artifact(storage, 'ingest', first[0]['key']).prefix}/{RESULT_NAME}"
-    record = storage.read_bytes(record_key).decode()
-    assert first[0]["content_sha256"] in record and S3_SECRET not in record
-    json.loads(record)  # a JSON result record, not a pickle
+    art = Artifact(storage, "ingest", first[0]["key"])
+    names = {k.rsplit("/", 1)[-1] for k in storage.list(art.prefix)}
+    assert "_manifest.json" in names and not any("prefect" in n for n in names), names
+    assert S3_SECRET not in storage.read_bytes(f"{art.prefix}/_manifest.json").decode()
 
     second = full_pipeline(config_path=str(cfg_path), until="extract")
     assert [r["status"] for r in second] == ["cached"] * 4
@@ -84,8 +90,11 @@ def test_sharded_stages_fan_out_on_the_task_runner(tmp_path, storage_spec, runne
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     contents = {}
     for fan in (1, 3):
-        cfg_path = write_config(tmp_path / f"cfg{fan}.yaml", {"uri": str(tmp_path / f"data{fan}")},
-                                [{"format": "table", "path": "pairs.jsonl"}])
+        cfg_path = write_config(
+            tmp_path / f"cfg{fan}.yaml",
+            {"uri": str(tmp_path / f"data{fan}")},
+            [{"format": "table", "path": "pairs.jsonl"}],
+        )
         doc = yaml.safe_load(cfg_path.read_text())
         doc["crawl"] = {"file_roots": [str(images)], "workers": 1, "shard_images": 2}
         doc["extract"] = {"loader_workers": 0, "shard_images": 2}

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from contract.errors import ConfigError
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,10 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path):
 
 def test_unknown_top_level_section(tmp_path):
     msg = _error(_write(tmp_path, "ingest:\n  sources: [{format: cc, path: ann.tsv}]\nstorge: {uri: x}\n"))
-    assert "storge: unknown key (allowed here: storage, ingest, crawl, dedup, extract, downstream, pretrain, finetune, ablation, orchestration)" in msg
+    assert (
+        "storge: unknown key (allowed here: storage, ingest, crawl, dedup, extract, downstream, pretrain, "
+        "finetune, ablation, orchestration)" in msg
+    )
 
 
 def test_wrong_type(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifact import Artifact
+from contract.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, stage_status, storage_for
 from tests.conftest import write_config
@@ -41,8 +41,12 @@ def test_sigkill_then_resume_gives_identical_artifact(tmp_path, storage_spec, wo
     art = Artifact(storage, "ingest", key)
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "ingest", "-c", str(cfg_path), "--json", "-q"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy(), start_new_session=True,
+        [sys.executable, "-m", "cli", "run", "ingest", "-c", str(cfg_path), "--json", "-q"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+        start_new_session=True,
     )
     deadline = time.time() + 120
     while len(art.done_shards()) < 8:
@@ -64,7 +68,9 @@ def test_sigkill_then_resume_gives_identical_artifact(tmp_path, storage_spec, wo
     assert {n: after[n] for n in done_before} == done_before  # finished shards were not redone
     assert len(after) == 150
 
-    clean_cfg = load_config(write_config(tmp_path / "clean.yaml", {"uri": str(tmp_path / "clean")}, source, shard_rows=2000))
+    clean_cfg = load_config(
+        write_config(tmp_path / "clean.yaml", {"uri": str(tmp_path / "clean")}, source, shard_rows=2000)
+    )
     clean = run_stage("ingest", clean_cfg)
     assert clean.manifest.key == resumed.manifest.key
     assert clean.manifest.content_sha256 == resumed.manifest.content_sha256
@@ -73,7 +79,10 @@ def test_sigkill_then_resume_gives_identical_artifact(tmp_path, storage_spec, wo
 
     # And the CLI agrees: the next run is a cache hit.
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "ingest", "-c", str(cfg_path), "--json"],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [sys.executable, "-m", "cli", "run", "ingest", "-c", str(cfg_path), "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert json.loads(out.stdout)["status"] == "cached"

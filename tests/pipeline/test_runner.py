@@ -11,12 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.artifact import Artifact
+from contract.artifact import Artifact
+from contract.errors import MissingInputError
+from contract.stage import Stage, now
 from pipeline.config import load_config
 from pipeline.dag import STAGES, downstream
-from pipeline.errors import MissingInputError
 from pipeline.runner import run_stage, stage_status, storage_for
-from pipeline.stage import Stage, now
 from tests.conftest import S3_SECRET, read_table, write_config
 
 
@@ -44,7 +44,9 @@ def cc_file(tmp_path):
 def _config(tmp_path, storage_spec, cc_path, **ingest):
     src = {"format": "cc", "path": str(cc_path)}
     src.update(ingest.pop("source", {}))
-    return load_config(write_config(tmp_path / "cfg.yaml", storage_spec, [src], shard_rows=ingest.pop("shard_rows", 20), **ingest))
+    return load_config(
+        write_config(tmp_path / "cfg.yaml", storage_spec, [src], shard_rows=ingest.pop("shard_rows", 20), **ingest)
+    )
 
 
 def _markers(storage, manifest):
@@ -110,10 +112,21 @@ def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec,
     assert downstream("ingest") == ["crawl", "dedup", "extract", "pretrain", "finetune", "evaluate", "count"]
     assert downstream("crawl") == ["dedup", "extract", "pretrain", "finetune", "evaluate"]
     cfg = _config(tmp_path, storage_spec, cc_file)
-    with pytest.raises(MissingInputError, match=r"needs the output of 'ingest'.*Run `uniter run ingest -c cfg.yaml` first"):
+    with pytest.raises(
+        MissingInputError, match=r"needs the output of 'ingest'.*Run `uniter run ingest -c cfg.yaml` first"
+    ):
         run_stage("count", cfg, config_path="cfg.yaml")
-    blocked = {"ingest": "missing", "crawl": "blocked", "dedup": "blocked", "extract": "blocked", "downstream": "missing", "pretrain": "blocked", "finetune": "blocked", "evaluate": "blocked",
-               "count": "blocked"}
+    blocked = {
+        "ingest": "missing",
+        "crawl": "blocked",
+        "dedup": "blocked",
+        "extract": "blocked",
+        "downstream": "missing",
+        "pretrain": "blocked",
+        "finetune": "blocked",
+        "evaluate": "blocked",
+        "count": "blocked",
+    }
     assert {r["stage"]: r["status"] for r in stage_status(cfg)} == blocked
 
     ingest = run_stage("ingest", cfg)
@@ -128,7 +141,9 @@ def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec,
     run_stage("ingest", cfg2)
     count2 = run_stage("count", cfg2)
     assert count2.status == "ran" and count2.manifest.key != count.manifest.key
-    assert read_table(storage_for(cfg2), count2.manifest, "source_counts").to_pylist() == [{"source": "cc3m", "pairs": 50}]
+    assert read_table(storage_for(cfg2), count2.manifest, "source_counts").to_pylist() == [
+        {"source": "cc3m", "pairs": 50}
+    ]
 
 
 def test_status_reports_partial_artifacts(tmp_path, storage_spec, cc_file):
@@ -136,7 +151,9 @@ def test_status_reports_partial_artifacts(tmp_path, storage_spec, cc_file):
     assert stage_status(cfg)[0]["status"] == "missing"
     done = run_stage("ingest", cfg)
     row = stage_status(cfg)[0]
-    assert row["status"] == "complete" and row["rows"] == {"pairs": 50, "rejects": 0} and row["key"] == done.manifest.key
+    assert (
+        row["status"] == "complete" and row["rows"] == {"pairs": 50, "rejects": 0} and row["key"] == done.manifest.key
+    )
     storage = storage_for(cfg)
     art = Artifact(storage, "ingest", done.manifest.key)
     storage.remove(f"{art.prefix}/_manifest.json")

@@ -34,8 +34,8 @@ def test_views_over_parquet_files(storage, tmp_path):
 
 def test_s3_credentials_stay_out_of_errors(s3_endpoint, tmp_path):
     """A broken query on S3 reports DuckDB's message, never the secret we handed it."""
-    from tests.conftest import S3_SECRET, make_bucket
     from storage import open_storage
+    from tests.conftest import S3_SECRET, make_bucket
 
     storage = open_storage(f"s3://{make_bucket(s3_endpoint)}/x", endpoint_url=s3_endpoint)
     _publish(storage, tmp_path, "t.parquet", pa.table({"a": [1]}))

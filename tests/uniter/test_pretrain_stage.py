@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.artifact import Artifact
+from contract.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
@@ -103,7 +103,7 @@ def test_sigkill_then_resume_repeats_the_run_exactly(tmp_path, storage_spec, voc
     run_stage("extract", cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "pretrain", Planner(cfg, storage).plan("pretrain").key)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "pretrain", "-c", str(cfg_path), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "pretrain", "-c", str(cfg_path), "-q"],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not any(s.startswith("ckpt-00000010") for s in art.done_shards()):

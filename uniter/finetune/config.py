@@ -6,7 +6,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.configbase import InputFile, SectionConfig, StrictModel
+from contract.configbase import InputFile, SectionConfig, StrictModel
+
+
+class TaskConfig(SectionConfig):
+    """A fine-tuning task's section: `FinetuneConfig.tasks()` lists the fields of this type, whose names
+    are the tasks' names in `uniter.finetune.tasks.FINETUNE_TASKS`."""
 
 
 class VqaFiles(StrictModel):
@@ -14,7 +19,7 @@ class VqaFiles(StrictModel):
     annotations: InputFile  # v2_mscoco_<split>_annotations.json
 
 
-class VqaTask(SectionConfig):
+class VqaTask(TaskConfig):
     """VQA v2 (recipe: uniter-recipe.md §4.2): train on `train`, score on `val` with the official metric."""
 
     train: list[VqaFiles] = Field(min_length=1)
@@ -29,7 +34,7 @@ class VqaTask(SectionConfig):
     validate_every: int = Field(default=1000, ge=1)
 
 
-class TrainRecipe(SectionConfig):
+class TrainRecipe(TaskConfig):
     steps: int = Field(default=8000, ge=1)
     warmup: int = Field(default=800, ge=0)
     lr: float = Field(default=3e-5, gt=0)
@@ -105,8 +110,9 @@ class FinetuneConfig(SectionConfig):
     log_every: int = Field(default=100, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)
 
-    def tasks(self) -> dict[str, SectionConfig]:
-        return {name: getattr(self, name) for name in ("vqa", "nlvr2", "retrieval", "refcoco") if getattr(self, name) is not None}
+    def tasks(self) -> dict[str, TaskConfig]:
+        """The configured tasks, in field order (the order they are trained and evaluated in)."""
+        return {name: value for name, value in self if isinstance(value, TaskConfig)}
 
 
 class AblationVariant(StrictModel):

@@ -3,6 +3,7 @@ their sum, Meta-Sum — as JSON, Markdown, HTML, and a bar chart (PNG, drawn wit
 
 A run lacking a column (its task not configured) shows "–" there, and its Meta-Sum is marked
 partial (the sum of what it has), so rows are never silently compared over different columns.
+The columns, and any lines under the table, are the tasks' (`tasks/`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import html
 import io
 from dataclasses import dataclass, field
 
-COLUMNS = (("vqa", "VQA"), ("ir_r1", "IR R@1"), ("tr_r1", "TR R@1"), ("nlvr2", "NLVR2"), ("refcoco+", "RefCOCO+"))
+from uniter.finetune.tasks import FINETUNE_TASKS
+
+COLUMNS = tuple(column for task in FINETUNE_TASKS.values() for column in task.columns)  # (score key, label)
 
 
 @dataclass
@@ -49,12 +52,9 @@ def to_markdown(runs: list[Run]) -> str:
     rows = [f"| {r.name} | " + " | ".join(_cell(r, k) for k, _ in COLUMNS) + f" | {_meta(r)} |" for r in runs]
     out = [head, rule, *rows]
     for r in runs:
-        confusion = r.details.get("vqa", {}).get("answer_type_confusion")
-        if confusion:
-            types = sorted({t for row in confusion.values() for t in row} | set(confusion))
-            out += ["", f"VQA answer types, {r.name} (rows: the question's type; columns: the predicted answer's type):", "",
-                    "| | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
-            out += [f"| {t} | " + " | ".join(str(confusion.get(t, {}).get(u, 0)) for u in types) + " |" for t in types]
+        for name, task in FINETUNE_TASKS.items():
+            if task.notes is not None and name in r.details:
+                out += task.notes(r.name, r.details[name])
     return "\n".join(out) + "\n"
 
 
@@ -91,7 +91,8 @@ def bar_chart_png(runs: list[Run], width: int = 720, height: int = 360) -> bytes
         for i, run in enumerate(runs):
             if key in run.scores:
                 h = (bottom - top) * max(0.0, min(100.0, run.scores[key])) / 100
-                draw.rectangle([x0 + i * bar_w, bottom - h, x0 + (i + 1) * bar_w - 2, bottom], fill=palette[i % len(palette)])
+                draw.rectangle([x0 + i * bar_w, bottom - h, x0 + (i + 1) * bar_w - 2, bottom],
+                               fill=palette[i % len(palette)])
         draw.text((x0, bottom + 6), label, fill="black")
     for i, run in enumerate(runs):  # legend
         y = bottom + 24 + 12 * (i % 3)
@@ -101,10 +102,3 @@ def bar_chart_png(runs: list[Run], width: int = 720, height: int = 360) -> bytes
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def vqa_answer_type(answer: str) -> str:
-    """The type an answer would have in VQA's annotation: yes/no, number, other."""
-    if answer in ("yes", "no"):
-        return "yes/no"
-    return "number" if answer.replace(".", "", 1).isdigit() else "other"

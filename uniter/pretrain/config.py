@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.configbase import SectionConfig
+from contract.configbase import SectionConfig
 
 TASK_NAMES = ("itm", "mlm", "mrfr", "mrc", "mrckl")
 
@@ -17,7 +17,8 @@ class PretrainConfig(SectionConfig):
     # Parallelism and bookkeeping do not change what is learned (the data order and every random
     # draw are functions of the seed and the step, not of the process layout).
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset(
-        {"processes", "launcher", "launcher_args", "loader_workers", "log_every", "checkpoint_every", "tensorboard_dir"})
+        {"processes", "launcher", "launcher_args", "loader_workers", "log_every", "checkpoint_every",
+         "tensorboard_dir"})
 
     model: Literal["debug", "base", "large"] = "base"
     model_overrides: dict[str, Any] = {}  # UniterConfig fields, e.g. {hidden_dropout_prob: 0.0}

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from uniter.pretrain.stage import Job, train_process
+from uniter.pretrain.stage import PretrainJob, train_process
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
                  "or use `uniter run pretrain` (which starts the workers itself)")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else rank))
-    train_process(rank, world, Job.from_json(args.job.read_text()), local_rank=local_rank)
+    train_process(rank, world, PretrainJob.from_json(args.job.read_text()), local_rank=local_rank)
 
 
 if __name__ == "__main__":

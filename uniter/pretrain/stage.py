@@ -10,52 +10,38 @@ resumes from the newest. The final shard holds the metrics and the model files.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-from pipeline.artifact import Artifact
-from pipeline.errors import UniterError
-from pipeline.stage import Stage, StageContext, now
-from storage import Storage, open_storage
+from contract.artifact import Artifact
+from contract.errors import UniterError
+from contract.stage import Stage, StageContext
 from uniter.data import Corpus, build_features, build_texts, load_tokenizer
 from uniter.pretrain.config import PretrainConfig
+from uniter.pretrain.tasks import Vocab
+from uniter.pretrain.trainer import Trainer
+from uniter.runtime import TrainJob, build_model, model_files, resume, save_checkpoint, start_worker
 
 log = logging.getLogger(__name__)
 CKPT = "ckpt"
 
 
 @dataclass(frozen=True)
-class Job:
-    """Everything a worker process needs, as plain data: it travels to spawned processes and, as
-    JSON, to processes a launcher starts on other nodes (which rebuild the local caches)."""
+class PretrainJob(TrainJob):
+    """A pretraining worker's job; as JSON, it reaches processes a launcher starts on other nodes
+    (which rebuild the local caches)."""
 
     cfg: PretrainConfig
-    storage_uri: str
-    endpoint_url: str | None
-    region: str | None
-    stage: str
-    key: str
-    run_id: str
     text_keys: list[str]  # corpus_pairs shards and their table digest
     text_sha: str
-    feature_inputs: list[tuple[str, str]]  # (features shard key, sha256)
-    local_dir: str  # checkpoints are written here first (the same path on every node), then uploaded
-    port: int
-
-    def storage(self) -> Storage:
-        return open_storage(self.storage_uri, endpoint_url=self.endpoint_url, region=self.region)
 
     def local_inputs(self, tokenizer) -> tuple[Path, list[Path]]:
         """The memory-mappable caches on this node (built once, then found by content)."""
@@ -63,27 +49,12 @@ class Job:
         return (build_texts(storage, self.text_keys, self.text_sha, tokenizer, self.cfg.max_txt_len),
                 [build_features(storage, k, sha) for k, sha in self.feature_inputs])
 
-    def to_json(self) -> str:
-        data = asdict(self) | {"cfg": self.cfg.model_dump(mode="json")}
-        return json.dumps(data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Job":
-        data = json.loads(text)
-        data["cfg"] = PretrainConfig.model_validate(data["cfg"])
-        data["feature_inputs"] = [tuple(x) for x in data["feature_inputs"]]
-        return cls(**data)
-
 
 def run_pretrain(ctx: StageContext) -> None:
     cfg: PretrainConfig = ctx.config
-    features = ctx.inputs["extract"].tables.get("features", [])
     with tempfile.TemporaryDirectory(prefix="uniter-pretrain-") as local:
-        job = Job(cfg, ctx.storage.uri, getattr(ctx.storage, "endpoint_url", None), getattr(ctx.storage, "region", None),
-                  ctx.output.stage, ctx.output.key, ctx.run_id, ctx.input_files("dedup", "corpus_pairs"),
-                  ctx.inputs["dedup"].table_sha256("corpus_pairs"),
-                  [(k, f.sha256) for k, f in zip(ctx.input_files("extract", "features"), features, strict=True)],
-                  local, _free_port())
+        job = PretrainJob.of(ctx, local, ("extract", "features"), text_keys=ctx.input_files("dedup", "corpus_pairs"),
+                             text_sha=ctx.inputs["dedup"].table_sha256("corpus_pairs"))
         job.local_inputs(load_tokenizer(cfg.tokenizer, cfg.lowercase))  # once here, not in every worker
         if cfg.launcher == "spawn":
             torch.multiprocessing.start_processes(train_process, args=(cfg.processes, job), nprocs=cfg.processes,
@@ -93,7 +64,7 @@ def run_pretrain(ctx: StageContext) -> None:
     ctx.done.update(ctx.output.done_shards())
 
 
-def run_torchrun(job: Job, local: Path) -> None:
+def run_torchrun(job: PretrainJob, local: Path) -> None:
     cfg = job.cfg
     job_file = local / "job.json"
     job_file.write_text(job.to_json())
@@ -106,48 +77,15 @@ def run_torchrun(job: Job, local: Path) -> None:
         raise UniterError(f"pretrain: torchrun exited with status {done.returncode} (the workers' errors are above)")
 
 
-def start_worker(rank: int, world: int, port: int, device: str, label: str, local_rank: int | None = None) -> int:
-    """A training worker's process set-up (pretrain and finetune): stdout onto stderr, the rendezvous
-    (ours when spawned; a launcher's when local_rank is given), threads, DeepSpeed's process group.
-    Returns the local rank."""
-    # stdout belongs to the parent's --json summary; DeepSpeed prints build notes there
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    if local_rank is None:
-        local_rank = rank
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    if device == "cpu":
-        os.environ["DS_ACCELERATOR"] = "cpu"
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[{label} {rank}/{world}] %(message)s")
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-    return local_rank
-
-
-def model_files(module, prefix: str) -> dict[str, bytes]:
-    """`save_pretrained` output (config.json, model.safetensors) as artifact extras under `prefix`."""
-    with tempfile.TemporaryDirectory(prefix="uniter-model-") as tmp:
-        module.save_pretrained(tmp, safe_serialization=True)
-        return {f"{prefix}/{path.name}": path.read_bytes() for path in sorted(Path(tmp).iterdir())}
-
-
-def train_process(rank: int, world: int, job: Job, local_rank: int | None = None) -> None:
+def train_process(rank: int, world: int, job: PretrainJob, local_rank: int | None = None) -> None:
     """One training process (of `world`). Spawned here (local_rank None: rank on this node, and the
     rendezvous is ours) or started by a launcher that set RANK, WORLD_SIZE and MASTER_* itself."""
     cfg = job.cfg
     local_rank = start_worker(rank, world, job.port, cfg.device, "pretrain", local_rank)
-    from uniter.pretrain.tasks import Vocab
-    from uniter.pretrain.trainer import Trainer
+    from uniter.modeling_uniter import UniterForPretraining  # noqa: PLC0415 -- transformers: slow, workers only
 
     Path(job.local_dir).mkdir(parents=True, exist_ok=True)
-    storage = job.storage()
-    art = Artifact(storage, job.stage, job.key)
+    art = job.artifact()
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.lowercase)
     text_path, feature_paths = job.local_inputs(tokenizer)
     corpus = Corpus(text_path, feature_paths, cfg.conf_thresh, cfg.min_bb, cfg.max_bb, cfg.val_percent)
@@ -156,9 +94,9 @@ def train_process(rank: int, world: int, job: Job, local_rank: int | None = None
         tasks_off = ("mrc", "mrckl")
         if rank == 0:
             log.warning("the features carry no soft labels (grid backend): MRC and MRC-kl are off for this run")
-    model = build_model(cfg, tokenizer)
+    model = build_model(UniterForPretraining, cfg.model, tokenizer, cfg.seed, cfg.init_from_bert, **cfg.model_overrides)
     trainer = Trainer(cfg, corpus, Vocab.from_tokenizer(tokenizer), model, rank, world, tasks_off)
-    resume(trainer, art, job, rank, local_rank)
+    resume(trainer.engine, trainer, art, job, rank, local_rank, CKPT)
     board = Board(job, art, len(trainer.history)) if rank == 0 else None
     started, last_log = time.time(), time.time()
 
@@ -169,13 +107,15 @@ def train_process(rank: int, world: int, job: Job, local_rank: int | None = None
         if t.step % cfg.validate_every == 0 or t.step == cfg.steps:
             metrics = t.validate()
             if rank == 0 and metrics:
-                log.info("step %d validation: %s", t.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+                log.info("step %d validation: %s", t.step,
+                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
         if rank == 0 and (t.step % cfg.log_every == 0 or t.step == cfg.steps):
             last = next(r for r in reversed(t.history) if r["name"].startswith("loss/"))
-            log.info("step %d/%d %s %.4f (%.1f s)", t.step, cfg.steps, last["name"], last["value"], time.time() - last_log)
+            log.info("step %d/%d %s %.4f (%.1f s)", t.step, cfg.steps, last["name"], last["value"],
+                     time.time() - last_log)
             last_log = time.time()
         if t.step % cfg.checkpoint_every == 0 and t.step < cfg.steps:
-            save_checkpoint(t, art, job, rank, local_rank)
+            save_checkpoint(t.engine, t, art, job, rank, local_rank, CKPT)
             if board is not None:
                 board.upload()
 
@@ -187,24 +127,11 @@ def train_process(rank: int, world: int, job: Job, local_rank: int | None = None
     torch.distributed.barrier()
 
 
-def build_model(cfg: PretrainConfig, tokenizer):
-    from uniter.configuration_uniter import PRESETS
-    from uniter.init import load_bert
-    from uniter.modeling_uniter import UniterForPretraining
-
-    config = PRESETS[cfg.model](vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **cfg.model_overrides)
-    torch.manual_seed(cfg.seed)  # the fresh init is part of the run's identity
-    model = UniterForPretraining(config)
-    if cfg.init_from_bert:
-        load_bert(model, cfg.init_from_bert)
-    return model
-
-
 class Board:
     """TensorBoard scalars (rank 0): every history row once; event files copied to the artifact."""
 
-    def __init__(self, job: Job, art: Artifact, written: int):
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, job: PretrainJob, art: Artifact, written: int):
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 -- tensorboard: slow, rank 0 of workers only
 
         root = Path(job.cfg.tensorboard_dir) if job.cfg.tensorboard_dir else Path(job.local_dir) / "tensorboard"
         self.folder = root / f"{job.stage}-{job.key[:12]}"
@@ -227,55 +154,8 @@ class Board:
         self.writer.close()
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def _tag(step: int, prefix: str = CKPT) -> str:
-    return f"{prefix}-{step:08d}"
-
-
-def save_checkpoint(trainer, art: Artifact, job: Job, rank: int, local_rank: int, prefix: str = CKPT) -> None:
-    """All processes write their part locally; the first process of each node uploads what its node
-    wrote, then process 0 writes the marker (so the marker means: every part is stored)."""
-    tag = _tag(trainer.step, prefix)
-    trainer.engine.save_checkpoint(job.local_dir, tag=tag, client_state={"trainer": trainer.state_dict()})
-    torch.distributed.barrier()
-    started = now()
-    folder = Path(job.local_dir) / tag
-    if local_rank == 0:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file():
-                art.storage.put_file(art.file_key(f"checkpoints/{tag}/{path.relative_to(folder).as_posix()}"), path)
-    torch.distributed.barrier()
-    if rank == 0:
-        art.publish_shard(tag, {}, {}, job.run_id, started)
-    if local_rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-    torch.distributed.barrier()
-
-
-def resume(trainer, art: Artifact, job: Job, rank: int, local_rank: int, prefix: str = CKPT) -> None:
-    """Load the newest published checkpoint of this key, if any (every node fetches all its parts)."""
-    tags = sorted(s for s in art.done_shards() if s.startswith(prefix + "-"))
-    if not tags:
-        return
-    tag = tags[-1]
-    if local_rank == 0:
-        stored = art.file_key(f"checkpoints/{tag}")
-        for key in art.storage.list(stored):
-            local = Path(job.local_dir) / tag / key[len(stored) + 1 :]
-            local.parent.mkdir(parents=True, exist_ok=True)
-            with art.storage.open(key) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        (Path(job.local_dir) / "latest").write_text(tag)
-    torch.distributed.barrier()
-    _, client = trainer.engine.load_checkpoint(job.local_dir, tag=tag)
-    trainer.load_state_dict(client["trainer"])
-    if rank == 0:
-        log.info("resumed from %s (step %d)", tag, trainer.step)
-
-
-def publish_final(trainer, art: Artifact, job: Job, started: float, tasks_off: tuple[str, ...]) -> None:
+def publish_final(trainer: Trainer, art: Artifact, job: PretrainJob, started: float,
+                  tasks_off: tuple[str, ...]) -> None:
     metrics = pa.table({
         "step": pa.array([r["step"] for r in trainer.history], pa.int64()),
         "name": pa.array([r["name"] for r in trainer.history], pa.string()),
@@ -289,12 +169,6 @@ def publish_final(trainer, art: Artifact, job: Job, started: float, tasks_off: t
     stats = {"steps": trainer.step, "final": final, "tasks_off": {t: 1 for t in tasks_off},
              "seconds_training": round(time.time() - started, 1)}
     art.write_shard("final-00000", {"metrics": metrics}, stats, job.run_id, started, extras=extras)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PRETRAIN = Stage(

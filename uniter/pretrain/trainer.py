@@ -1,4 +1,4 @@
-"""The pretraining loop on DeepSpeed: short, stateful, resumable.
+"""The pretraining loop (on `uniter.runtime`'s DeepSpeed engine): short, stateful, resumable.
 
 One task per optimizer update (every micro-batch of the accumulation window and every process run
 the same task), drawn from the task × dataset mix. Nothing random depends on the process layout or
@@ -10,8 +10,7 @@ an uninterrupted one step for step.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,21 +20,13 @@ from torch.utils.data import DataLoader, Dataset
 from uniter.data import Corpus, token_bucket_batches
 from uniter.pretrain.config import PretrainConfig
 from uniter.pretrain.tasks import Vocab, collate
-
-log = logging.getLogger(__name__)
-
-
-def warmup_linear(step: int, warmup: int, total: int) -> float:
-    """LR multiplier: linear warm-up to 1 over `warmup` steps, then linear decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+from uniter.runtime import TrainState, create_engine, on_engine, train_micro_batch
 
 
 # --- what each step trains on -----------------------------------------------------------------
 
 
-class Plan:
+class BatchPlan:
     """Step → (task, dataset); micro-batch → (step, task, dataset, position in the dataset's stream)."""
 
     def __init__(self, cfg: PretrainConfig, corpus: Corpus, world: int, tasks_off: tuple[str, ...] = ()):
@@ -47,14 +38,16 @@ class Plan:
         self.datasets = [d for d in range(len(corpus.sources)) if len(self.ids[d])]
         self.pool = [(task, d) for task, ratio in sorted(cfg.tasks.items()) if ratio > 0 and task not in tasks_off
                      for d in self.datasets]
-        weights = np.array([cfg.tasks[t] * cfg.dataset_weights.get(corpus.sources[d], 1.0) for t, d in self.pool], float)
+        weights = np.array([cfg.tasks[t] * cfg.dataset_weights.get(corpus.sources[d], 1.0) for t, d in self.pool],
+                           float)
         if not self.pool or weights.sum() <= 0:
             raise ValueError("nothing to train: no task with a positive ratio has training examples")
         self.p = weights / weights.sum()
         self._epochs: dict[tuple[int, int], list[np.ndarray]] = {}
         self._epoch_len: dict[tuple[int, int], int] = {}
         # choices for every step, and how many batches of each dataset came before it
-        rng_choices = [int(np.random.default_rng([cfg.seed, 1, s]).choice(len(self.pool), p=self.p)) for s in range(cfg.steps)]
+        rng_choices = [int(np.random.default_rng([cfg.seed, 1, s]).choice(len(self.pool), p=self.p))
+                       for s in range(cfg.steps)]
         self.choice = np.array(rng_choices, dtype=np.int64)
         ds_of = np.array([self.pool[c][1] for c in self.choice], dtype=np.int64)
         self.before = np.zeros((cfg.steps, len(corpus.sources)), dtype=np.int64)
@@ -95,7 +88,7 @@ class Plan:
 class MicroBatches(Dataset):
     """Index i → this rank's i-th micro-batch, collated (in DataLoader workers, ahead of the model)."""
 
-    def __init__(self, plan: Plan, corpus: Corpus, vocab: Vocab, rank: int):
+    def __init__(self, plan: BatchPlan, corpus: Corpus, vocab: Vocab, rank: int):
         self.plan, self.corpus, self.vocab, self.rank = plan, corpus, vocab, rank
 
     def __len__(self) -> int:
@@ -109,46 +102,19 @@ class MicroBatches(Dataset):
         batch = collate(self.corpus, self.plan.batch(d, position), task, self.vocab, rng, mlm_prob=cfg.mlm_prob,
                         mrm_prob=cfg.mrm_prob, itm_neg_prob=cfg.itm_neg_prob, joint_masking=cfg.joint_masking,
                         with_ot=cfg.ot_lambda > 0, negative_pool=self.plan.ids[d])
-        return {"batch": batch, "task": task, "step": step, "torch_seed": int(np.random.default_rng(seed + [1]).integers(2**62))}
+        return {"batch": batch, "task": task, "step": step,
+                "torch_seed": int(np.random.default_rng(seed + [1]).integers(2**62))}
 
 
-# --- DeepSpeed --------------------------------------------------------------------------------
+# --- the loop ------------------------------------------------------------------------------------
 
-
-def deepspeed_config(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Our defaults with the config's DeepSpeed JSON merged over them."""
-    base = {
-        "train_micro_batch_size_per_gpu": 1,  # our micro-batches are token budgets; this only feeds DeepSpeed's counters
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 5.0,
-        "zero_optimization": {"stage": 0},
-        "bf16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    return _merge(base, overrides)
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float = 0.01) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorms (names as BERT's), as the reference."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if "bias" in name or "LayerNorm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+FP32_TARGETS = ("feat_targets", "label_targets")  # MRFR's regression targets, MRC's soft labels
 
 
 @dataclass
-class Trainer:
+class Trainer(TrainState):
+    """The loop over `BatchPlan`'s steps; its checkpointed state is `TrainState`'s (step, history)."""
+
     cfg: PretrainConfig
     corpus: Corpus
     vocab: Vocab
@@ -156,36 +122,14 @@ class Trainer:
     rank: int
     world: int
     tasks_off: tuple[str, ...] = ()
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # deterministic metrics, one row per (step, name)
 
     def __post_init__(self):
-        import deepspeed
-
         cfg = self.cfg
-        self.plan = Plan(cfg, self.corpus, self.world, self.tasks_off)
-        optimizer = torch.optim.AdamW(param_groups(self.model), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, cfg.warmup, cfg.steps))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg.deepspeed))
-        self.dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else None
-
-    # state: DeepSpeed restores model, optimizer and scheduler; ours is the step (the rest is derived)
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "history": self.history}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.history = state["step"], list(state["history"])
+        self.plan = BatchPlan(cfg, self.corpus, self.world, self.tasks_off)
+        self.engine, self.scheduler = create_engine(self.model, cfg.deepspeed, cfg.lr, cfg.warmup, cfg.steps)
 
     def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        device = self.engine.device
-        out = {}
-        for k, v in batch.items():
-            v = v.to(device)
-            if self.dtype is not None and v.is_floating_point() and k not in ("feat_targets", "label_targets"):
-                v = v.to(self.dtype)
-            out[k] = v
-        return out
+        return on_engine(self.engine, batch, FP32_TARGETS)
 
     def train(self, on_step=None) -> None:
         """Run from `self.step` to cfg.steps; `on_step(trainer)` after every optimizer update."""
@@ -198,25 +142,16 @@ class Trainer:
         self.engine.train()
         losses: list[float] = []
         for item in loader:
-            torch.manual_seed(item["torch_seed"])  # dropout: a function of the batch, not of history
-            out = self.engine(self._device_batch(item["batch"]), task=item["task"], ot_lambda=self.cfg.ot_lambda)
-            self.engine.backward(out.loss)
-            self.engine.step()
-            losses.append(float(out.loss.detach().float()))
+            losses.append(train_micro_batch(self.engine, item["batch"], item["torch_seed"], FP32_TARGETS,
+                                            task=item["task"], ot_lambda=cfg.ot_lambda))
             # NOTE: counted here, not asked of the engine: after step() DeepSpeed already answers for
             # the next micro-batch.
             if len(losses) == self.plan.accum:
-                loss = self._mean(sum(losses) / len(losses))
+                lr = self.scheduler.get_last_lr()[0] if self.step % cfg.log_every == 0 else None
+                self.end_step(f"loss/{item['task']}", losses, self.world, lr)
                 losses = []
-                self.history.append({"step": self.step, "name": f"loss/{item['task']}", "value": round(loss, 6)})
-                if self.step % cfg.log_every == 0:
-                    self.history.append({"step": self.step, "name": "lr", "value": self.scheduler.get_last_lr()[0]})
-                self.step += 1
                 if on_step is not None:
                     on_step(self)
-
-    def _mean(self, value: float) -> float:
-        return mean_over_processes(value, self.world)
 
     @torch.no_grad()
     def validate(self, max_batches: int = 20) -> dict[str, float]:
@@ -244,22 +179,14 @@ class Trainer:
         self.engine.train()
         # every rank reduces the same names in the same order, batches or not
         names = sorted(n for task in tasks for n in _score_names(task, cfg.ot_lambda > 0))
-        totals = torch.tensor([[sums.get(n + "/sum", 0.0), sums.get(n + "/n", 0.0)] for n in names], dtype=torch.float64)
+        totals = torch.tensor([[sums.get(n + "/sum", 0.0), sums.get(n + "/n", 0.0)] for n in names],
+                              dtype=torch.float64)
         if self.world > 1:
             torch.distributed.all_reduce(totals)
         metrics = {n: float(totals[i, 0] / totals[i, 1]) for i, n in enumerate(names) if totals[i, 1] > 0}
         for n, v in metrics.items():
-            self.history.append({"step": self.step, "name": f"val/{n}", "value": round(v, 6)})
+            self.record(f"val/{n}", round(v, 6))
         return metrics
-
-
-def mean_over_processes(value: float, world: int) -> float:
-    """The mean of a per-process value over the `world` processes (every process gets it)."""
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t.item() / world)
 
 
 def _score_names(task: str, with_ot: bool) -> list[str]:

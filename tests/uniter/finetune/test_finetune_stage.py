@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import tests.fixtures.images as fx
-from pipeline.artifact import Artifact
+from contract.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
@@ -122,7 +122,7 @@ def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):
     upstream(cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "finetune", Planner(cfg, storage).plan("finetune").key)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "finetune", "-c", str(cfg_path), "-q"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "finetune", "-c", str(cfg_path), "-q"],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not any(s.startswith("vqa-ckpt-00000010") for s in art.done_shards()):

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from pipeline.errors import InputDataError
-from uniter.finetune.nlvr2 import evaluate, read_nlvr2
+from contract.errors import InputDataError
+from uniter.finetune.tasks.nlvr2 import official_scores, read_nlvr2
 
 
 def _row(ident, label="True", sentence="The left image contains two dogs."):
@@ -24,9 +24,9 @@ def test_reader_and_metrics(tmp_path):
     assert st[0].images == ("dev-850-0-img0", "dev-850-0-img1") and st[1].label is False
     assert {s.sentence_group for s in st} == {"dev-850-0", "dev-850-1"}
     truth = {s.identifier: s.label for s in st}
-    assert evaluate(truth, st) == {"accuracy": 100.0, "consistency": 100.0}
+    assert official_scores(truth, st) == {"accuracy": 100.0, "consistency": 100.0}
     one_wrong = dict(truth, **{"dev-850-2-0": False})
-    assert evaluate(one_wrong, st) == {"accuracy": 80.0, "consistency": 50.0}
+    assert official_scores(one_wrong, st) == {"accuracy": 80.0, "consistency": 50.0}
 
 
 def test_reader_errors_name_the_line(tmp_path):

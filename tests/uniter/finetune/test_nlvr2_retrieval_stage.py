@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import tests.fixtures.images as fx
-from pipeline.artifact import Artifact
+from contract.artifact import Artifact
 from pipeline.config import load_config
 from pipeline.runner import run_stage, storage_for
 from tests.uniter.finetune.test_finetune_stage import metrics, setup, upstream

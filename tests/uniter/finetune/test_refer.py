@@ -9,8 +9,8 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline.errors import InputDataError
-from uniter.finetune.refer import iou, is_hit, load_pickle_data, read_refer
+from contract.errors import InputDataError
+from uniter.finetune.tasks.refcoco import iou, is_hit, load_pickle_data, read_refer
 
 
 def test_iou_hand_computed():

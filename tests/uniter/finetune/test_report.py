@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import struct
 
-from uniter.finetune.report import Run, bar_chart_png, to_html, to_json, to_markdown, vqa_answer_type
+from uniter.finetune.report import Run, bar_chart_png, to_html, to_json, to_markdown
+from uniter.finetune.tasks.vqa import answer_type
 
 
 def test_meta_sum_table():
@@ -24,4 +25,4 @@ def test_meta_sum_table():
 
 
 def test_answer_types():
-    assert [vqa_answer_type(a) for a in ("yes", "no", "2", "3.5", "red")] == ["yes/no", "yes/no", "number", "number", "other"]
+    assert [answer_type(a) for a in ("yes", "no", "2", "3.5", "red")] == ["yes/no", "yes/no", "number", "number", "other"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from uniter.finetune.retrieval import recall_at_k, score_matrix
+from uniter.finetune.tasks.retrieval import recall_at_k, score_matrix
 
 
 def test_recall_on_a_known_matrix():

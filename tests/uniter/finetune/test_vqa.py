@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.errors import InputDataError
-from uniter.finetune.vqa import (answer_vocab, evaluate, normalize_answer, read_vqa, soft_targets, vqa_accuracy,
-                                 write_results)
+from contract.errors import InputDataError
+from uniter.finetune.tasks.vqa import (answer_vocab, normalize_answer, official_scores, read_vqa, soft_targets,
+                                       vqa_accuracy, write_results)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -62,7 +62,7 @@ def test_reader_joins_questions_and_answers_and_scores(tmp_path):
     questions = read_vqa(q, a)
     assert [(x.question_id, x.image_id, x.answer_type) for x in questions] == [(10, 1, "yes/no"), (11, 2, "number")]
     assert answer_vocab(questions, 2) == ["yes", "3"]
-    scores = evaluate({10: "yes", 11: "2"}, questions)
+    scores = official_scores({10: "yes", 11: "2"}, questions)
     assert scores["yes/no"] == 100.0 and scores["number"] == pytest.approx(100 * (4 * 1 + 6 * 1) / 10)
     assert scores["overall"] == pytest.approx((100 + scores["number"]) / 2)
     out = tmp_path / "results.json"

@@ -16,14 +16,14 @@ import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.fingerprint import sha256_file, sha256_json
+from contract.fingerprint import sha256_file, sha256_json
 from storage import Storage, StorageError
 
 ARTIFACTS = "artifacts"
@@ -49,7 +49,7 @@ class ShardRecord:
     extras: dict[str, TableFile] = field(default_factory=dict)  # non-table files (reports), by name
 
     @classmethod
-    def from_json(cls, data: dict) -> "ShardRecord":
+    def from_json(cls, data: dict) -> ShardRecord:
         files = {t: TableFile(**f) for t, f in data["files"].items()}
         extras = {t: TableFile(**f) for t, f in data.get("extras", {}).items()}
         return cls(data["shard"], files, data["stats"], data["seconds"], data["run_id"], extras)
@@ -82,7 +82,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "Manifest":
+    def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         data["tables"] = {t: [TableFile(**f) for f in files] for t, files in data["tables"].items()}
         data["files"] = {n: TableFile(**f) for n, f in data.get("files", {}).items()}
@@ -97,7 +97,9 @@ class EncodedTable:
     bytes: int
 
 
-def encode_tables(tables: dict[str, pa.Table], folder: Path, compression: dict[str, str] | None = None) -> dict[str, EncodedTable]:
+def encode_tables(
+    tables: dict[str, pa.Table], folder: Path, compression: dict[str, str] | None = None
+) -> dict[str, EncodedTable]:
     """Write each table as Parquet into ``folder`` (pure: safe to run in a worker process)."""
     encoded = {}
     for table, data in tables.items():
@@ -108,7 +110,9 @@ def encode_tables(tables: dict[str, pa.Table], folder: Path, compression: dict[s
         # NOTE: no dictionary and no min/max statistics for blob columns (image bytes): pyarrow
         # would hash and compare every 100 KB value for nothing — 8× the cost of the write itself.
         small = [f.name for f in data.schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
-        pq.write_table(data, local, compression=codec, row_group_size=64 * 1024, use_dictionary=small, write_statistics=small)
+        pq.write_table(
+            data, local, compression=codec, row_group_size=64 * 1024, use_dictionary=small, write_statistics=small
+        )
         encoded[table] = EncodedTable(str(local), sha256_file(local), data.num_rows, local.stat().st_size)
     return encoded
 
@@ -169,8 +173,14 @@ class Artifact:
         return done
 
     def write_shard(
-        self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], run_id: str, started: float,
-        compression: dict[str, str] | None = None, extras: dict[str, bytes] | None = None,
+        self,
+        shard: str,
+        tables: dict[str, pa.Table],
+        stats: dict[str, Any],
+        run_id: str,
+        started: float,
+        compression: dict[str, str] | None = None,
+        extras: dict[str, bytes] | None = None,
     ) -> ShardRecord:
         """Write each table's file, then the marker. Re-writing a shard yields identical bytes."""
         with tempfile.TemporaryDirectory(prefix="uniter-shard-") as tmp:
@@ -178,7 +188,12 @@ class Artifact:
             return self.publish_shard(shard, encoded, stats, run_id, started, extras)
 
     def publish_shard(
-        self, shard: str, encoded: dict[str, "EncodedTable"], stats: dict[str, Any], run_id: str, started: float,
+        self,
+        shard: str,
+        encoded: dict[str, EncodedTable],
+        stats: dict[str, Any],
+        run_id: str,
+        started: float,
         extras: dict[str, bytes] | None = None,
     ) -> ShardRecord:
         """Upload files encoded by `encode_tables` (possibly in a worker process), then the marker."""
@@ -229,7 +244,7 @@ class Artifact:
             tables=tables,
             counts=counts,
             content_sha256=content_sha256(tables, extra_files),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             shards=len(shards),
             seconds=round(seconds, 3),
             uri=self.uri,
@@ -242,7 +257,6 @@ class Artifact:
         # Manifest first: from then on the artifact is invisible, even if the rest fails midway.
         self.storage.remove(f"{self.prefix}/{MANIFEST}")
         self.storage.remove(self.prefix)
-
 
 
 def sha256_bytes(data: bytes) -> str:

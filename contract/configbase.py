@@ -53,7 +53,7 @@ class InputFile(str):
         return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
 
     @classmethod
-    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "InputFile":
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> InputFile:
         if value in cls.KEYWORDS:
             return cls(value)
         path = _resolve(value, info)
@@ -74,7 +74,7 @@ class InputFolder(str):
         return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
 
     @classmethod
-    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "InputFolder":
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> InputFolder:
         path = _resolve(value, info)
         if path.is_file():
             raise ValueError(f"expected a folder of images, found a file: {path}")
@@ -92,11 +92,13 @@ class Location(str):
         return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
 
     @classmethod
-    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "Location":
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> Location:
         if value.startswith(URL_SCHEMES):
             return cls(value.rstrip("/"))
         if "://" in value:
-            raise ValueError(f"unsupported scheme in {value!r}: expected a local path or one of {', '.join(URL_SCHEMES)}")
+            raise ValueError(
+                f"unsupported scheme in {value!r}: expected a local path or one of {', '.join(URL_SCHEMES)}"
+            )
         return cls(str(_resolve(value, info)))
 
 
@@ -108,11 +110,13 @@ class StorageUri(str):
         return core_schema.with_info_after_validator_function(cls._validate, core_schema.str_schema(min_length=1))
 
     @classmethod
-    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "StorageUri":
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> StorageUri:
         if value.startswith("s3://"):
             bucket = value[5:].split("/", 1)[0]
             if len(bucket) < 3:
-                raise ValueError(f"invalid S3 URI {value!r}: expected s3://bucket[/prefix] with a bucket name of 3+ characters")
+                raise ValueError(
+                    f"invalid S3 URI {value!r}: expected s3://bucket[/prefix] with a bucket name of 3+ characters"
+                )
             return cls(value.rstrip("/"))
         if "://" in value:
             raise ValueError(f"unsupported storage URI {value!r}: expected a local folder or s3://bucket/prefix")

@@ -3,6 +3,8 @@
 Every body is decoded — a file that does not decode is not an image, whatever its Content-Type —
 oriented by EXIF, converted to 8-bit RGB, shrunk so its longer side is at most `max_side`, and
 re-encoded as JPEG. sha256 is taken over the original bytes; pHash over the decoded image.
+
+Shared by the crawl (the corpus images) and dedup (the evaluation images, hashed the same way).
 """
 
 from __future__ import annotations
@@ -11,11 +13,20 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from corpus.imagehash import phash_windows
+from corpus.images.imagehash import phash_windows
+
+
+class ImageSettings(Protocol):
+    """The image fields of a config section (the `crawl` section has them)."""
+
+    max_side: int
+    jpeg_quality: int
+    max_pixels: int
 
 
 @dataclass(frozen=True)
@@ -23,6 +34,10 @@ class ImageOptions:
     max_side: int = 1000
     jpeg_quality: int = 90
     max_pixels: int = 89_478_485  # Pillow's default bomb threshold (~ 9459×9459)
+
+    @classmethod
+    def from_settings(cls, cfg: ImageSettings) -> ImageOptions:
+        return cls(max_side=cfg.max_side, jpeg_quality=cfg.jpeg_quality, max_pixels=cfg.max_pixels)
 
 
 @dataclass
@@ -44,6 +59,14 @@ class ImageRejected(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
+
+
+def process_or_reject(data: bytes, opts: ImageOptions) -> Processed | tuple[str, str]:
+    """Worker entry point. Returns the failure as a tuple: custom exceptions don't pickle back."""
+    try:
+        return process_image(data, opts)
+    except ImageRejected as exc:
+        return exc.reason, exc.detail
 
 
 def process_image(data: bytes, opts: ImageOptions) -> Processed:

@@ -1,5 +1,7 @@
 """VQA v2: the official question/annotation files, answer normalization, the answer vocabulary,
-soft targets, and the official accuracy (the 10-choose-9 average).
+soft targets and the official accuracy (the 10-choose-9 average); the task's examples and batches
+(`VqaData`: train on `train`, score `val`); the re-scoring of its results file with the answer-type
+confusion for the report.
 
 Normalization follows the VQA evaluation's rules: punctuation removed (or turned into a space
 where it separates words), periods kept inside numbers, commas kept between digits, lower case,
@@ -14,7 +16,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import InputDataError
+import numpy as np
+import torch
+
+from contract.errors import InputDataError
+from uniter.finetune.config import VqaTask
+from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
+from uniter.finetune.tasks.common import endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
+from uniter.pretrain.tasks import Vocab, pack
+
+ANSWERS = "vqa/answers.json"  # the answer vocabulary, label order
+RESULTS = "vqa/results.json"  # the official results file, re-scored by the evaluate stage
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
             "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -105,7 +117,8 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = N
     questions_path = Path(questions_path)
     doc = _load_json(questions_path, "VQA questions")
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
-        raise InputDataError(f'{questions_path}: expected a JSON object with a "questions" list (VQA v2 questions file)')
+        raise InputDataError(f'{questions_path}: expected a JSON object with a "questions" list '
+                             "(VQA v2 questions file)")
     annotations: dict[int, dict] = {}
     if annotations_path is not None:
         annotations_path = Path(annotations_path)
@@ -152,7 +165,7 @@ def write_results(predictions: dict[int, str], path: str | Path) -> None:
     Path(path).write_text(json.dumps(rows))
 
 
-def evaluate(predictions: dict[int, str], questions: list[Question]) -> dict[str, float]:
+def official_scores(predictions: dict[int, str], questions: list[Question]) -> dict[str, float]:
     """Overall accuracy (in %) and per answer type, over the questions with answers."""
     per_type: dict[str, list[float]] = {}
     for q in questions:
@@ -162,3 +175,96 @@ def evaluate(predictions: dict[int, str], questions: list[Question]) -> dict[str
         per_type.setdefault("overall", []).append(acc)
         per_type.setdefault(q.answer_type or "unknown", []).append(acc)
     return {k: 100 * sum(v) / len(v) for k, v in per_type.items()}
+
+
+def answer_type(answer: str) -> str:
+    """The type an answer would have in VQA's annotation: yes/no, number, other."""
+    if answer in ("yes", "no"):
+        return "yes/no"
+    return "number" if answer.replace(".", "", 1).isdigit() else "other"
+
+
+# --- fine-tuning ---------------------------------------------------------------------------------
+
+
+class VqaData(TaskData):
+    def __init__(self, task: VqaTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int,
+                 seed: int):
+        self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
+        train_q = [q for files in task.train for q in read_vqa(files.questions, files.annotations)]
+        self.val_q = read_vqa(task.val.questions, task.val.annotations)
+        self.labels = answer_vocab(train_q, task.answers)
+        keys = feature_ids(feature_paths, task.images)
+
+        def corpus(questions: list[Question], split: str):
+            tokens = tokenize(tokenizer, [q.question for q in questions], max_len)
+            rows = zip([keys.get(q.image_id, "") for q in questions], tokens, strict=True)
+            return text_corpus(list(rows), local / f"vqa-{split}.arrow", feature_paths, pretrain)
+
+        self.train, self.val = corpus(train_q, "train"), corpus(self.val_q, "val")
+        self.skipped = len(train_q) - len(self.train) + len(self.val_q) - len(self.val)
+        if not len(self.train):
+            raise InputDataError(f"VQA: none of the {len(train_q)} training questions has features of its image in the "
+                                 f"downstream set {task.images!r} (configure downstream.images.{task.images})")
+        label_of = {a: i for i, a in enumerate(self.labels)}
+        self.targets = [soft_targets(list(train_q[int(r)].answers), label_of) for r in self.train.text_row]
+
+    def model_class(self):
+        # transformers loads only where a model is built: the evaluate stage and the report import this module
+        from uniter.modeling_uniter import UniterForVqa  # noqa: PLC0415
+
+        return UniterForVqa, {"num_answers": len(self.labels)}
+
+    def train_batch(self, j: int, score: Score) -> dict:
+        ids = endless(np.arange(len(self.train)), self.train.lengths, self.task.batch_tokens, self.seed, j)
+        batch = pack(*texts_with_regions(self.train, ids, self.vocab), self.vocab)
+        t = torch.zeros(len(ids), len(self.labels))
+        for row, i in enumerate(ids):
+            for label, value in self.targets[int(i)].items():
+                t[row, label] = value
+        batch["targets"] = t
+        return batch
+
+    def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
+        predictions: dict[int, str] = {}
+        for ids in eval_batches(np.arange(len(self.val)), self.val.lengths, self.task.batch_tokens, self.seed):
+            logits = score(pack(*texts_with_regions(self.val, ids, self.vocab), self.vocab)).logits
+            for i, label in zip(ids, logits.float().argmax(-1).tolist(), strict=True):
+                predictions[self.val_q[int(self.val.text_row[i])].question_id] = self.labels[label]
+        results = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
+        files = {ANSWERS: json.dumps(self.labels).encode(), RESULTS: json.dumps(results).encode()}
+        return {f"vqa_{k}": v for k, v in official_scores(predictions, self.val_q).items()}, files
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def rescore(files: dict[str, bytes], task: VqaTask) -> Rescored:
+    """Official VQA accuracy of the results file on the task's val split, and the answer-type confusion."""
+    questions = read_vqa(task.val.questions, task.val.annotations)
+    predictions = {int(r["question_id"]): str(r["answer"]) for r in json.loads(files[RESULTS])}
+    scores = official_scores(predictions, questions)
+    confusion: dict[str, dict[str, int]] = {}
+    for q in questions:
+        if q.answers:
+            row = confusion.setdefault(q.answer_type or "unknown", {})
+            kind = answer_type(normalize_answer(predictions.get(q.question_id, "")))
+            row[kind] = row.get(kind, 0) + 1
+    details = {"accuracy_by_type": {k: round(v, 4) for k, v in scores.items()}, "answer_type_confusion": confusion,
+               "questions": sum(1 for q in questions if q.answers), "predicted": len(predictions)}
+    return {"vqa": scores.get("overall", 0.0)}, details
+
+
+def confusion_notes(run: str, details: dict) -> list[str]:
+    """The report's answer-type confusion table of a run."""
+    confusion = details.get("answer_type_confusion")
+    if not confusion:
+        return []
+    types = sorted({t for row in confusion.values() for t in row} | set(confusion))
+    out = ["", f"VQA answer types, {run} (rows: the question's type; columns: the predicted answer's type):", "",
+           "| | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    return out + [f"| {t} | " + " | ".join(str(confusion.get(t, {}).get(u, 0)) for u in types) + " |" for t in types]
+
+
+TASK = FinetuneTask(data=VqaData, predictions=(RESULTS,), rescore=rescore, columns=(("vqa", "VQA"),),
+                    notes=confusion_notes)

@@ -21,10 +21,16 @@ def uniter(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cfg_path(tmp_path, storage_spec):
     (tmp_path / "cc.tsv").write_text("a cat\thttp://example.org/1.jpg\na dog\thttp://example.org/2.jpg\n\tbad\n")
-    (tmp_path / "caps.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.jpg", "coco_url": "http://images.cocodataset.org/train2014/1.jpg"}],
-        "annotations": [{"id": 10, "image_id": 1, "caption": "a bird"}],
-    }))
+    (tmp_path / "caps.json").write_text(
+        json.dumps(
+            {
+                "images": [
+                    {"id": 1, "file_name": "1.jpg", "coco_url": "http://images.cocodataset.org/train2014/1.jpg"}
+                ],
+                "annotations": [{"id": 10, "image_id": 1, "caption": "a bird"}],
+            }
+        )
+    )
     sources = [{"format": "cc", "path": "cc.tsv"}, {"format": "coco", "path": "caps.json", "split": "val"}]
     return write_config(tmp_path / "cfg.yaml", storage_spec, sources)
 
@@ -52,7 +58,9 @@ def test_status_and_sql(cfg_path):
     status = json.loads(uniter("status", "-c", str(cfg_path), "--json").stdout)
     assert status["stages"][0]["status"] == "complete"
 
-    sql = uniter("sql", "-c", str(cfg_path), "--json", "select source, split, count(*) as n from pairs group by all order by all")
+    sql = uniter(
+        "sql", "-c", str(cfg_path), "--json", "select source, split, count(*) as n from pairs group by all order by all"
+    )
     assert sql.returncode == 0, sql.stderr
     assert json.loads(sql.stdout)["rows"] == [
         {"source": "cc", "split": "train", "n": 2},
@@ -75,7 +83,9 @@ def test_errors_are_one_paragraph_with_exit_code_2(tmp_path, cfg_path):
     assert res.returncode == 2 and "unknown stage 'crawlx'" in res.stderr
 
     (tmp_path / "trunc.json").write_text('{"images": [], "annotations": [{"id": 1,')
-    trunc = write_config(tmp_path / "trunc.yaml", {"uri": str(tmp_path / "d")}, [{"format": "coco", "path": "trunc.json"}])
+    trunc = write_config(
+        tmp_path / "trunc.yaml", {"uri": str(tmp_path / "d")}, [{"format": "coco", "path": "trunc.json"}]
+    )
     res = uniter("run", "ingest", "-c", str(trunc), "--json")
     assert res.returncode == 2 and res.stdout == ""
     assert f"{tmp_path / 'trunc.json'}: invalid JSON at line 1" in res.stderr and "Traceback" not in res.stderr
@@ -94,18 +104,38 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     stages = json.loads(res.stdout)["stages"]
     ingest, crawl, dedup, extract, downstream, pretrain, finetune, evaluate = stages
     assert [s["status"] for s in stages] == ["ran"] * 8
-    assert ingest["counts"]["pairs_by_source"] == {"cc": 5, "coco": 8, "karpathy_coco": 8, "karpathy_f30k": 4, "sbu": 3, "vg": 5}
-    assert ingest["counts"]["reject_reasons"] == {"bad_url": 1, "empty_caption": 4, "undecodable_text": 1, "unknown_image": 1}
+    assert ingest["counts"]["pairs_by_source"] == {
+        "cc": 5,
+        "coco": 8,
+        "karpathy_coco": 8,
+        "karpathy_f30k": 4,
+        "sbu": 3,
+        "vg": 5,
+    }
+    assert ingest["counts"]["reject_reasons"] == {
+        "bad_url": 1,
+        "empty_caption": 4,
+        "undecodable_text": 1,
+        "unknown_image": 1,
+    }
     assert (crawl["counts"]["images"], crawl["counts"]["success_rate"]) == (19, 1.0)
     assert (dedup["counts"]["exact_duplicates"], dedup["counts"]["near_duplicates"]) == (1, 3)
-    assert (dedup["counts"]["images_removed"], dedup["counts"]["images_kept"], dedup["counts"]["corpus_pairs"]) == (8, 9, 20)
+    assert (dedup["counts"]["images_removed"], dedup["counts"]["images_kept"], dedup["counts"]["corpus_pairs"]) == (
+        8,
+        9,
+        20,
+    )
     assert extract["counts"]["images"] == 9 and extract["counts"]["mean_boxes"] == 36  # the grid backend
     # a few hundred steps of the debug model (grid features: no MRC), and it learns: the MLM loss
     # ends far below chance, ln(30522 word pieces) ≈ 10.3
     counts = pretrain["counts"]
     assert counts["steps"] == DEMO_STEPS and counts["tasks_off"] == {"mrc": 1, "mrckl": 1}
-    assert counts["final"]["loss/mlm"] < 6 and {"val/itm_acc", "val/mlm_acc", "val/ot_pos", "val/ot_neg"} <= set(counts["final"])
-    assert pretrain["outputs"][0]["table"] == "metrics" and pretrain["outputs"][0]["rows"] > DEMO_STEPS  # a loss per step
+    assert counts["final"]["loss/mlm"] < 6 and {"val/itm_acc", "val/mlm_acc", "val/ot_pos", "val/ot_neg"} <= set(
+        counts["final"]
+    )
+    assert (
+        pretrain["outputs"][0]["table"] == "metrics" and pretrain["outputs"][0]["rows"] > DEMO_STEPS
+    )  # a loss per step
     # VQA fine-tuned from that model, on the sample's COCO images (7, featurized by `downstream`),
     # then re-scored by `evaluate` from the official results file
     assert downstream["counts"]["images"] == 7

@@ -8,6 +8,9 @@
   multicast and reserved addresses; the connection goes to an address that passed the check (no
   second lookup, so no DNS rebinding), on every hop. IP-literal hosts are checked before the request.
 - Local images: only paths that resolve (symlinks followed) inside the configured roots.
+
+Shared by the crawl (the corpus images) and dedup (the evaluation images), both configured by the
+`crawl` config section (`FetchSettings` names the fields read here).
 """
 
 from __future__ import annotations
@@ -19,17 +22,39 @@ import os
 import random
 import socket
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import ThreadedResolver
 
-from corpus.crawl.config import CrawlConfig
-
 REDIRECTS = (301, 302, 303, 307, 308)
 RETRYABLE_STATUS = {429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
+
+
+class FetchSettings(Protocol):
+    """The fields of the `crawl` config section that fetching reads (see corpus/crawl/config.py)."""
+
+    concurrency: int
+    per_host: int
+    per_host_rate: float
+    connect_timeout: float
+    read_timeout: float
+    total_timeout: float
+    retries: int
+    backoff: float
+    max_retry_after: float
+    max_redirects: int
+    max_bytes: int
+    disallowed_robots_directives: Sequence[str]
+    allow_private_networks: bool
+    allowed_networks: Sequence[str]
+    file_roots: Sequence[str]
+
+    def user_agent_header(self) -> str: ...
 
 
 @dataclass
@@ -142,17 +167,20 @@ def robots_forbid(headers, disallowed: list[str], agent: str = "uniter") -> str 
 
 
 class Fetcher:
-    """One per crawl: holds the HTTP session, its limits and the local roots."""
+    """One per crawl (and per dedup shard of evaluation images): the HTTP session, its limits, the local roots.
 
-    def __init__(self, cfg: CrawlConfig):
+    ``file_roots``, when given, replaces ``cfg.file_roots`` (dedup adds the evaluation sets' folders)."""
+
+    def __init__(self, cfg: FetchSettings, file_roots: Iterable[str] | None = None):
         self.cfg = cfg
-        self.roots = [os.path.realpath(r) for r in cfg.file_roots if "://" not in r]
+        roots = cfg.file_roots if file_roots is None else file_roots
+        self.roots = [os.path.realpath(r) for r in roots if "://" not in r]
         self.allowed_networks = tuple(ipaddress.ip_network(n, strict=False) for n in cfg.allowed_networks)
         self.rate = RateLimiter(cfg.per_host_rate)
         self.slots = asyncio.Semaphore(cfg.concurrency)
         self.session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> "Fetcher":
+    async def __aenter__(self) -> Fetcher:
         connector = aiohttp.TCPConnector(
             resolver=SafeResolver(self.cfg.allow_private_networks, self.allowed_networks),
             limit=self.cfg.concurrency,
@@ -184,7 +212,9 @@ class Fetcher:
                     return await asyncio.to_thread(self._read_local, uri)
                 raise Refused("unsupported_scheme", uri[:100])
             except Refused as exc:
-                return Fetched(uri, reason=exc.reason, detail=exc.detail, http_status=exc.http_status, attempts=exc.attempts)
+                return Fetched(
+                    uri, reason=exc.reason, detail=exc.detail, http_status=exc.http_status, attempts=exc.attempts
+                )
 
     # --- local files ------------------------------------------------------------------------
 
@@ -224,7 +254,9 @@ class Fetcher:
             if location is None:
                 return Fetched(url, body=body, http_status=status, attempts=attempts, final_url=url)
             url = urljoin(url, location)
-        raise Refused("too_many_redirects", f"more than {self.cfg.max_redirects} redirects, last {url[:200]}", attempts=attempts)
+        raise Refused(
+            "too_many_redirects", f"more than {self.cfg.max_redirects} redirects, last {url[:200]}", attempts=attempts
+        )
 
     def _check_literal_host(self, host: str) -> None:
         """aiohttp connects to IP literals without asking the resolver: check them here."""
@@ -268,13 +300,16 @@ class Fetcher:
                         raise Refused("bad_redirect", f"HTTP {status} without Location", status)
                     return status, location, None
                 if status in RETRYABLE_STATUS:
-                    raise _Retry(f"http_{status}", url[:200], status, retry_after_seconds(resp.headers.get("Retry-After"), cfg.max_retry_after))
+                    retry_after = retry_after_seconds(resp.headers.get("Retry-After"), cfg.max_retry_after)
+                    raise _Retry(f"http_{status}", url[:200], status, retry_after)
                 if status >= 400:
                     raise Refused(f"http_{status}", url[:200], status)
                 if directive := robots_forbid(resp.headers, cfg.disallowed_robots_directives):
                     raise Refused("x_robots_tag", f"X-Robots-Tag: {directive}", status)
                 if resp.content_length is not None and resp.content_length > cfg.max_bytes:
-                    raise Refused("too_large", f"Content-Length {resp.content_length} > max_bytes {cfg.max_bytes}", status)
+                    raise Refused(
+                        "too_large", f"Content-Length {resp.content_length} > max_bytes {cfg.max_bytes}", status
+                    )
                 chunks, size = [], 0
                 async for chunk in resp.content.iter_chunked(1 << 18):
                     size += len(chunk)
@@ -284,7 +319,7 @@ class Fetcher:
                 return status, None, b"".join(chunks)
         except (Refused, _Retry):
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _Retry("timeout", url[:200]) from None
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, BlockedAddress):
@@ -294,7 +329,12 @@ class Fetcher:
             if isinstance(exc.os_error, BlockedAddress):
                 raise Refused("blocked_private_address", str(exc.os_error)) from None
             raise _Retry("connection_error", str(exc)[:200]) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError, ConnectionResetError) as exc:
+        except (
+            aiohttp.ServerDisconnectedError,
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientOSError,
+            ConnectionResetError,
+        ) as exc:
             raise _Retry("connection_reset", str(exc)[:200] or type(exc).__name__) from None
         except aiohttp.InvalidURL as exc:
             raise Refused("bad_url", str(exc)[:200]) from None

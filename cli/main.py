@@ -15,7 +15,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UniterError
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from contract.artifact import Artifact
+from contract.errors import MissingInputError, UniterError
+from contract.progress import NullProgress, RichProgress
+from pipeline.config import load_config
+from pipeline.demo import serve_sample
+from storage.base import StorageError
+from storage.catalog import Catalog, CatalogError
+
+# NOTE: the runner, the stage list, the stage packages and Prefect are imported inside the commands
+# that use them (marked PLC0415 for ruff): together they take seconds to import (torch, DeepSpeed,
+# Prefect), which `uniter --help`, a config error or `uniter sql` should not pay.
 
 log = logging.getLogger("uniter")
 
@@ -24,8 +39,6 @@ DEMO_CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
-
     handler = RichHandler(console=_stderr_console(), show_path=False, show_time=False, markup=False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], format="%(message)s")
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpcore"):
@@ -33,8 +46,6 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _stderr_console():
-    from rich.console import Console
-
     return Console(stderr=True)
 
 
@@ -44,8 +55,6 @@ def _emit(obj: Any) -> None:
 
 
 def _progress(args):
-    from pipeline.progress import NullProgress, RichProgress
-
     return NullProgress() if args.quiet else RichProgress()
 
 
@@ -53,15 +62,13 @@ def _progress(args):
 
 
 def cmd_run(args) -> int:
-    from pipeline.config import load_config
-
     cfg = load_config(args.config)
     if getattr(args, "deployment", False):
         return _run_deployment(args, cfg)
     if args.stage == "all":
         return _run_all(args, cfg)
     if args.stage == "ablation":
-        from flows.ablation import ablation
+        from flows.ablation import ablation  # noqa: PLC0415
 
         summary = ablation(config_path=str(Path(args.config).resolve()))
         if args.json:
@@ -69,11 +76,13 @@ def cmd_run(args) -> int:
         else:
             con = _stderr_console()
             for row in summary["variants"]:
-                con.print(f"[bold]{row['variant']}[/]: pretrain {row['pretrain']['status']}, finetune "
-                          f"{row['finetune']['status']}, Meta-Sum {row['meta_sum']:.2f}")
+                con.print(
+                    f"[bold]{row['variant']}[/]: pretrain {row['pretrain']['status']}, finetune "
+                    f"{row['finetune']['status']}, Meta-Sum {row['meta_sum']:.2f}"
+                )
             con.print(f"Ablation report: {summary['report']}")
         return 0
-    from pipeline.runner import run_stage, storage_for
+    from pipeline.runner import run_stage, storage_for  # noqa: PLC0415
 
     storage = storage_for(cfg)
     result = run_stage(args.stage, cfg, storage, force=args.force, progress=_progress(args), config_path=args.config)
@@ -87,55 +96,70 @@ def cmd_run(args) -> int:
 
 def _run_deployment(args, cfg) -> int:
     """Trigger the stage's (or the whole pipeline's) deployment on the server and follow it."""
-    from flows.deployments import trigger
+    from flows.deployments import trigger  # noqa: PLC0415
 
     if not os.environ.get("PREFECT_API_URL"):
-        raise UniterError("--deployment needs a running server: set PREFECT_API_URL (and run `uniter serve` or a worker)")
+        raise UniterError(
+            "--deployment needs a running server: set PREFECT_API_URL (and run `uniter serve` or a worker)"
+        )
     name = "full-pipeline" if args.stage == "all" else f"stage-{args.stage}"
     started = time.time()
     run = trigger(name, args.config, cfg, force=args.force)
     state = run.state
     ok = state is not None and state.is_completed()
-    summary = {"flow": name, "flow_run": str(run.id), "state": state.name if state else None,
-               "seconds": round(time.time() - started, 3)}
+    summary = {
+        "flow": name,
+        "flow_run": str(run.id),
+        "state": state.name if state else None,
+        "seconds": round(time.time() - started, 3),
+    }
     if args.json:
         _emit(summary)
     else:
-        _stderr_console().print(f"[bold]{name}[/] (flow run {run.name}): {summary['state']} in {summary['seconds']:.1f} s")
+        _stderr_console().print(
+            f"[bold]{name}[/] (flow run {run.name}): {summary['state']} in {summary['seconds']:.1f} s"
+        )
     return 0 if ok else 1
 
 
 def cmd_serve(args) -> int:
-    from flows.deployments import runner_deployments, serve
-    from pipeline.config import load_config
+    from flows.deployments import runner_deployments, serve  # noqa: PLC0415
 
     cfg = load_config(args.config)
     names = [d.name if hasattr(d, "name") else str(d) for d in runner_deployments(args.config, cfg, args.interval)]
-    schedule = f"every {args.interval:g} s" if args.interval else f"cron '{cfg.orchestration.corpus_rebuild_cron}' ({cfg.orchestration.timezone})"
-    _stderr_console().print(f"serving {len(names)} deployments ({cfg.orchestration.deployment_name}); corpus-rebuild "
-                            f"scheduled {schedule}; Ctrl-C stops")
+    schedule = (
+        f"every {args.interval:g} s"
+        if args.interval
+        else f"cron '{cfg.orchestration.corpus_rebuild_cron}' ({cfg.orchestration.timezone})"
+    )
+    _stderr_console().print(
+        f"serving {len(names)} deployments ({cfg.orchestration.deployment_name}); corpus-rebuild "
+        f"scheduled {schedule}; Ctrl-C stops"
+    )
     serve(args.config, cfg, args.interval)
     return 0
 
 
 def cmd_deploy(args) -> int:
-    from flows.deployments import deploy
-    from pipeline.config import load_config
+    from flows.deployments import deploy  # noqa: PLC0415
 
     cfg = load_config(args.config)
     ids = deploy(args.config, cfg, args.pool, args.interval, args.gpu_pool)
     summary = {"work_pool": args.pool, "deployments": ids}
     _emit(summary) if args.json else _stderr_console().print(
-        f"registered {len(ids)} deployments to work pool {args.pool!r}; start a worker: prefect worker start -p {args.pool}")
+        f"registered {len(ids)} deployments to work pool {args.pool!r}; "
+        f"start a worker: prefect worker start -p {args.pool}"
+    )
     return 0
 
 
 def _run_all(args, cfg) -> int:
-    from flows.dag import full_pipeline
+    from flows.dag import full_pipeline  # noqa: PLC0415
 
     started = time.time()
-    results = full_pipeline(config_path=str(Path(args.config).resolve()), force=args.force,
-                            until=getattr(args, "until", None))
+    results = full_pipeline(
+        config_path=str(Path(args.config).resolve()), force=args.force, until=getattr(args, "until", None)
+    )
     if args.json:
         _emit({"flow": "full-pipeline", "stages": results, "seconds": round(time.time() - started, 3)})
     else:
@@ -156,15 +180,12 @@ def _print_run(summary: dict) -> None:
 
 
 def cmd_status(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.runner import stage_status
+    from pipeline.runner import stage_status  # noqa: PLC0415
 
     rows = stage_status(load_config(args.config))
     if args.json:
         _emit({"stages": rows})
         return 0
-    from rich.table import Table
-
     table = Table("stage", "status", "key", "detail")
     for row in rows:
         if row["status"] == "complete":
@@ -176,16 +197,12 @@ def cmd_status(args) -> int:
         else:
             detail = ""
         table.add_row(row["stage"], row["status"], (row["key"] or "-")[:12], detail)
-    from rich.console import Console
-
     Console().print(table)
     return 0
 
 
 def cmd_sql(args) -> int:
-    from pipeline.config import load_config
-    from pipeline.runner import catalog_tables, storage_for
-    from storage.catalog import Catalog
+    from pipeline.runner import catalog_tables, storage_for  # noqa: PLC0415
 
     cfg = load_config(args.config)
     storage = storage_for(cfg)
@@ -197,9 +214,6 @@ def cmd_sql(args) -> int:
     if args.json:
         _emit({"columns": result.columns, "rows": [dict(zip(result.columns, r, strict=True)) for r in result.rows]})
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(*result.columns)
     for row in result.rows:
         table.add_row(*("NULL" if v is None else str(v) for v in row))
@@ -209,14 +223,9 @@ def cmd_sql(args) -> int:
 
 def cmd_export(args) -> int:
     """Write the current `features` artifact in the reference's npz layout or LXMERT's TSV."""
-    import pyarrow.parquet as pq
-
-    from feature_extraction.export import to_lxmert_tsv, to_npz
-    from feature_extraction.schema import unpack
-    from pipeline.artifact import Artifact
-    from pipeline.config import load_config
-    from pipeline.errors import MissingInputError
-    from pipeline.runner import Planner, storage_for
+    from feature_extraction.export import to_lxmert_tsv, to_npz  # noqa: PLC0415
+    from feature_extraction.schema import unpack  # noqa: PLC0415
+    from pipeline.runner import Planner, storage_for  # noqa: PLC0415
 
     cfg = load_config(args.config)
     storage = storage_for(cfg)
@@ -246,8 +255,6 @@ def cmd_demo(args) -> int:
     args.force = False
     con = _stderr_console()
     con.print(f"[bold]uniter demo[/]: config {args.config}")
-    from pipeline.demo import serve_sample
-
     with serve_sample() as web:
         con.print(f"serving the sample's web images (CC, SBU) at {web}")
         code = cmd_run(args)
@@ -259,8 +266,7 @@ def cmd_demo(args) -> int:
         "left join corpus_pairs c on c.pair_id = p.pair_id group by all order by all"
     )
     cmd_sql(args)
-    from pipeline.config import load_config
-    from pipeline.runner import stage_status
+    from pipeline.runner import stage_status  # noqa: PLC0415
 
     cfg = load_config(args.config)
     status = {r["stage"]: r for r in stage_status(cfg)}
@@ -281,11 +287,11 @@ def cmd_demo(args) -> int:
 
 def cmd_analyze(args) -> int:
     """Attention maps of sample pairs, each head classified into the paper's six patterns."""
-    from pipeline.config import load_config
-    from uniter.analysis import PATTERNS, analyze_attention
+    from pipeline.attention import attention_report  # noqa: PLC0415
+    from uniter.analysis import PATTERNS  # noqa: PLC0415
 
     cfg = load_config(args.config)
-    summary = analyze_attention(cfg, args.checkpoint, args.n, Path(args.out))
+    summary = attention_report(cfg, args.checkpoint, args.n, Path(args.out))
     if args.json:
         _emit(summary)
         return 0
@@ -315,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage", help="stage name, 'all', or 'ablation' (every ablation.variants row, one Meta-Sum table)")
     p.add_argument("--force", action="store_true", help="discard the stage's artifact for this key and rebuild")
     p.add_argument("--until", metavar="STAGE", help="with 'all': stop after this stage (e.g. extract)")
-    p.add_argument("--deployment", action="store_true",
-                   help="trigger the deployment on the server (PREFECT_API_URL) and follow it; exit code = outcome")
+    p.add_argument(
+        "--deployment",
+        action="store_true",
+        help="trigger the deployment on the server (PREFECT_API_URL) and follow it; exit code = outcome",
+    )
     common(p)
     p.set_defaults(func=cmd_run)
 
@@ -327,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("deploy", help="register every flow's deployment to a work pool")
     p.add_argument("--pool", required=True, help="a process work pool (prefect work-pool create NAME --type process)")
-    p.add_argument("--gpu-pool", help="the pool for the training flows (train, downstream, pretrain, finetune, full-pipeline)")
+    p.add_argument(
+        "--gpu-pool", help="the pool for the training flows (train, downstream, pretrain, finetune, full-pipeline)"
+    )
     p.add_argument("--interval", type=float, help="schedule corpus-rebuild every N seconds instead of the cron")
     common(p)
     p.set_defaults(func=cmd_deploy)
@@ -350,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="attention analysis: heatmaps and the six patterns per layer and head")
     p.add_argument("what", choices=["attention"])
-    p.add_argument("--checkpoint", help="a model folder (config.json + model.safetensors); default: the config's pretrained model")
+    p.add_argument(
+        "--checkpoint", help="a model folder (config.json + model.safetensors); default: the config's pretrained model"
+    )
     p.add_argument("--n", type=int, default=16, help="image-text pairs (validation images first)")
     p.add_argument("--out", default="attention", help="folder for the pictures and attention.json")
     common(p)
@@ -369,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if getattr(args, "stage", None) not in (None, "all", "ablation"):
-        from pipeline.dag import get_stage
+        from pipeline.stages import get_stage  # noqa: PLC0415
 
         try:
             get_stage(args.stage)
@@ -382,9 +395,6 @@ def main(argv: list[str] | None = None) -> int:
         print("uniter: interrupted; finished shards are kept and the next run resumes from them", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 — the one place that turns errors into exit codes
-        from storage.base import StorageError
-        from storage.catalog import CatalogError
-
         if args.verbose:
             raise
         if isinstance(exc, (UniterError, StorageError, CatalogError)):

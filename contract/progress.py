@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
+
+from rich import progress as rp
+from rich.console import Console
 
 
 class ProgressTask(Protocol):
@@ -11,7 +15,9 @@ class ProgressTask(Protocol):
 
 
 class Progress(Protocol):
-    def task(self, description: str, total: float | None = None, unit: str = "") -> AbstractContextManager[ProgressTask]:
+    def task(
+        self, description: str, total: float | None = None, unit: str = ""
+    ) -> AbstractContextManager[ProgressTask]:
         """A bar for one piece of work; ``unit="B"`` shows bytes and throughput."""
 
 
@@ -32,14 +38,10 @@ class RichProgress:
     """Bars on stderr, so stdout stays clean for ``--json``."""
 
     def __init__(self) -> None:
-        from rich.console import Console
-
         self.console = Console(stderr=True)
 
     @contextmanager
     def task(self, description: str, total: float | None = None, unit: str = "") -> Iterator[ProgressTask]:
-        from rich import progress as rp
-
         columns = [rp.TextColumn("{task.description}"), rp.BarColumn(), rp.TaskProgressColumn()]
         columns += [rp.DownloadColumn(), rp.TransferSpeedColumn()] if unit == "B" else [rp.MofNCompleteColumn()]
         columns.append(rp.TimeElapsedColumn())

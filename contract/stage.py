@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pyarrow as pa
 
-from pipeline.artifact import Artifact, EncodedTable, Manifest, ShardRecord
-from pipeline.progress import NullProgress, Progress
+from contract.artifact import Artifact, EncodedTable, Manifest, ShardRecord
+from contract.progress import NullProgress, Progress
 from storage import Storage
 
 
@@ -24,7 +25,7 @@ class Stage:
 
     name: str
     version: int
-    run: Callable[["StageContext"], None]
+    run: Callable[[StageContext], None]
     inputs: tuple[str, ...] = ()  # upstream stage names
     tables: tuple[str, ...] = ()  # tables the artifact holds (catalog views)
     description: str = ""
@@ -37,7 +38,7 @@ class Stage:
     extra_config: tuple[str, ...] = ()
     # The ids of the shards a run writes, from its context (sharded stages: crawl, extract), so an
     # orchestrator can fan them out as separate tasks (`run_shards`) and publish once at the end.
-    shard_ids: Callable[["StageContext"], list[str]] | None = None
+    shard_ids: Callable[[StageContext], list[str]] | None = None
 
 
 @dataclass
@@ -65,7 +66,12 @@ class StageContext:
         return self.selection is None or shard in self.selection
 
     def write_shard(
-        self, shard: str, tables: dict[str, pa.Table], stats: dict[str, Any], started: float, extras: dict[str, bytes] | None = None
+        self,
+        shard: str,
+        tables: dict[str, pa.Table],
+        stats: dict[str, Any],
+        started: float,
+        extras: dict[str, bytes] | None = None,
     ) -> None:
         """Encode and publish one shard (safe to call from several threads). ``extras`` are
         non-table files (reports) published with it."""
@@ -74,7 +80,9 @@ class StageContext:
             self.done[shard] = record
             self.written += 1
 
-    def publish_shard(self, shard: str, encoded: dict[str, EncodedTable], stats: dict[str, Any], started: float) -> None:
+    def publish_shard(
+        self, shard: str, encoded: dict[str, EncodedTable], stats: dict[str, Any], started: float
+    ) -> None:
         """For shards whose files a worker process already encoded (`encode_tables`)."""
         record = self.output.publish_shard(shard, encoded, stats, self.run_id, started)
         with self._lock:

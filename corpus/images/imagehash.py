@@ -57,16 +57,16 @@ def phash_windows(image: Image.Image) -> tuple[int, list[int]]:
     gray = _work_copy(image)
     w, h = gray.size
     dx, dy = int(w * WINDOW_TRIM), int(h * WINDOW_TRIM)
-    boxes = [(dx // 2, dy // 2, w - dx // 2, h - dy // 2), (dx, 0, w, h), (0, 0, w - dx, h), (0, dy, w, h), (0, 0, w, h - dy)]
+    boxes = [
+        (dx // 2, dy // 2, w - dx // 2, h - dy // 2),  # centre
+        (dx, 0, w, h),
+        (0, 0, w - dx, h),
+        (0, dy, w, h),
+        (0, 0, w, h - dy),  # one side trimmed
+    ]
     full, *windows = _hashes([gray, *(gray.crop(b) for b in boxes)])
     return full, windows
 
 
 def hamming(a: int, b: int) -> int:
     return ((a ^ b) & 0xFFFFFFFFFFFFFFFF).bit_count()
-
-
-def window_distance(a: tuple[int, list[int]], b: tuple[int, list[int]]) -> int:
-    """Smallest distance between one image's whole-image hash and any hash of the other."""
-    (fa, wa), (fb, wb) = a, b
-    return min(hamming(fa, fb), *(hamming(fa, x) for x in wb), *(hamming(x, fb) for x in wa))

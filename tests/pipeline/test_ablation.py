@@ -9,26 +9,33 @@ import sys
 import pytest
 import yaml
 
+from contract.errors import ConfigError
+from pipeline.ablation import variant_config
 from pipeline.config import load_config
-from pipeline.errors import ConfigError
 from pipeline.runner import storage_for
 from tests.uniter.finetune.test_finetune_stage import ROOT, setup
-from uniter.finetune.ablation import variant_config
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_ablation_table(tmp_path, storage_spec, vocab):
     path = setup(tmp_path, storage_spec, vocab, steps=10, validate_every=10)
     doc = yaml.safe_load(path.read_text())
-    doc["ablation"] = {"variants": [
-        {"name": "full"},
-        {"name": "full, again", "pretrain": {}},  # the same pretraining and fine-tuning: both cached
-        {"name": "MLM only", "pretrain": {"tasks": {"mlm": 1}}},
-        {"name": "L1 (no pretraining)", "pretrain": "none"},
-    ]}
+    doc["ablation"] = {
+        "variants": [
+            {"name": "full"},
+            {"name": "full, again", "pretrain": {}},  # the same pretraining and fine-tuning: both cached
+            {"name": "MLM only", "pretrain": {"tasks": {"mlm": 1}}},
+            {"name": "L1 (no pretraining)", "pretrain": "none"},
+        ]
+    }
     path.write_text(yaml.safe_dump(doc))
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "ablation", "-c", str(path), "--json", "-q"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "run", "ablation", "-c", str(path), "--json", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     rows = {r["variant"]: r for r in summary["variants"]}

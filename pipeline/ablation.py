@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import logging
 
+from pydantic import ValidationError
+
+from contract.errors import ConfigError
+from contract.fingerprint import sha256_json
 from pipeline.config import PipelineConfig
-from pipeline.errors import ConfigError
-from pipeline.fingerprint import sha256_json
 from pipeline.runner import run_stage, storage_for
+from pipeline.stages import ancestors, dependents
 from uniter.finetune import report
 from uniter.finetune.evaluate import evaluate_run
 
@@ -23,8 +26,6 @@ log = logging.getLogger(__name__)
 
 def variant_config(cfg: PipelineConfig, variant) -> PipelineConfig:
     """The pipeline config of one variant (validated like a config file: bad fields are errors)."""
-    from pydantic import ValidationError
-
     data = cfg.model_dump(mode="python")
     if variant.pretrain == "none":
         data["finetune"]["init"] = "scratch"
@@ -40,6 +41,13 @@ def variant_config(cfg: PipelineConfig, variant) -> PipelineConfig:
         raise ConfigError(f"ablation variant {variant.name!r}: {problems}") from None
 
 
+def shared_stages() -> list[str]:
+    """What every variant fine-tunes on and no variant changes: fine-tuning's inputs but pretraining
+    and what reads it."""
+    per_variant = {"pretrain", *dependents("pretrain")}
+    return [s for s in ancestors("finetune") if s not in per_variant]
+
+
 def run_ablation(cfg: PipelineConfig, progress=None) -> dict:
     variants = cfg.ablation.variants
     if not variants:
@@ -50,7 +58,7 @@ def run_ablation(cfg: PipelineConfig, progress=None) -> dict:
     if len(set(names)) != len(names):
         raise ConfigError(f"ablation variant names must be unique: {names}")
     storage = storage_for(cfg)
-    for stage in ("ingest", "crawl", "dedup", "extract", "downstream"):  # shared by every variant
+    for stage in shared_stages():
         run_stage(stage, cfg, storage, progress=progress)
     runs, rows = [], []
     for variant in variants:
@@ -59,17 +67,33 @@ def run_ablation(cfg: PipelineConfig, progress=None) -> dict:
         fin = run_stage("finetune", vcfg, storage, progress=progress)
         run = evaluate_run(storage, fin.manifest.key, vcfg.finetune, variant.name)
         runs.append(run)
-        rows.append({"variant": variant.name, "pretrain": {"key": pre.manifest.key, "status": pre.status},
-                     "finetune": {"key": fin.manifest.key, "status": fin.status}, "scores": run.scores,
-                     "meta_sum": round(run.meta_sum, 4)})
-        log.info("ablation %s: pretrain %s, finetune %s, Meta-Sum %.2f", variant.name, pre.status, fin.status, run.meta_sum)
+        rows.append(
+            {
+                "variant": variant.name,
+                "pretrain": {"key": pre.manifest.key, "status": pre.status},
+                "finetune": {"key": fin.manifest.key, "status": fin.status},
+                "scores": run.scores,
+                "meta_sum": round(run.meta_sum, 4),
+            }
+        )
+        log.info(
+            "ablation %s: pretrain %s, finetune %s, Meta-Sum %.2f", variant.name, pre.status, fin.status, run.meta_sum
+        )
     # the report lives with the runs it compares: its key is their keys
     key = sha256_json([[r["variant"], r["finetune"]["key"]] for r in rows])
     prefix = f"artifacts/ablation/{key}"
-    files = {"report.json": json.dumps(report.to_json(runs) | {"variants": rows}, indent=2).encode(),
-             "report.md": report.to_markdown(runs).encode(), "report.html": report.to_html(runs).encode(),
-             "meta_sum.png": report.bar_chart_png(runs)}
+    files = {
+        "report.json": json.dumps(report.to_json(runs) | {"variants": rows}, indent=2).encode(),
+        "report.md": report.to_markdown(runs).encode(),
+        "report.html": report.to_html(runs).encode(),
+        "meta_sum.png": report.bar_chart_png(runs),
+    }
     for name, data in files.items():
         storage.put(f"{prefix}/{name}", data)
-    return {"flow": "ablation", "key": key, "report": f"{storage.uri}/{prefix}/report.md", "variants": rows,
-            "pretrain_runs": sum(1 for r in rows if r["pretrain"]["status"] == "ran")}
+    return {
+        "flow": "ablation",
+        "key": key,
+        "report": f"{storage.uri}/{prefix}/report.md",
+        "variants": rows,
+        "pretrain_runs": sum(1 for r in rows if r["pretrain"]["status"] == "ran"),
+    }

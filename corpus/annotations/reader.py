@@ -2,17 +2,20 @@
 
 A malformed file stops the stage with an `InputDataError` naming the file and the position
 (line, column, byte) of the problem.
+
+Shared by ingest (the annotation files) and dedup (the evaluation sets' files).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO
 
 import ijson
 
-from pipeline.errors import InputDataError
+from contract.errors import InputDataError
 
 _BLOCK = 1 << 20
 
@@ -154,7 +157,9 @@ class JsonArrayStream:
         if n == 0 and self.key:
             found = _find_container(self.path, self.key)
             if found is None:
-                raise InputDataError(f"{self.path}: expected a top-level key {self.key!r} holding an array; it is missing")
+                raise InputDataError(
+                    f"{self.path}: expected a top-level key {self.key!r} holding an array; it is missing"
+                )
             if found != "start_array":
                 raise InputDataError(f"{self.path}: expected {self.key!r} to be an array, found {_describe(found)}")
 

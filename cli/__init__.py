@@ -1,0 +1,1 @@
+"""The `uniter` command: the top of the composition layer (it calls the runner and the flows)."""

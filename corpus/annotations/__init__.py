@@ -1,0 +1,1 @@
+"""Reading annotation files: shared by the ingest and dedup stages (not a stage)."""

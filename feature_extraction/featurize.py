@@ -1,0 +1,170 @@
+"""Images → RegionFeatures, shared by the `extract` and `downstream` stages.
+
+An `Item` points at one image (a row of a crawl shard, or a local file); `extract_chunks` runs
+chunks of items through DataLoader workers (read, decode, resize to the test scale; the grid
+backend computes its features right there) and, for the detectron2 backend, the `Detector`
+(feature_extraction/detector.py), yielding each chunk's rows in order. `shard_stats` and
+`summarize` are the counts both stages record per shard and per artifact.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from contract.stage import StageContext
+from feature_extraction.config import ExtractConfig
+from feature_extraction.grid import box_features, grid_features
+from feature_extraction.schema import RegionFeatures
+from storage import Storage, open_storage
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    crawl_file: str | None  # storage key of the crawl shard holding its JPEG (None: `path`)
+    crawl_row: int
+    width: int
+    height: int
+    path: str | None = None  # a local image file (the downstream sets' images)
+    gt_boxes: tuple[Box, ...] | None = None  # features of these boxes (pixel xyxy)
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    """Where the artifacts live, picklable: DataLoader workers and spawned processes reopen it."""
+
+    uri: str
+    endpoint_url: str | None
+    region: str | None
+
+    def open(self) -> Storage:
+        return open_storage(self.uri, endpoint_url=self.endpoint_url, region=self.region)
+
+
+def storage_spec(ctx: StageContext) -> StorageSpec:
+    s = ctx.storage
+    return StorageSpec(s.uri, getattr(s, "endpoint_url", None), getattr(s, "region", None))
+
+
+# --- reading images ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def _crawl_bytes(spec: StorageSpec, key: str):
+    """The `bytes` column of one crawl shard (one file read serves ~1000 images)."""
+    with spec.open().open(key) as f:
+        return pq.read_table(f, columns=["bytes"]).column("bytes")
+
+
+def test_scale(width: int, height: int, min_size: int, max_size: int) -> tuple[int, int, float]:
+    """Detectron2's ResizeShortestEdge at test time: shorter side min_size, longer ≤ max_size."""
+    scale = min_size / min(width, height)
+    if max(width, height) * scale > max_size:
+        scale = max_size / max(width, height)
+    return max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)), scale
+
+
+class ImageDataset(Dataset):
+    """Items by index; returns what the model side needs, decoded in a worker process."""
+
+    def __init__(self, items: list[Item], spec: StorageSpec, cfg: ExtractConfig):
+        self.items, self.spec, self.cfg = items, spec, cfg
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.items[i]
+        if item.path is not None:
+            with Image.open(item.path) as raw:
+                image = ImageOps.exif_transpose(raw).convert("RGB")  # crawled images were already upright
+        else:
+            data = _crawl_bytes(self.spec, item.crawl_file)[item.crawl_row].as_py()
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+        if self.cfg.backend == "grid":
+            if item.gt_boxes is not None:
+                result = box_features(item.key, image, np.array(item.gt_boxes, np.float32))
+            else:
+                result = grid_features(item.key, image, self.cfg.grid_rows, self.cfg.grid_cols)
+            return {"item": item, "result": result}
+        w, h, scale = test_scale(image.width, image.height, self.cfg.min_size, self.cfg.max_size)
+        resized = image.resize((w, h), Image.Resampling.BILINEAR)
+        bgr = np.ascontiguousarray(np.asarray(resized)[:, :, ::-1].transpose(2, 0, 1))
+        out = {"item": item, "size": (image.width, image.height), "scale": scale, "tensor": torch.from_numpy(bgr)}
+        if item.gt_boxes is not None:
+            out["boxes"] = torch.tensor(item.gt_boxes, dtype=torch.float32).reshape(-1, 4) * scale
+        return out
+
+
+def aspect_batches(items: list[Item], start: int, batch_size: int) -> list[list[int]]:
+    """Indices (offset by ``start``) in batches of similar aspect ratio: little padding per batch."""
+    order = sorted(
+        range(len(items)),
+        key=lambda i: (items[i].width >= items[i].height, items[i].width / items[i].height, items[i].key),
+    )
+    return [[start + i for i in order[b : b + batch_size]] for b in range(0, len(order), batch_size)]
+
+
+# --- chunks of items → rows -------------------------------------------------------------------
+
+
+def extract_chunks(
+    cfg: ExtractConfig, device: str, spec: StorageSpec, chunks: list[list[Item]], todo: list[int]
+) -> Iterator[tuple[int, list[RegionFeatures]]]:
+    """Yield ``(chunk index, rows)`` for each chunk in ``todo``, in order."""
+    if not todo:
+        return
+    items = [it for i in todo for it in chunks[i]]
+    batches, bounds, start = [], [], 0
+    for i in todo:
+        batches += aspect_batches(chunks[i], start, cfg.batch_size)
+        start += len(chunks[i])
+        bounds.append((i, start))
+    workers = cfg.loader_workers
+    loader = DataLoader(
+        ImageDataset(items, spec, cfg),
+        batch_sampler=batches,
+        collate_fn=list,
+        num_workers=workers,
+        multiprocessing_context="forkserver" if workers else None,
+        prefetch_factor=4 if workers else None,
+    )
+    detector = None
+    if cfg.backend == "detectron2":
+        # detectron2 loads only when a detector runs: this module is imported at CLI start-up
+        from feature_extraction.detector import Detector  # noqa: PLC0415
+
+        detector = Detector(cfg, device)
+    rows: list[RegionFeatures] = []
+    seen, bound = 0, iter(bounds)
+    index, end = next(bound)
+    for batch in loader:
+        rows += [b["result"] for b in batch] if detector is None else detector(batch)
+        seen += len(batch)
+        while index is not None and seen >= end:  # batches never straddle chunks
+            yield index, rows
+            rows = []
+            index, end = next(bound, (None, None))
+
+
+def shard_stats(rows: list[RegionFeatures]) -> dict[str, Any]:
+    """A shard's counts: images and boxes."""
+    return {"images": len(rows), "boxes": int(sum(r.num_boxes for r in rows))}
+
+
+def summarize(counts: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's summary from its summed shard counts."""
+    images = counts.get("images", 0)
+    return {"mean_boxes": round(counts.get("boxes", 0) / images, 2) if images else 0.0}

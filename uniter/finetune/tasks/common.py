@@ -1,0 +1,68 @@
+"""What the tasks share: their texts as a `Corpus` joined with the downstream features, the
+features' image ids, and the endless stream of training batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from contract.errors import InputDataError
+from uniter.data import Corpus, _write_ipc, token_bucket_batches
+from uniter.pretrain.tasks import Vocab
+
+
+def text_corpus(rows: list[tuple[str, list[int]]], path: Path, feature_paths: list[Path], pretrain) -> Corpus:
+    """A Corpus of (image key, token ids) rows; rows whose image has no features are left out
+    (`corpus.text_row` maps its examples back to `rows`)."""
+    _write_ipc(pa.table({
+        "pair_id": [str(i) for i in range(len(rows))],
+        "source": ["task"] * len(rows),
+        "image_key": [key for key, _ in rows],
+        "input_ids": pa.array([ids for _, ids in rows], pa.list_(pa.int32())),
+    }), path)
+    return Corpus(path, feature_paths, pretrain.conf_thresh, pretrain.min_bb, pretrain.max_bb, val_percent=0.0)
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    return [t[:max_len] for t in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
+def feature_ids(feature_paths: list[Path], image_set: str, gt: bool = False) -> dict[int, str]:
+    """Image id → key of the set's feature rows: its detected rows, or with `gt` its ground-truth-box
+    rows (`<key>#gt`). The id is the downstream stage's `image_id` column (the number the file stem
+    ends in: COCO_val2014_000000000042 → 42; null when it ends in none)."""
+    prefix = f"{image_set}/"
+    out: dict[int, str] = {}
+    for path in feature_paths:
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        rows = zip(table.column("image_key").to_pylist(), table.column("image_id").to_pylist(), strict=True)
+        for key, iid in rows:
+            if iid is None or not key.startswith(prefix) or key.endswith("#gt") != gt:
+                continue
+            if iid in out and out[iid] != key:
+                raise InputDataError(f"downstream set {image_set!r}: images {out[iid]} and {key} share id {iid}")
+            out[iid] = key
+    return out
+
+
+def endless(n_ids: np.ndarray, lengths: np.ndarray, budget: int, seed: int, j: int) -> np.ndarray:
+    """The j-th token-bucket batch of an endless stream of shuffled epochs."""
+    epoch = 0
+    while True:
+        batches = token_bucket_batches(n_ids, lengths, budget, 8192, np.random.default_rng([seed, 7, epoch]))
+        if j < len(batches):
+            return batches[j]
+        j -= len(batches)
+        epoch += 1
+
+
+def eval_batches(ids: np.ndarray, lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:
+    """The evaluation split's token-bucket batches, in one fixed order."""
+    return token_bucket_batches(ids, lengths, budget, 8192, np.random.default_rng([seed, 8]))
+
+
+def texts_with_regions(corpus: Corpus, ids, vocab: Vocab) -> tuple[list[np.ndarray], list]:
+    texts = [np.concatenate([[vocab.cls], corpus.text(int(i)), [vocab.sep]]) for i in ids]
+    return texts, [corpus.example_region(int(i)) for i in ids]
