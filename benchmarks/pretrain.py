@@ -46,16 +46,35 @@ def make_corpus(folder: Path, images: int, captions_per_image: int, seed: int = 
         y1 = rng.uniform(0, 400, n)
         boxes = np.stack([x1, y1, x1 + rng.uniform(10, 140, n), y1 + rng.uniform(10, 80, n)], 1).astype(np.float32)
         soft = rng.dirichlet(np.full(1601, 0.05), n).astype(np.float16)
-        rows.append(RegionFeatures(f"img{i:06d}", 640, 480, rng.standard_normal((n, 2048)).astype(np.float16), boxes,
-                                   conf, soft, rng.integers(0, 1600, n).astype(np.int32),
-                                   rng.integers(0, 400, n).astype(np.int32)))
+        rows.append(
+            RegionFeatures(
+                f"img{i:06d}",
+                640,
+                480,
+                rng.standard_normal((n, 2048)).astype(np.float16),
+                boxes,
+                conf,
+                soft,
+                rng.integers(0, 1600, n).astype(np.int32),
+                rng.integers(0, 400, n).astype(np.int32),
+            )
+        )
     feats = folder / "features.arrow"
     _write_ipc(pack(rows), feats)
     keys = [f"img{i // captions_per_image:06d}" for i in range(images * captions_per_image)]
     ids = [rng.integers(1000, 28000, int(rng.integers(6, 41))).astype(np.int32) for _ in keys]
     texts = folder / "texts.arrow"
-    _write_ipc(pa.table({"pair_id": [f"p{i}" for i in range(len(keys))], "source": ["cc"] * len(keys),
-                         "image_key": keys, "input_ids": pa.array(ids, pa.list_(pa.int32()))}), texts)
+    _write_ipc(
+        pa.table(
+            {
+                "pair_id": [f"p{i}" for i in range(len(keys))],
+                "source": ["cc"] * len(keys),
+                "image_key": keys,
+                "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            }
+        ),
+        texts,
+    )
     return Corpus(texts, [feats], conf_thresh=0.2, min_bb=10, max_bb=100, val_percent=0.0)
 
 
@@ -96,15 +115,16 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1500)
     ap.add_argument("--loader-workers", type=int, default=1)
     args = ap.parse_args()
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533",
-                      DS_ACCELERATOR="cpu")
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", DS_ACCELERATOR="cpu"
+    )
     import deepspeed
 
+    from uniter.batch import Vocab
     from uniter.configuration_uniter import PRESETS
     from uniter.data import token_bucket_batches
     from uniter.modeling_uniter import UniterForPretraining
     from uniter.pretrain.config import PretrainConfig
-    from uniter.pretrain.tasks import Vocab
     from uniter.pretrain.trainer import MicroBatches, Trainer
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
@@ -112,16 +132,20 @@ def main() -> None:
         corpus = make_corpus(Path(tmp), args.images, 5)
         lengths = corpus.lengths
         ids = np.arange(len(corpus))
-        print(f"corpus: {len(corpus)} pairs, {args.images} images, mean length {lengths.mean():.1f} (text + regions), "
-              f"{torch.get_num_threads()} threads")
+        print(
+            f"corpus: {len(corpus)} pairs, {args.images} images, mean length {lengths.mean():.1f} (text + regions), "
+            f"{torch.get_num_threads()} threads"
+        )
 
         # --- padding ---
         buckets = token_bucket_batches(ids, lengths, args.batch_tokens, 8192, np.random.default_rng(0))
         size = max(1, round(np.mean([len(b) for b in buckets])))
         perm = np.random.default_rng(0).permutation(ids)
         naive = [perm[i : i + size] for i in range(0, len(perm), size)]
-        print(f"padding: token buckets {padding(buckets, lengths):.1%}  vs  naive batches of {size}: "
-              f"{padding(naive, lengths):.1%}   (budget {args.batch_tokens} tokens, mean {size} examples/batch)")
+        print(
+            f"padding: token buckets {padding(buckets, lengths):.1%}  vs  naive batches of {size}: "
+            f"{padding(naive, lengths):.1%}   (budget {args.batch_tokens} tokens, mean {size} examples/batch)"
+        )
 
         peaks = {name: matmul_peak(dt) for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
         print("matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
@@ -129,9 +153,16 @@ def main() -> None:
         vocab = Vocab(cls=101, sep=102, mask=103, pad=0, size=28996, random_start=999)
         consumed = 0.0
         for precision in ("fp32", "bf16"):
-            cfg = PretrainConfig(model=args.model, init_from_bert=None, batch_tokens=args.batch_tokens,
-                                 steps=args.steps + 1, warmup=1, val_percent=0, loader_workers=0,
-                                 deepspeed={"bf16": {"enabled": precision == "bf16"}})
+            cfg = PretrainConfig(
+                model=args.model,
+                init_from_bert=None,
+                batch_tokens=args.batch_tokens,
+                steps=args.steps + 1,
+                warmup=1,
+                val_percent=0,
+                loader_workers=0,
+                deepspeed={"bf16": {"enabled": precision == "bf16"}},
+            )
             torch.manual_seed(0)
             model = UniterForPretraining(PRESETS[args.model](vocab_size=vocab.size))
             trainer = Trainer(cfg, corpus, vocab, model, rank=0, world=1)
@@ -154,31 +185,42 @@ def main() -> None:
                 flops += step_flops(model.config, batch)
             rate = examples / elapsed
             consumed = max(consumed, rate)
-            print(f"step {precision}: {rate:6.2f} examples/s  {real / elapsed:8.0f} real tokens/s  "
-                  f"{flops / elapsed / 1e9:7.1f} GFLOP/s = {flops / elapsed / peaks[precision]:.0%} of the {precision} matmul peak"
-                  f"  ({elapsed / args.steps:.2f} s/step)")
+            print(
+                f"step {precision}: {rate:6.2f} examples/s  {real / elapsed:8.0f} real tokens/s  "
+                f"{flops / elapsed / 1e9:7.1f} GFLOP/s = {flops / elapsed / peaks[precision]:.0%} "
+                f"of the {precision} matmul peak"
+                f"  ({elapsed / args.steps:.2f} s/step)"
+            )
             del trainer, model
 
         # --- the data loader alone ---
         from torch.utils.data import DataLoader
 
-        cfg = PretrainConfig(model=args.model, init_from_bert=None, batch_tokens=args.batch_tokens, steps=400,
-                             val_percent=0)
+        cfg = PretrainConfig(
+            model=args.model, init_from_bert=None, batch_tokens=args.batch_tokens, steps=400, val_percent=0
+        )
         from uniter.pretrain.trainer import BatchPlan
 
         plan = BatchPlan(cfg, corpus, world=1)
         data = MicroBatches(plan, corpus, vocab, rank=0)
-        loader = DataLoader(data, batch_size=None, sampler=range(200), num_workers=args.loader_workers,
-                            prefetch_factor=4 if args.loader_workers else None,
-                            multiprocessing_context="forkserver" if args.loader_workers else None)
+        loader = DataLoader(
+            data,
+            batch_size=None,
+            sampler=range(200),
+            num_workers=args.loader_workers,
+            prefetch_factor=4 if args.loader_workers else None,
+            multiprocessing_context="forkserver" if args.loader_workers else None,
+        )
         it = iter(loader)
         next(it)  # worker start-up is not throughput
         start, n = time.perf_counter(), 0
         for item in it:
             n += item["batch"]["attn_masks"].shape[0]
         rate = n / (time.perf_counter() - start)
-        print(f"data loader ({args.loader_workers} worker(s)): {rate:.0f} examples/s = {rate / consumed:.0f}× "
-              f"what the fastest training step consumes")
+        print(
+            f"data loader ({args.loader_workers} worker(s)): {rate:.0f} examples/s = {rate / consumed:.0f}× "
+            f"what the fastest training step consumes"
+        )
 
 
 if __name__ == "__main__":

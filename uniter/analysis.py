@@ -32,8 +32,8 @@ from PIL import Image, ImageDraw
 
 from contract.errors import InputDataError, MissingInputError
 from uniter import modeling_uniter
+from uniter.batch import Vocab, pack
 from uniter.data import Corpus
-from uniter.pretrain.tasks import Vocab, pack
 
 PATTERNS = ("vertical", "diagonal", "vertical+diagonal", "block", "heterogeneous", "reversed block")
 SPECIAL_VD, SPECIAL_V, DIAG_D, WITHIN_BLOCK, WITHIN_REVERSED = 0.25, 0.5, 0.5, 0.8, 0.3
@@ -59,6 +59,7 @@ def properties(attn: np.ndarray, text_len: int) -> MapProperties:
     rest[:, special_cols] = 0
     same = (rest * (is_text[:, None] == is_text[None, :])).sum(1)
     total = rest.sum(1)
+
     def share(side: np.ndarray) -> float:
         queries = [q for q in np.flatnonzero(side) if q not in special_cols and total[q] > 1e-9]
         return float(np.mean(same[queries] / total[queries])) if queries else 0.5
@@ -101,8 +102,14 @@ def attention_maps(model, batch: dict) -> list[torch.Tensor]:
     handles = [layer.attention.self.register_forward_hook(hook) for layer in uniter.encoder.layer]
     try:
         uniter.eval()
-        uniter(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), img_feat=batch["img_feat"],
-               img_pos_feat=batch["img_pos_feat"], attention_mask=batch["attn_masks"], gather_index=batch["gather_index"])
+        uniter(
+            input_ids=batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            img_feat=batch["img_feat"],
+            img_pos_feat=batch["img_pos_feat"],
+            attention_mask=batch["attn_masks"],
+            gather_index=batch["gather_index"],
+        )
     finally:
         for h in handles:
             h.remove()
@@ -136,8 +143,9 @@ def _heat(attn: np.ndarray, text_len: int, cell: int):  # → PIL image
     return img
 
 
-def heatmap_grid_png(maps: list[torch.Tensor], example: int, text_len: int, length: int, labels: np.ndarray,
-                     max_side: int = 160) -> bytes:
+def heatmap_grid_png(
+    maps: list[torch.Tensor], example: int, text_len: int, length: int, labels: np.ndarray, max_side: int = 160
+) -> bytes:
     """One heatmap per (layer, head) of one example, boundary in red, the head's pattern below it."""
     cell = max(1, max_side // max(1, length))
     size = length * cell

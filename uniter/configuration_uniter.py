@@ -67,14 +67,29 @@ def base(**overrides) -> UniterConfig:
 
 def large(**overrides) -> UniterConfig:
     """UNITER-large: 24 layers, hidden 1024, 16 heads (303M parameters)."""
-    return UniterConfig(**{"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-                           "intermediate_size": 4096, **overrides})
+    return UniterConfig(
+        **{
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "intermediate_size": 4096,
+            **overrides,
+        }
+    )
 
 
 def debug(**overrides) -> UniterConfig:
     """2 layers, hidden 64: for tests and the demo."""
-    return UniterConfig(**{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                           "intermediate_size": 128, "max_position_embeddings": 128, **overrides})
+    return UniterConfig(
+        **{
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+            "max_position_embeddings": 128,
+            **overrides,
+        }
+    )
 
 
 PRESETS = {"base": base, "large": large, "debug": debug}

@@ -45,7 +45,8 @@ def resolve(spec: str) -> str:
 
 def load_tokenizer(spec: str, lowercase: bool | None = None):
     """A fast BERT WordPiece tokenizer from a folder, a vocab.txt, or a hub name (offline: cache only)."""
-    from transformers import BertTokenizerFast
+    # transformers takes seconds to import; the stages that never tokenize should not pay it
+    from transformers import BertTokenizerFast  # noqa: PLC0415
 
     path = resolve(spec)
     kwargs = {} if lowercase is None else {"do_lower_case": lowercase}
@@ -89,7 +90,9 @@ def _mmap(path: Path) -> pa.Table:
 def build_texts(storage: Storage, keys: list[str], content_sha: str, tokenizer, max_txt_len: int) -> Path:
     """Tokenize `corpus_pairs` once into <cache>/texts-<digest>.arrow (ids without CLS/SEP).
     Texts longer than max_txt_len word pieces are dropped, as the reference does."""
-    ident = hashlib.sha256(f"{content_sha}|{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.do_lower_case}|{max_txt_len}".encode()).hexdigest()[:24]
+    ident = hashlib.sha256(
+        f"{content_sha}|{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.do_lower_case}|{max_txt_len}".encode()
+    ).hexdigest()[:24]
     path = cache_dir() / f"texts-{ident}.arrow"
     if path.exists():
         return path
@@ -103,13 +106,21 @@ def build_texts(storage: Storage, keys: list[str], content_sha: str, tokenizer, 
         keep = np.array([len(x) <= max_txt_len for x in ids], dtype=bool)
         dropped += int((~keep).sum())
         kept_ids = [x for x, k in zip(ids, keep, strict=True) if k]
-        parts.append(pa.table({
-            "pair_id": table.column("pair_id").filter(pa.array(keep)),
-            "source": table.column("source").filter(pa.array(keep)),
-            "image_key": table.column("image_key").filter(pa.array(keep)),
-            "input_ids": pa.array(kept_ids, pa.list_(pa.int32())),
-        }))
-    table = pa.concat_tables(parts) if parts else pa.table({"pair_id": [], "source": [], "image_key": [], "input_ids": pa.array([], pa.list_(pa.int32()))})
+        parts.append(
+            pa.table(
+                {
+                    "pair_id": table.column("pair_id").filter(pa.array(keep)),
+                    "source": table.column("source").filter(pa.array(keep)),
+                    "image_key": table.column("image_key").filter(pa.array(keep)),
+                    "input_ids": pa.array(kept_ids, pa.list_(pa.int32())),
+                }
+            )
+        )
+    table = (
+        pa.concat_tables(parts)
+        if parts
+        else pa.table({"pair_id": [], "source": [], "image_key": [], "input_ids": pa.array([], pa.list_(pa.int32()))})
+    )
     if dropped:
         log.info("pretrain: dropped %d texts longer than %d word pieces", dropped, max_txt_len)
     _write_ipc(table, path)
@@ -124,7 +135,11 @@ def build_features(storage: Storage, key: str, sha256: str) -> Path:
     path = cache_dir() / f"features-{sha256[:24]}.arrow"
     if not path.exists():
         with storage.open(key) as f:
-            table = pq.read_table(f, columns=["image_key", "num_boxes", "features", "norm_bb", "conf", "soft_labels"])
+            parquet = pq.ParquetFile(f)
+            # downstream's task_features also carry image_id: fine-tuning joins the task files on it
+            extra = ["image_id"] if "image_id" in parquet.schema_arrow.names else []
+            columns = ["image_key", "num_boxes", "features", "norm_bb", "conf", "soft_labels", *extra]
+            table = parquet.read(columns=columns)
         _write_ipc(table, path)
     return path
 
@@ -140,8 +155,15 @@ class Corpus:
     """The examples: texts joined with their image's features. Picklable: worker processes reopen
     the memory maps lazily."""
 
-    def __init__(self, text_path: Path, feature_paths: list[Path], conf_thresh: float, min_bb: int, max_bb: int,
-                 val_percent: float):
+    def __init__(
+        self,
+        text_path: Path,
+        feature_paths: list[Path],
+        conf_thresh: float,
+        min_bb: int,
+        max_bb: int,
+        val_percent: float,
+    ):
         self.text_path, self.feature_paths = text_path, feature_paths
         self.conf_thresh, self.min_bb, self.max_bb, self.val_percent = conf_thresh, min_bb, max_bb, val_percent
         self._build_index()
@@ -235,8 +257,14 @@ def _bucket(key: str) -> float:
 # --- batching ---------------------------------------------------------------------------------
 
 
-def token_bucket_batches(ids: np.ndarray, lengths: np.ndarray, budget: int, bucket_size: int,
-                         rng: np.random.Generator, size_multiple: int = 8) -> list[np.ndarray]:
+def token_bucket_batches(
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    budget: int,
+    bucket_size: int,
+    rng: np.random.Generator,
+    size_multiple: int = 8,
+) -> list[np.ndarray]:
     """Shuffle, cut into buckets, sort each bucket by length (longest first), fill micro-batches
     in steps of `size_multiple` while (longest length × examples) ≤ budget; shuffle the batches.
     Every id lands in exactly one batch; a batch over budget holds one step of examples only."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
 from torch import nn
 
 from contract.errors import ConfigError
@@ -21,15 +23,11 @@ def read_bert_state_dict(spec: str) -> dict[str, torch.Tensor]:
     path = Path(resolve(spec))
     if path.is_dir():
         if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
             return load_file(str(path / "model.safetensors"))
         if (path / "pytorch_model.bin").is_file():
             return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
         raise ConfigError(f"{path}: no model.safetensors or pytorch_model.bin in this folder")
     try:
-        from huggingface_hub import snapshot_download
-
         folder = snapshot_download(spec, local_files_only=True, allow_patterns=["*.safetensors", "*.bin", "*.json"])
     except Exception:  # noqa: BLE001 — any failure here means "not available offline"
         raise ConfigError(
@@ -55,7 +53,9 @@ def load_bert(model: nn.Module, spec: str) -> list[str]:
     text_side = [k for k in own if k.startswith(tuple(prefix + p for p in ("embeddings.", "encoder.", "pooler.")))]
     missing = [k for k in text_side if k not in mapped]
     if missing:
-        raise ConfigError(f"{spec}: the checkpoint lacks {len(missing)} text-side weights, e.g. {', '.join(missing[:4])}")
+        raise ConfigError(
+            f"{spec}: the checkpoint lacks {len(missing)} text-side weights, e.g. {', '.join(missing[:4])}"
+        )
     wrong = [k for k, v in mapped.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if wrong:
         k = wrong[0]

@@ -43,7 +43,11 @@ class UniterTextEmbeddings(nn.Module):
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device).unsqueeze(0)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(position_ids)
+            + self.token_type_embeddings(token_type_ids)
+        )
         return self.dropout(self.LayerNorm(x))
 
 
@@ -66,7 +70,11 @@ class UniterImageEmbeddings(nn.Module):
     def forward(self, img_feat, img_pos_feat, type_embeddings, img_masks=None):  # (B, N, 2048), (B, N, 7) → (B, N, H)
         if img_masks is not None:
             img_feat = img_feat + img_masks.unsqueeze(-1).to(img_feat.dtype) * self.mask_embedding.weight[1]
-        x = self.img_layer_norm(self.img_linear(img_feat)) + self.pos_layer_norm(self.pos_linear(img_pos_feat)) + type_embeddings
+        x = (
+            self.img_layer_norm(self.img_linear(img_feat))
+            + self.pos_layer_norm(self.pos_linear(img_pos_feat))
+            + type_embeddings
+        )
         return self.dropout(self.LayerNorm(x))
 
 
@@ -90,7 +98,10 @@ class UniterSelfAttention(nn.Module):
             return t.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
-            heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), attn_mask=key_mask,
+            heads(self.query(x)),
+            heads(self.key(x)),
+            heads(self.value(x)),
+            attn_mask=key_mask,
             dropout_p=self.dropout_p if self.training else 0.0,
         )
         return out.transpose(1, 2).reshape(b, length, h)
@@ -205,8 +216,18 @@ class UniterModel(UniterPreTrainedModel):
         self.pooler = UniterPooler(config)
         self.post_init()
 
-    def forward(self, input_ids=None, position_ids=None, img_feat=None, img_pos_feat=None, attention_mask=None,
-                gather_index=None, img_masks=None, txt_type_ids=None, img_type_ids=None) -> UniterModelOutput:
+    def forward(
+        self,
+        input_ids=None,
+        position_ids=None,
+        img_feat=None,
+        img_pos_feat=None,
+        attention_mask=None,
+        gather_index=None,
+        img_masks=None,
+        txt_type_ids=None,
+        img_type_ids=None,
+    ) -> UniterModelOutput:
         parts = []
         if input_ids is not None:
             parts.append(self.embeddings(input_ids, position_ids, txt_type_ids))  # (B, T, H)
@@ -265,8 +286,11 @@ class RegionFeatureRegression(nn.Module):
 
     def __init__(self, config: UniterConfig, img_linear_weight: torch.Tensor):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), ACT[config.hidden_act],
-                                 nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps))
+        self.net = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size),
+            ACT[config.hidden_act],
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        )
         self.weight = img_linear_weight  # (H, 2048): shared with UniterImageEmbeddings.img_linear
         # NOTE: not named `bias`: transformers' tying resizes an output layer's `bias` to weight.shape[0]
         # (right for an MLM decoder), and this layer's weight is used transposed.
@@ -281,9 +305,12 @@ class RegionClassification(nn.Module):
 
     def __init__(self, config: UniterConfig):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), ACT[config.hidden_act],
-                                 nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
-                                 nn.Linear(config.hidden_size, config.img_label_dim))
+        self.net = nn.Sequential(
+            nn.Linear(config.hidden_size, config.hidden_size),
+            ACT[config.hidden_act],
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+            nn.Linear(config.hidden_size, config.img_label_dim),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -327,8 +354,12 @@ class UniterForPretraining(UniterPreTrainedModel):
 
     def forward(self, batch: dict, task: str, ot_lambda: float = 0.0) -> UniterPretrainingOutput:
         out = self.uniter(
-            input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), img_feat=batch["img_feat"],
-            img_pos_feat=batch["img_pos_feat"], attention_mask=batch["attn_masks"], gather_index=batch["gather_index"],
+            input_ids=batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            img_feat=batch["img_feat"],
+            img_pos_feat=batch["img_pos_feat"],
+            attention_mask=batch["attn_masks"],
+            gather_index=batch["gather_index"],
             img_masks=batch.get("img_masks"),
         )
         hidden = out.last_hidden_state  # (B, L, H)
@@ -341,7 +372,9 @@ class UniterForPretraining(UniterPreTrainedModel):
             masked = hidden[batch["img_mask_packed"]]  # (M, H): masked regions, in packed order
             if task == "mrfr":
                 pred = self.feat_regress(masked)
-                return UniterPretrainingOutput(F.mse_loss(pred, batch["feat_targets"].float()), pred, batch["feat_targets"])
+                return UniterPretrainingOutput(
+                    F.mse_loss(pred, batch["feat_targets"].float()), pred, batch["feat_targets"]
+                )
             logits = self.region_classifier(masked)  # (M, 1601)
             soft = batch["label_targets"].float()  # (M, 1601), background column 0
             if task == "mrc":  # the detector's most likely object class, background excluded
@@ -380,9 +413,15 @@ class UniterDownstreamOutput(ModelOutput):
 
 
 def _encode(uniter: UniterModel, batch: dict) -> UniterModelOutput:
-    return uniter(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), img_feat=batch["img_feat"],
-                  img_pos_feat=batch["img_pos_feat"], attention_mask=batch["attn_masks"],
-                  gather_index=batch["gather_index"], img_type_ids=batch.get("img_type_ids"))
+    return uniter(
+        input_ids=batch["input_ids"],
+        position_ids=batch.get("position_ids"),
+        img_feat=batch["img_feat"],
+        img_pos_feat=batch["img_pos_feat"],
+        attention_mask=batch["attn_masks"],
+        gather_index=batch["gather_index"],
+        img_type_ids=batch.get("img_type_ids"),
+    )
 
 
 class UniterForVqa(UniterPreTrainedModel):
@@ -392,8 +431,12 @@ class UniterForVqa(UniterPreTrainedModel):
         super().__init__(config)
         self.uniter = UniterModel(config)
         h = config.hidden_size
-        self.vqa_output = nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
-                                        nn.Linear(2 * h, config.num_answers))
+        self.vqa_output = nn.Sequential(
+            nn.Linear(h, 2 * h),
+            nn.GELU(),
+            nn.LayerNorm(2 * h, eps=config.layer_norm_eps),
+            nn.Linear(2 * h, config.num_answers),
+        )
         self.post_init()
 
     def forward(self, batch: dict) -> UniterDownstreamOutput:
@@ -415,11 +458,13 @@ class UniterForNlvr2(UniterPreTrainedModel):
         h = config.hidden_size
         self.nlvr2_output: nn.Module
         if config.nlvr2_head == "pair":
-            self.nlvr2_output = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.GELU(),
-                                              nn.LayerNorm(2 * h, eps=config.layer_norm_eps), nn.Linear(2 * h, 2))
+            self.nlvr2_output = nn.Sequential(
+                nn.Linear(2 * h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps), nn.Linear(2 * h, 2)
+            )
         elif config.nlvr2_head == "pair-biattn":
-            self.attention = nn.MultiheadAttention(h, config.num_attention_heads, dropout=config.attention_probs_dropout_prob,
-                                                   batch_first=True)
+            self.attention = nn.MultiheadAttention(
+                h, config.num_attention_heads, dropout=config.attention_probs_dropout_prob, batch_first=True
+            )
             self.fuse = nn.Sequential(nn.Linear(2 * h, h), nn.ReLU())
             self.attn_pool = nn.Linear(h, 1)
             self.nlvr2_output = nn.Linear(2 * h, 2)
@@ -495,13 +540,16 @@ class UniterForReferringExpression(UniterPreTrainedModel):
         super().__init__(config)
         self.uniter = UniterModel(config)
         h = config.hidden_size
-        self.re_output = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps),
-                                       nn.Linear(h, 1))
+        self.re_output = nn.Sequential(
+            nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=config.layer_norm_eps), nn.Linear(h, 1)
+        )
         self.post_init()
 
     def forward(self, batch: dict) -> UniterDownstreamOutput:
         hidden = _encode(self.uniter, batch).last_hidden_state  # (B, L, H)
-        regions = torch.gather(hidden, 1, batch["region_index"].unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # (B, N, H)
+        regions = torch.gather(
+            hidden, 1, batch["region_index"].unsqueeze(-1).expand(-1, -1, hidden.size(-1))
+        )  # (B, N, H)
         logits = self.re_output(regions).squeeze(-1).masked_fill(batch["region_pad"], -1e4)  # (B, N)
         loss = F.cross_entropy(logits, batch["targets"]) if "targets" in batch else None
         return UniterDownstreamOutput(loss, logits)

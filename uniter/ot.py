@@ -18,8 +18,14 @@ def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-5) -> torch.Te
 
 
 @torch.no_grad()
-def ipot(cost: torch.Tensor, x_pad: torch.Tensor, y_pad: torch.Tensor, beta: float = 0.5, iterations: int = 50,
-         inner: int = 1) -> torch.Tensor:
+def ipot(
+    cost: torch.Tensor,
+    x_pad: torch.Tensor,
+    y_pad: torch.Tensor,
+    beta: float = 0.5,
+    iterations: int = 50,
+    inner: int = 1,
+) -> torch.Tensor:
     """Transport plans (B, m, n) between the m-side and n-side of each problem; padded rows and
     columns carry nothing. Marginals: 1/m_real on each real row, 1/n_real on each real column."""
     dtype = cost.dtype
@@ -36,7 +42,9 @@ def ipot(cost: torch.Tensor, x_pad: torch.Tensor, y_pad: torch.Tensor, beta: flo
     for it in range(iterations):
         for _ in range(inner):
             b = torch.bmm(a, q).mul_(n_len).add_(y_block).reciprocal_()  # (B, 1, n) = 1 / (n qᵀa)
-            a_col = torch.matmul(q, b.transpose(1, 2)).mul_(m_len).add_(x_block).reciprocal_()  # (B, m, 1) = 1 / (m q b)
+            a_col = (
+                torch.matmul(q, b.transpose(1, 2)).mul_(m_len).add_(x_block).reciprocal_()
+            )  # (B, m, 1) = 1 / (m q b)
             a = a_col.transpose(1, 2)
         q.mul_(a_col).mul_(b)  # the plan diag(a) q diag(b): each real row sums to 1/m
         if it + 1 < iterations:
@@ -44,8 +52,15 @@ def ipot(cost: torch.Tensor, x_pad: torch.Tensor, y_pad: torch.Tensor, beta: flo
     return q
 
 
-def optimal_transport_distance(x: torch.Tensor, y: torch.Tensor, x_pad: torch.Tensor, y_pad: torch.Tensor,
-                               beta: float = 0.5, iterations: int = 50, inner: int = 1) -> torch.Tensor:
+def optimal_transport_distance(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_pad: torch.Tensor,
+    y_pad: torch.Tensor,
+    beta: float = 0.5,
+    iterations: int = 50,
+    inner: int = 1,
+) -> torch.Tensor:
     """(B,) OT distances between x (B, m, H) and y (B, n, H); pads are True where padding."""
     cost = cosine_cost(x, y)
     joint_pad = x_pad.unsqueeze(2) | y_pad.unsqueeze(1)

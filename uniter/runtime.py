@@ -61,10 +61,19 @@ class TrainJob:
         """The job of the stage run `ctx`; `features` names the (input stage, table) of its region features."""
         stage, table = features
         shards = zip(ctx.input_files(stage, table), ctx.inputs[stage].tables.get(table, []), strict=True)
-        return cls(cfg=ctx.config, storage_uri=ctx.storage.uri, endpoint_url=getattr(ctx.storage, "endpoint_url", None),
-                   region=getattr(ctx.storage, "region", None), stage=ctx.output.stage, key=ctx.output.key,
-                   run_id=ctx.run_id, feature_inputs=[(k, f.sha256) for k, f in shards], local_dir=local_dir,
-                   port=free_port(), **inputs)
+        return cls(
+            cfg=ctx.config,
+            storage_uri=ctx.storage.uri,
+            endpoint_url=getattr(ctx.storage, "endpoint_url", None),
+            region=getattr(ctx.storage, "region", None),
+            stage=ctx.output.stage,
+            key=ctx.output.key,
+            run_id=ctx.run_id,
+            feature_inputs=[(k, f.sha256) for k, f in shards],
+            local_dir=local_dir,
+            port=free_port(),
+            **inputs,
+        )
 
     def storage(self) -> Storage:
         return open_storage(self.storage_uri, endpoint_url=self.endpoint_url, region=self.region)
@@ -94,14 +103,16 @@ def start_worker(rank: int, world: int, port: int, device: str, label: str, loca
     sys.stdout = sys.stderr
     if local_rank is None:
         local_rank = rank
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
+        os.environ.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        )
     if device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[{label} {rank}/{world}] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[{label} {rank}/{world}] %(message)s"
+    )
     import deepspeed  # noqa: PLC0415 -- slow to import; only worker processes need it
 
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
@@ -142,8 +153,9 @@ def warmup_linear(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def param_groups(model: torch.nn.Module, lr: float, head_lr_mult: float | None = None,
-                 weight_decay: float = 0.01) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module, lr: float, head_lr_mult: float | None = None, weight_decay: float = 0.01
+) -> list[dict[str, Any]]:
     """No weight decay on biases and LayerNorms (names as BERT's), as the reference. With
     `head_lr_mult`, what lies outside the encoder (`uniter.`: a new task head) gets groups of its own
     at lr × head_lr_mult."""
@@ -152,8 +164,10 @@ def param_groups(model: torch.nn.Module, lr: float, head_lr_mult: float | None =
         if p.requires_grad:
             head = head_lr_mult is not None and not name.startswith("uniter.")
             groups.setdefault((head, "bias" in name or "LayerNorm" in name), []).append(p)
-    return [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * head_lr_mult if head else lr}
-            for (head, no_decay), ps in sorted(groups.items())]
+    return [
+        {"params": ps, "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * head_lr_mult if head else lr}
+        for (head, no_decay), ps in sorted(groups.items())
+    ]
 
 
 def deepspeed_config(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -179,16 +193,23 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def create_engine(model: torch.nn.Module, overrides: dict[str, Any], lr: float, warmup: int, steps: int,
-                  head_lr_mult: float | None = None):
+def create_engine(
+    model: torch.nn.Module,
+    overrides: dict[str, Any],
+    lr: float,
+    warmup: int,
+    steps: int,
+    head_lr_mult: float | None = None,
+):
     """`model` on DeepSpeed (`deepspeed_config(overrides)`), trained by AdamW over `param_groups`
     with the LR warmed up and decayed by `warmup_linear`. Returns the engine and its LR scheduler."""
     import deepspeed  # noqa: PLC0415 -- slow to import; only worker processes need it
 
     optimizer = torch.optim.AdamW(param_groups(model, lr, head_lr_mult), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_linear(s, warmup, steps))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                   config=deepspeed_config(overrides))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(overrides)
+    )
     return engine, scheduler
 
 
@@ -206,8 +227,9 @@ def on_engine(engine, batch: dict[str, Any], keep_fp32: tuple[str, ...] = ()) ->
     return out
 
 
-def train_micro_batch(engine, batch: dict[str, Any], seed: int, keep_fp32: tuple[str, ...] = (),
-                      **forward: Any) -> float:
+def train_micro_batch(
+    engine, batch: dict[str, Any], seed: int, keep_fp32: tuple[str, ...] = (), **forward: Any
+) -> float:
     """Forward and backward on one micro-batch, then DeepSpeed's step (an update at the end of the
     accumulation window). Returns the micro-batch's loss."""
     torch.manual_seed(seed)  # dropout: a function of the batch, not of history
@@ -249,8 +271,9 @@ def checkpoint_tag(prefix: str, step: int) -> str:
     return f"{prefix}-{step:08d}"
 
 
-def save_checkpoint(engine, state: TrainState, art: Artifact, job: TrainJob, rank: int, local_rank: int,
-                    prefix: str) -> None:
+def save_checkpoint(
+    engine, state: TrainState, art: Artifact, job: TrainJob, rank: int, local_rank: int, prefix: str
+) -> None:
     """All processes write their part locally; the first process of each node uploads what its node
     wrote, then process 0 writes the marker (so the marker means: every part is stored)."""
     tag = checkpoint_tag(prefix, state.step)

@@ -15,8 +15,8 @@ from contract.artifact import Artifact
 from contract.errors import MissingInputError
 from contract.stage import Stage, now
 from pipeline.config import load_config
-from pipeline.dag import STAGES, downstream
 from pipeline.runner import run_stage, stage_status, storage_for
+from pipeline.stages import STAGES, ancestors, dependents
 from tests.conftest import S3_SECRET, read_table, write_config
 
 
@@ -109,8 +109,10 @@ def test_force_rebuilds_identical_bytes(tmp_path, storage_spec, cc_file):
 
 def test_downstream_stage_needs_its_input_and_follows_it(tmp_path, storage_spec, cc_file, monkeypatch):
     monkeypatch.setitem(STAGES, "count", COUNT)
-    assert downstream("ingest") == ["crawl", "dedup", "extract", "pretrain", "finetune", "evaluate", "count"]
-    assert downstream("crawl") == ["dedup", "extract", "pretrain", "finetune", "evaluate"]
+    assert dependents("ingest") == ["crawl", "dedup", "extract", "pretrain", "finetune", "evaluate", "count"]
+    assert dependents("crawl") == ["dedup", "extract", "pretrain", "finetune", "evaluate"]
+    assert ancestors("finetune") == ["ingest", "crawl", "dedup", "extract", "downstream", "pretrain"]
+    assert ancestors("count") == ["ingest"] and ancestors("ingest") == []
     cfg = _config(tmp_path, storage_spec, cc_file)
     with pytest.raises(
         MissingInputError, match=r"needs the output of 'ingest'.*Run `uniter run ingest -c cfg.yaml` first"

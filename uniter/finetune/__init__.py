@@ -1,1 +1,2 @@
-"""Fine-tuning and evaluation: the downstream tasks' readers, metrics and heads."""
+"""Fine-tuning and evaluation: the finetune and evaluate stages, their config and the report; each
+downstream task (files, metric, examples, predictions) is one module of `tasks/`."""

@@ -35,17 +35,33 @@ def evaluate_run(storage, finetune_key: str, cfg: FinetuneConfig, name: str) -> 
 
 
 def write_report(ctx: StageContext, runs: list[report.Run]) -> None:
-    rows = [(r.name, task, metric, float(value)) for r in runs for task, d in r.details.items()
-            for metric, value in d.get("accuracy_by_type", {}).items()]
+    rows = [
+        (r.name, task, metric, float(value))
+        for r in runs
+        for task, d in r.details.items()
+        for metric, value in d.get("accuracy_by_type", {}).items()
+    ]
     rows += [(r.name, "meta_sum", "meta_sum", float(r.meta_sum)) for r in runs]
-    table = pa.table({"run": [x[0] for x in rows], "task": [x[1] for x in rows], "metric": [x[2] for x in rows],
-                      "value": pa.array([x[3] for x in rows], pa.float64())})
-    extras = {"report.json": json.dumps(report.to_json(runs), indent=2).encode(),
-              "report.md": report.to_markdown(runs).encode(),
-              "report.html": report.to_html(runs).encode(),
-              "meta_sum.png": report.bar_chart_png(runs)}
-    stats = {"runs": len(runs), "scores": {r.name: {k: round(v, 4) for k, v in r.scores.items()}
-                                           | {"meta_sum": round(r.meta_sum, 4)} for r in runs}}
+    table = pa.table(
+        {
+            "run": [x[0] for x in rows],
+            "task": [x[1] for x in rows],
+            "metric": [x[2] for x in rows],
+            "value": pa.array([x[3] for x in rows], pa.float64()),
+        }
+    )
+    extras = {
+        "report.json": json.dumps(report.to_json(runs), indent=2).encode(),
+        "report.md": report.to_markdown(runs).encode(),
+        "report.html": report.to_html(runs).encode(),
+        "meta_sum.png": report.bar_chart_png(runs),
+    }
+    stats = {
+        "runs": len(runs),
+        "scores": {
+            r.name: {k: round(v, 4) for k, v in r.scores.items()} | {"meta_sum": round(r.meta_sum, 4)} for r in runs
+        },
+    }
     ctx.write_shard("report", {"evaluation": table}, stats, now(), extras=extras)
     log.info("evaluate:\n%s", report.to_markdown(runs))
 

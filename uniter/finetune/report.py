@@ -12,6 +12,8 @@ import html
 import io
 from dataclasses import dataclass, field
 
+from PIL import Image, ImageDraw
+
 from uniter.finetune.tasks import FINETUNE_TASKS
 
 COLUMNS = tuple(column for task in FINETUNE_TASKS.values() for column in task.columns)  # (score key, label)
@@ -41,9 +43,19 @@ def _meta(run: Run) -> str:
 
 
 def to_json(runs: list[Run]) -> dict:
-    return {"columns": [label for _, label in COLUMNS] + ["Meta-Sum"],
-            "runs": [{"name": r.name, "scores": r.scores, "meta_sum": round(r.meta_sum, 4), "complete": r.complete,
-                      "details": r.details} for r in runs]}
+    return {
+        "columns": [label for _, label in COLUMNS] + ["Meta-Sum"],
+        "runs": [
+            {
+                "name": r.name,
+                "scores": r.scores,
+                "meta_sum": round(r.meta_sum, 4),
+                "complete": r.complete,
+                "details": r.details,
+            }
+            for r in runs
+        ],
+    }
 
 
 def to_markdown(runs: list[Run]) -> str:
@@ -61,20 +73,23 @@ def to_markdown(runs: list[Run]) -> str:
 def to_html(runs: list[Run], chart_name: str = "meta_sum.png") -> str:
     cells = "".join(f"<th>{html.escape(label)}</th>" for _, label in COLUMNS)
     body = "".join(
-        f"<tr><td>{html.escape(r.name)}</td>" + "".join(f"<td>{_cell(r, k)}</td>" for k, _ in COLUMNS)
-        + f"<td><b>{html.escape(_meta(r))}</b></td></tr>" for r in runs)
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>UNITER evaluation</title>"
-            "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
-            "padding:4px 8px;text-align:right}td:first-child{text-align:left}</style></head><body>"
-            "<h1>UNITER evaluation</h1>"
-            f"<table><tr><th>run</th>{cells}<th>Meta-Sum</th></tr>{body}</table>"
-            f"<p><img src='{html.escape(chart_name)}' alt='scores per run'></p></body></html>\n")
+        f"<tr><td>{html.escape(r.name)}</td>"
+        + "".join(f"<td>{_cell(r, k)}</td>" for k, _ in COLUMNS)
+        + f"<td><b>{html.escape(_meta(r))}</b></td></tr>"
+        for r in runs
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>UNITER evaluation</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
+        "padding:4px 8px;text-align:right}td:first-child{text-align:left}</style></head><body>"
+        "<h1>UNITER evaluation</h1>"
+        f"<table><tr><th>run</th>{cells}<th>Meta-Sum</th></tr>{body}</table>"
+        f"<p><img src='{html.escape(chart_name)}' alt='scores per run'></p></body></html>\n"
+    )
 
 
 def bar_chart_png(runs: list[Run], width: int = 720, height: int = 360) -> bytes:
     """Grouped bars: one group per column, one bar per run (scores 0–100)."""
-    from PIL import Image, ImageDraw
-
     palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -91,8 +106,9 @@ def bar_chart_png(runs: list[Run], width: int = 720, height: int = 360) -> bytes
         for i, run in enumerate(runs):
             if key in run.scores:
                 h = (bottom - top) * max(0.0, min(100.0, run.scores[key])) / 100
-                draw.rectangle([x0 + i * bar_w, bottom - h, x0 + (i + 1) * bar_w - 2, bottom],
-                               fill=palette[i % len(palette)])
+                draw.rectangle(
+                    [x0 + i * bar_w, bottom - h, x0 + (i + 1) * bar_w - 2, bottom], fill=palette[i % len(palette)]
+                )
         draw.text((x0, bottom + 6), label, fill="black")
     for i, run in enumerate(runs):  # legend
         y = bottom + 24 + 12 * (i % 3)

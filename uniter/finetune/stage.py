@@ -25,14 +25,24 @@ import pyarrow as pa
 import torch
 
 from contract.artifact import Artifact
+from contract.configbase import SectionConfig
 from contract.errors import InputDataError
 from contract.stage import Stage, StageContext
 from uniter.data import build_features, load_tokenizer
 from uniter.finetune.config import FinetuneConfig
 from uniter.finetune.tasks import FINETUNE_TASKS
-from uniter.pretrain.config import PretrainConfig
-from uniter.runtime import (TrainJob, TrainState, build_model, create_engine, model_files, on_engine, resume,
-                            save_checkpoint, start_worker, train_micro_batch)
+from uniter.runtime import (
+    TrainJob,
+    TrainState,
+    build_model,
+    create_engine,
+    model_files,
+    on_engine,
+    resume,
+    save_checkpoint,
+    start_worker,
+    train_micro_batch,
+)
 
 log = logging.getLogger(__name__)
 KEEP_FP32 = ("targets",)  # the loss's targets (VQA's soft scores) stay at full precision
@@ -41,7 +51,9 @@ KEEP_FP32 = ("targets",)  # the loss's targets (VQA's soft scores) stay at full 
 @dataclass(frozen=True)
 class FinetuneJob(TrainJob):
     cfg: FinetuneConfig
-    pretrain: PretrainConfig  # its tokenizer and region selection
+    # the pretrain section (a PretrainConfig, not imported: one stage never imports another's code):
+    # its tokenizer and region selection
+    pretrain: SectionConfig
     model_files: list[str]  # storage keys of the pretrained model's files
 
 
@@ -51,13 +63,18 @@ def run_finetune(ctx: StageContext) -> None:
         log.warning("finetune: no task configured (finetune.vqa, …): nothing to train")
         return
     pretrained = ctx.inputs["pretrain"]
-    pretrained_files = [Artifact(ctx.storage, "pretrain", pretrained.key).file_key(f"files/{name}")
-                        for name in sorted(pretrained.files) if name.startswith("model/")]
+    pretrained_files = [
+        Artifact(ctx.storage, "pretrain", pretrained.key).file_key(f"files/{name}")
+        for name in sorted(pretrained.files)
+        if name.startswith("model/")
+    ]
     with tempfile.TemporaryDirectory(prefix="uniter-finetune-") as local:
-        job = FinetuneJob.of(ctx, local, ("downstream", "task_features"), pretrain=ctx.extra["pretrain"],
-                             model_files=pretrained_files)
-        torch.multiprocessing.start_processes(finetune_process, args=(cfg.processes, job), nprocs=cfg.processes,
-                                              start_method="spawn")
+        job = FinetuneJob.of(
+            ctx, local, ("downstream", "task_features"), pretrain=ctx.extra["pretrain"], model_files=pretrained_files
+        )
+        torch.multiprocessing.start_processes(
+            finetune_process, args=(cfg.processes, job), nprocs=cfg.processes, start_method="spawn"
+        )
     ctx.done.update(ctx.output.done_shards())
 
 
@@ -71,8 +88,9 @@ def finetune_process(rank: int, world: int, job: FinetuneJob) -> None:
             continue
         local = Path(job.local_dir) / name
         local.mkdir(parents=True, exist_ok=True)
-        data = FINETUNE_TASKS[name].data(task_cfg, tokenizer, feature_paths, local, job.pretrain, job.cfg.max_txt_len,
-                                         job.cfg.seed)
+        data = FINETUNE_TASKS[name].data(
+            task_cfg, tokenizer, feature_paths, local, job.pretrain, job.cfg.max_txt_len, job.cfg.seed
+        )
         train_task(job, art, name, task_cfg, data, rank, world)
         torch.distributed.barrier()  # every process sees the task's final shard before the next task
     torch.distributed.barrier()
@@ -87,8 +105,15 @@ def build_task_model(job: FinetuneJob, tokenizer, cls, config_kw: dict[str, Any]
     if cfg.init == "bert" and not cfg.bert:
         raise InputDataError("finetune.init is 'bert' but finetune.bert names no checkpoint")
     if cfg.init != "pretrained":
-        return build_model(cls, cfg.model, tokenizer, cfg.seed, cfg.bert if cfg.init == "bert" else None, **config_kw,
-                           **cfg.model_overrides)
+        return build_model(
+            cls,
+            cfg.model,
+            tokenizer,
+            cfg.seed,
+            cfg.bert if cfg.init == "bert" else None,
+            **config_kw,
+            **cfg.model_overrides,
+        )
     if not job.model_files:
         raise InputDataError("finetune.init is 'pretrained' but the pretrain artifact holds no model files")
     torch.manual_seed(cfg.seed)  # the new head's initial weights are part of the run's identity
@@ -157,8 +182,9 @@ def validate(state: TrainState, name: str, data, score) -> dict[str, bytes]:
     metrics, files = data.evaluate(score)
     for metric, value in sorted(metrics.items()):
         state.record(f"val/{metric}", round(float(value), 4))
-    log.info("%s step %d validation: %s", name, state.step,
-             ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+    log.info(
+        "%s step %d validation: %s", name, state.step, ", ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items()))
+    )
     return files
 
 
@@ -166,18 +192,31 @@ def job_tokenizer(job: FinetuneJob):
     return load_tokenizer(job.pretrain.tokenizer, job.pretrain.lowercase)
 
 
-def publish_task(state: TrainState, module, art: Artifact, job: FinetuneJob, name: str, files: dict[str, bytes],
-                 started: float, skipped: int) -> None:
+def publish_task(
+    state: TrainState,
+    module,
+    art: Artifact,
+    job: FinetuneJob,
+    name: str,
+    files: dict[str, bytes],
+    started: float,
+    skipped: int,
+) -> None:
     rows = state.history
-    metrics = pa.table({
-        "task": pa.array([name] * len(rows), pa.string()),
-        "step": pa.array([r["step"] for r in rows], pa.int64()),
-        "name": pa.array([r["name"] for r in rows], pa.string()),
-        "value": pa.array([float(r["value"]) for r in rows], pa.float64()),
-    })
+    metrics = pa.table(
+        {
+            "task": pa.array([name] * len(rows), pa.string()),
+            "step": pa.array([r["step"] for r in rows], pa.int64()),
+            "name": pa.array([r["name"] for r in rows], pa.string()),
+            "value": pa.array([float(r["value"]) for r in rows], pa.float64()),
+        }
+    )
     extras = files | model_files(module, f"{name}/model")
-    final = {r["name"].removeprefix("val/"): r["value"] for r in rows
-             if r["name"].startswith("val/") and r["step"] == state.step}
+    final = {
+        r["name"].removeprefix("val/"): r["value"]
+        for r in rows
+        if r["name"].startswith("val/") and r["step"] == state.step
+    }
     stats = {name: {"steps": state.step, "val": final, "skipped": skipped, "seconds": round(time.time() - started, 1)}}
     art.write_shard(f"{name}-final", {"finetune_metrics": metrics}, stats, job.run_id, started, extras=extras)
 

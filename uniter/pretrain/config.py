@@ -17,8 +17,8 @@ class PretrainConfig(SectionConfig):
     # Parallelism and bookkeeping do not change what is learned (the data order and every random
     # draw are functions of the seed and the step, not of the process layout).
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset(
-        {"processes", "launcher", "launcher_args", "loader_workers", "log_every", "checkpoint_every",
-         "tensorboard_dir"})
+        {"processes", "launcher", "launcher_args", "loader_workers", "log_every", "checkpoint_every", "tensorboard_dir"}
+    )
 
     model: Literal["debug", "base", "large"] = "base"
     model_overrides: dict[str, Any] = {}  # UniterConfig fields, e.g. {hidden_dropout_prob: 0.0}
@@ -75,7 +75,7 @@ class PretrainConfig(SectionConfig):
         return value
 
     @model_validator(mode="after")
-    def _bounds(self) -> "PretrainConfig":
+    def _bounds(self) -> PretrainConfig:
         if self.min_bb > self.max_bb:
             raise ValueError(f"min_bb ({self.min_bb}) > max_bb ({self.max_bb})")
         return self

@@ -20,8 +20,10 @@ def main() -> None:
     args = ap.parse_args()
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        sys.exit(f"uniter.pretrain.launch: {', '.join(missing)} not set: run it under torchrun or deepspeed, "
-                 "or use `uniter run pretrain` (which starts the workers itself)")
+        sys.exit(
+            f"uniter.pretrain.launch: {', '.join(missing)} not set: run it under torchrun or deepspeed, "
+            "or use `uniter run pretrain` (which starts the workers itself)"
+        )
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank if args.local_rank is not None else rank))
     train_process(rank, world, PretrainJob.from_json(args.job.read_text()), local_rank=local_rank)

@@ -24,9 +24,9 @@ import torch
 from contract.artifact import Artifact
 from contract.errors import UniterError
 from contract.stage import Stage, StageContext
+from uniter.batch import Vocab
 from uniter.data import Corpus, build_features, build_texts, load_tokenizer
 from uniter.pretrain.config import PretrainConfig
-from uniter.pretrain.tasks import Vocab
 from uniter.pretrain.trainer import Trainer
 from uniter.runtime import TrainJob, build_model, model_files, resume, save_checkpoint, start_worker
 
@@ -46,19 +46,27 @@ class PretrainJob(TrainJob):
     def local_inputs(self, tokenizer) -> tuple[Path, list[Path]]:
         """The memory-mappable caches on this node (built once, then found by content)."""
         storage = self.storage()
-        return (build_texts(storage, self.text_keys, self.text_sha, tokenizer, self.cfg.max_txt_len),
-                [build_features(storage, k, sha) for k, sha in self.feature_inputs])
+        return (
+            build_texts(storage, self.text_keys, self.text_sha, tokenizer, self.cfg.max_txt_len),
+            [build_features(storage, k, sha) for k, sha in self.feature_inputs],
+        )
 
 
 def run_pretrain(ctx: StageContext) -> None:
     cfg: PretrainConfig = ctx.config
     with tempfile.TemporaryDirectory(prefix="uniter-pretrain-") as local:
-        job = PretrainJob.of(ctx, local, ("extract", "features"), text_keys=ctx.input_files("dedup", "corpus_pairs"),
-                             text_sha=ctx.inputs["dedup"].table_sha256("corpus_pairs"))
+        job = PretrainJob.of(
+            ctx,
+            local,
+            ("extract", "features"),
+            text_keys=ctx.input_files("dedup", "corpus_pairs"),
+            text_sha=ctx.inputs["dedup"].table_sha256("corpus_pairs"),
+        )
         job.local_inputs(load_tokenizer(cfg.tokenizer, cfg.lowercase))  # once here, not in every worker
         if cfg.launcher == "spawn":
-            torch.multiprocessing.start_processes(train_process, args=(cfg.processes, job), nprocs=cfg.processes,
-                                                  start_method="spawn")
+            torch.multiprocessing.start_processes(
+                train_process, args=(cfg.processes, job), nprocs=cfg.processes, start_method="spawn"
+            )
         else:
             run_torchrun(job, Path(local))
     ctx.done.update(ctx.output.done_shards())
@@ -68,8 +76,17 @@ def run_torchrun(job: PretrainJob, local: Path) -> None:
     cfg = job.cfg
     job_file = local / "job.json"
     job_file.write_text(job.to_json())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(cfg.processes),
-           *(cfg.launcher_args or ["--standalone"]), "-m", "uniter.pretrain.launch", str(job_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(cfg.processes),
+        *(cfg.launcher_args or ["--standalone"]),
+        "-m",
+        "uniter.pretrain.launch",
+        str(job_file),
+    ]
     log.info("pretrain: %s", " ".join(cmd))
     # the workers' stdout goes to our stderr: stdout belongs to the --json summary
     done = subprocess.run(cmd, stdout=sys.stderr, check=False)
@@ -107,12 +124,14 @@ def train_process(rank: int, world: int, job: PretrainJob, local_rank: int | Non
         if t.step % cfg.validate_every == 0 or t.step == cfg.steps:
             metrics = t.validate()
             if rank == 0 and metrics:
-                log.info("step %d validation: %s", t.step,
-                         ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+                log.info(
+                    "step %d validation: %s", t.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+                )
         if rank == 0 and (t.step % cfg.log_every == 0 or t.step == cfg.steps):
             last = next(r for r in reversed(t.history) if r["name"].startswith("loss/"))
-            log.info("step %d/%d %s %.4f (%.1f s)", t.step, cfg.steps, last["name"], last["value"],
-                     time.time() - last_log)
+            log.info(
+                "step %d/%d %s %.4f (%.1f s)", t.step, cfg.steps, last["name"], last["value"], time.time() - last_log
+            )
             last_log = time.time()
         if t.step % cfg.checkpoint_every == 0 and t.step < cfg.steps:
             save_checkpoint(t.engine, t, art, job, rank, local_rank, CKPT)
@@ -154,20 +173,27 @@ class Board:
         self.writer.close()
 
 
-def publish_final(trainer: Trainer, art: Artifact, job: PretrainJob, started: float,
-                  tasks_off: tuple[str, ...]) -> None:
-    metrics = pa.table({
-        "step": pa.array([r["step"] for r in trainer.history], pa.int64()),
-        "name": pa.array([r["name"] for r in trainer.history], pa.string()),
-        "value": pa.array([float(r["value"]) for r in trainer.history], pa.float64()),
-    })
+def publish_final(
+    trainer: Trainer, art: Artifact, job: PretrainJob, started: float, tasks_off: tuple[str, ...]
+) -> None:
+    metrics = pa.table(
+        {
+            "step": pa.array([r["step"] for r in trainer.history], pa.int64()),
+            "name": pa.array([r["name"] for r in trainer.history], pa.string()),
+            "value": pa.array([float(r["value"]) for r in trainer.history], pa.float64()),
+        }
+    )
     extras = model_files(trainer.engine.module, "model")
     final = {}
     for r in trainer.history:
         if r["name"].startswith(("loss/", "val/")):
             final[r["name"]] = r["value"]
-    stats = {"steps": trainer.step, "final": final, "tasks_off": {t: 1 for t in tasks_off},
-             "seconds_training": round(time.time() - started, 1)}
+    stats = {
+        "steps": trainer.step,
+        "final": final,
+        "tasks_off": {t: 1 for t in tasks_off},
+        "seconds_training": round(time.time() - started, 1),
+    }
     art.write_shard("final-00000", {"metrics": metrics}, stats, job.run_id, started, extras=extras)
 
 

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from uniter.batch import Vocab
 from uniter.data import Corpus, token_bucket_batches
 from uniter.pretrain.config import PretrainConfig
-from uniter.pretrain.tasks import Vocab, collate
+from uniter.pretrain.tasks import collate
 from uniter.runtime import TrainState, create_engine, on_engine, train_micro_batch
-
 
 # --- what each step trains on -----------------------------------------------------------------
 
@@ -36,18 +36,24 @@ class BatchPlan:
         self.ids = [np.flatnonzero(train & (corpus.source == d)) for d in range(len(corpus.sources))]
         self.lengths = corpus.lengths
         self.datasets = [d for d in range(len(corpus.sources)) if len(self.ids[d])]
-        self.pool = [(task, d) for task, ratio in sorted(cfg.tasks.items()) if ratio > 0 and task not in tasks_off
-                     for d in self.datasets]
-        weights = np.array([cfg.tasks[t] * cfg.dataset_weights.get(corpus.sources[d], 1.0) for t, d in self.pool],
-                           float)
+        self.pool = [
+            (task, d)
+            for task, ratio in sorted(cfg.tasks.items())
+            if ratio > 0 and task not in tasks_off
+            for d in self.datasets
+        ]
+        weights = np.array(
+            [cfg.tasks[t] * cfg.dataset_weights.get(corpus.sources[d], 1.0) for t, d in self.pool], float
+        )
         if not self.pool or weights.sum() <= 0:
             raise ValueError("nothing to train: no task with a positive ratio has training examples")
         self.p = weights / weights.sum()
         self._epochs: dict[tuple[int, int], list[np.ndarray]] = {}
         self._epoch_len: dict[tuple[int, int], int] = {}
         # choices for every step, and how many batches of each dataset came before it
-        rng_choices = [int(np.random.default_rng([cfg.seed, 1, s]).choice(len(self.pool), p=self.p))
-                       for s in range(cfg.steps)]
+        rng_choices = [
+            int(np.random.default_rng([cfg.seed, 1, s]).choice(len(self.pool), p=self.p)) for s in range(cfg.steps)
+        ]
         self.choice = np.array(rng_choices, dtype=np.int64)
         ds_of = np.array([self.pool[c][1] for c in self.choice], dtype=np.int64)
         self.before = np.zeros((cfg.steps, len(corpus.sources)), dtype=np.int64)
@@ -69,8 +75,9 @@ class BatchPlan:
             if len(self._epochs) >= 8:
                 self._epochs.pop(next(iter(self._epochs)))
             rng = np.random.default_rng([self.cfg.seed, 2, d, e])
-            self._epochs[(d, e)] = token_bucket_batches(self.ids[d], self.lengths, self.cfg.batch_tokens,
-                                                        self.cfg.bucket_size, rng)
+            self._epochs[(d, e)] = token_bucket_batches(
+                self.ids[d], self.lengths, self.cfg.batch_tokens, self.cfg.bucket_size, rng
+            )
         return self._epochs[(d, e)]
 
     def batch(self, d: int, position: int) -> np.ndarray:
@@ -99,11 +106,25 @@ class MicroBatches(Dataset):
         step, task, d, position = self.plan.micro(i, self.rank)
         seed = [cfg.seed, 3, d, position]
         rng = np.random.default_rng(seed)
-        batch = collate(self.corpus, self.plan.batch(d, position), task, self.vocab, rng, mlm_prob=cfg.mlm_prob,
-                        mrm_prob=cfg.mrm_prob, itm_neg_prob=cfg.itm_neg_prob, joint_masking=cfg.joint_masking,
-                        with_ot=cfg.ot_lambda > 0, negative_pool=self.plan.ids[d])
-        return {"batch": batch, "task": task, "step": step,
-                "torch_seed": int(np.random.default_rng(seed + [1]).integers(2**62))}
+        batch = collate(
+            self.corpus,
+            self.plan.batch(d, position),
+            task,
+            self.vocab,
+            rng,
+            mlm_prob=cfg.mlm_prob,
+            mrm_prob=cfg.mrm_prob,
+            itm_neg_prob=cfg.itm_neg_prob,
+            joint_masking=cfg.joint_masking,
+            with_ot=cfg.ot_lambda > 0,
+            negative_pool=self.plan.ids[d],
+        )
+        return {
+            "batch": batch,
+            "task": task,
+            "step": step,
+            "torch_seed": int(np.random.default_rng(seed + [1]).integers(2**62)),
+        }
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -135,15 +156,27 @@ class Trainer(TrainState):
         """Run from `self.step` to cfg.steps; `on_step(trainer)` after every optimizer update."""
         cfg = self.cfg
         start = self.step * self.plan.accum
-        loader = DataLoader(MicroBatches(self.plan, self.corpus, self.vocab, self.rank), batch_size=None,
-                            sampler=range(start, cfg.steps * self.plan.accum), num_workers=cfg.loader_workers,
-                            prefetch_factor=4 if cfg.loader_workers else None,
-                            multiprocessing_context="forkserver" if cfg.loader_workers else None)
+        loader = DataLoader(
+            MicroBatches(self.plan, self.corpus, self.vocab, self.rank),
+            batch_size=None,
+            sampler=range(start, cfg.steps * self.plan.accum),
+            num_workers=cfg.loader_workers,
+            prefetch_factor=4 if cfg.loader_workers else None,
+            multiprocessing_context="forkserver" if cfg.loader_workers else None,
+        )
         self.engine.train()
         losses: list[float] = []
         for item in loader:
-            losses.append(train_micro_batch(self.engine, item["batch"], item["torch_seed"], FP32_TARGETS,
-                                            task=item["task"], ot_lambda=cfg.ot_lambda))
+            losses.append(
+                train_micro_batch(
+                    self.engine,
+                    item["batch"],
+                    item["torch_seed"],
+                    FP32_TARGETS,
+                    task=item["task"],
+                    ot_lambda=cfg.ot_lambda,
+                )
+            )
             # NOTE: counted here, not asked of the engine: after step() DeepSpeed already answers for
             # the next micro-batch.
             if len(losses) == self.plan.accum:
@@ -160,8 +193,9 @@ class Trainer(TrainState):
         val = np.flatnonzero(self.corpus.is_val)
         if not len(val):
             return {}
-        batches = token_bucket_batches(val, self.corpus.lengths, cfg.batch_tokens, cfg.bucket_size,
-                                       np.random.default_rng([cfg.seed, 4]))[:max_batches]
+        batches = token_bucket_batches(
+            val, self.corpus.lengths, cfg.batch_tokens, cfg.bucket_size, np.random.default_rng([cfg.seed, 4])
+        )[:max_batches]
         self.engine.eval()
         sums: dict[str, float] = {}
         tasks = sorted(t for t, r in cfg.tasks.items() if r > 0 and t not in self.tasks_off)
@@ -170,8 +204,18 @@ class Trainer(TrainState):
                 if k % self.world != self.rank:
                     continue
                 rng = np.random.default_rng([cfg.seed, 5, k])
-                batch = collate(self.corpus, ids, task, self.vocab, rng, mlm_prob=cfg.mlm_prob, mrm_prob=cfg.mrm_prob,
-                                itm_neg_prob=cfg.itm_neg_prob, with_ot=cfg.ot_lambda > 0, negative_pool=val)
+                batch = collate(
+                    self.corpus,
+                    ids,
+                    task,
+                    self.vocab,
+                    rng,
+                    mlm_prob=cfg.mlm_prob,
+                    mrm_prob=cfg.mrm_prob,
+                    itm_neg_prob=cfg.itm_neg_prob,
+                    with_ot=cfg.ot_lambda > 0,
+                    negative_pool=val,
+                )
                 out = self.engine(self._device_batch(batch), task=task, ot_lambda=cfg.ot_lambda)
                 for name, (total, count) in _scores(task, out).items():
                     s, c = sums.get(name + "/sum", 0.0), sums.get(name + "/n", 0.0)
@@ -179,8 +223,9 @@ class Trainer(TrainState):
         self.engine.train()
         # every rank reduces the same names in the same order, batches or not
         names = sorted(n for task in tasks for n in _score_names(task, cfg.ot_lambda > 0))
-        totals = torch.tensor([[sums.get(n + "/sum", 0.0), sums.get(n + "/n", 0.0)] for n in names],
-                              dtype=torch.float64)
+        totals = torch.tensor(
+            [[sums.get(n + "/sum", 0.0), sums.get(n + "/n", 0.0)] for n in names], dtype=torch.float64
+        )
         if self.world > 1:
             torch.distributed.all_reduce(totals)
         metrics = {n: float(totals[i, 0] / totals[i, 1]) for i, n in enumerate(names) if totals[i, 1] > 0}
@@ -210,4 +255,3 @@ def _scores(task: str, out) -> dict[str, tuple[float, float]]:
     if task == "mrc":
         return {"mrc_acc": (float((out.logits.argmax(-1) == out.targets).sum()), float(out.targets.numel()))}
     return {f"{task}_loss": (float(out.loss) * 1.0, 1.0)}
-

@@ -30,14 +30,21 @@ def vqa_files(tmp_path: Path, split: str, image_ids: list[int]) -> tuple[Path, P
     """Two questions per image; the answer to the first is the image's 'color' (its id mod 4)."""
     questions, annotations = [], []
     for image_id in image_ids:
-        for k, (text, answer) in enumerate([("what color is the thing?", COLORS[image_id % 4]),
-                                            ("is there a table?", "yes" if image_id % 2 else "no")]):
+        for k, (text, answer) in enumerate(
+            [("what color is the thing?", COLORS[image_id % 4]), ("is there a table?", "yes" if image_id % 2 else "no")]
+        ):
             qid = image_id * 10 + k
             questions.append({"question_id": qid, "image_id": image_id, "question": text})
-            annotations.append({"question_id": qid, "image_id": image_id, "question_type": "what",
-                                "answer_type": "other" if k == 0 else "yes/no", "multiple_choice_answer": answer,
-                                "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1}
-                                            for i in range(10)]})
+            annotations.append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": "what",
+                    "answer_type": "other" if k == 0 else "yes/no",
+                    "multiple_choice_answer": answer,
+                    "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": i + 1} for i in range(10)],
+                }
+            )
     q = tmp_path / f"v2_OpenEnded_mscoco_{split}2014_questions.json"
     a = tmp_path / f"v2_mscoco_{split}2014_annotations.json"
     q.write_text(json.dumps({"questions": questions, "data_subtype": f"{split}2014"}))
@@ -57,12 +64,23 @@ def setup(tmp_path: Path, storage: dict, vocab_path: str, name: str = "cfg.yaml"
     val = vqa_files(tmp_path, "val", list(range(9, 13)))
     doc = yaml.safe_load(path.read_text())
     doc["downstream"] = {"images": {"coco": str(coco)}}
-    doc["finetune"] = {"vqa": {"train": [{"questions": str(train[0]), "annotations": str(train[1])}],
-                               "val": {"questions": str(val[0]), "annotations": str(val[1])},
-                               "answers": 6, "steps": 30, "warmup": 3, "lr": 5e-4, "batch_tokens": 512,
-                               "validate_every": 15, **vqa},
-                       "log_every": 5, "checkpoint_every": 10, "loader_workers": 0,
-                       "model_overrides": {"hidden_dropout_prob": 0.0}}
+    doc["finetune"] = {
+        "vqa": {
+            "train": [{"questions": str(train[0]), "annotations": str(train[1])}],
+            "val": {"questions": str(val[0]), "annotations": str(val[1])},
+            "answers": 6,
+            "steps": 30,
+            "warmup": 3,
+            "lr": 5e-4,
+            "batch_tokens": 512,
+            "validate_every": 15,
+            **vqa,
+        },
+        "log_every": 5,
+        "checkpoint_every": 10,
+        "loader_workers": 0,
+        "model_overrides": {"hidden_dropout_prob": 0.0},
+    }
     path.write_text(yaml.safe_dump(doc))
     return path
 
@@ -74,7 +92,10 @@ def upstream(cfg) -> None:
 
 
 def metrics(cfg, result) -> list[tuple]:
-    return [(r["step"], r["name"], r["value"]) for r in read_table(storage_for(cfg), result.manifest, "finetune_metrics").to_pylist()]
+    return [
+        (r["step"], r["name"], r["value"])
+        for r in read_table(storage_for(cfg), result.manifest, "finetune_metrics").to_pylist()
+    ]
 
 
 def test_vqa_from_the_pretrained_model(tmp_path, storage_spec, vocab):
@@ -122,8 +143,13 @@ def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):
     upstream(cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "finetune", Planner(cfg, storage).plan("finetune").key)
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "run", "finetune", "-c", str(cfg_path), "-q"],
-                            cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "run", "finetune", "-c", str(cfg_path), "-q"],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 300
     while not any(s.startswith("vqa-ckpt-00000010") for s in art.done_shards()):
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -150,11 +176,15 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec
     for name, processes, accum in (("one", 1, 2), ("two", 2, 1)):
         path = setup(tmp_path, {"uri": str(tmp_path / name)}, vocab, f"{name}.yaml", steps=6, validate_every=6)
         doc = yaml.safe_load(path.read_text())
-        doc["finetune"].update(processes=processes, deepspeed={"gradient_accumulation_steps": accum}, checkpoint_every=3)
+        doc["finetune"].update(
+            processes=processes, deepspeed={"gradient_accumulation_steps": accum}, checkpoint_every=3
+        )
         path.write_text(yaml.safe_dump(doc))
         cfg = load_config(path)
         upstream(cfg)
-        runs[name] = [(s, n, v) for s, n, v in metrics(cfg, run_stage("finetune", cfg)) if n.startswith(("loss/", "val/"))]
+        runs[name] = [
+            (s, n, v) for s, n, v in metrics(cfg, run_stage("finetune", cfg)) if n.startswith(("loss/", "val/"))
+        ]
     assert [r[:2] for r in runs["one"]] == [r[:2] for r in runs["two"]]
     for (_, _, a), (_, _, b) in zip(runs["one"], runs["two"], strict=True):
         assert abs(a - b) < 1e-4 * max(1, abs(a)), runs

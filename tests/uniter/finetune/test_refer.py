@@ -53,14 +53,29 @@ def _write(tmp_path, refs, anns):
 
 
 def test_reader_gives_one_expression_per_sentence(tmp_path):
-    refs = [{"ref_id": 3, "ann_id": 100, "image_id": 7, "split": "val", "category_id": 1, "sent_ids": [1, 2],
-             "sentences": [{"sent_id": 1, "sent": "man on left", "raw": "Man on left", "tokens": []},
-                           {"sent_id": 2, "sent": "guy in red", "raw": "guy in red!", "tokens": []}]}]
-    anns = [{"id": 100, "image_id": 7, "bbox": [1, 2, 30, 40], "category_id": 1},
-            {"id": 101, "image_id": 7, "bbox": [50, 2, 30, 40], "category_id": 1}]
+    refs = [
+        {
+            "ref_id": 3,
+            "ann_id": 100,
+            "image_id": 7,
+            "split": "val",
+            "category_id": 1,
+            "sent_ids": [1, 2],
+            "sentences": [
+                {"sent_id": 1, "sent": "man on left", "raw": "Man on left", "tokens": []},
+                {"sent_id": 2, "sent": "guy in red", "raw": "guy in red!", "tokens": []},
+            ],
+        }
+    ]
+    anns = [
+        {"id": 100, "image_id": 7, "bbox": [1, 2, 30, 40], "category_id": 1},
+        {"id": 101, "image_id": 7, "bbox": [50, 2, 30, 40], "category_id": 1},
+    ]
     exprs, per_image = read_refer(*_write(tmp_path, refs, anns))
     assert [(e.sent_id, e.sentence, e.box, e.split) for e in exprs] == [
-        (1, "man on left", (1.0, 2.0, 30.0, 40.0), "val"), (2, "guy in red", (1.0, 2.0, 30.0, 40.0), "val")]
+        (1, "man on left", (1.0, 2.0, 30.0, 40.0), "val"),
+        (2, "guy in red", (1.0, 2.0, 30.0, 40.0), "val"),
+    ]
     assert [a for a, _ in per_image[7]] == [100, 101]
 
 

@@ -25,4 +25,10 @@ def test_meta_sum_table():
 
 
 def test_answer_types():
-    assert [answer_type(a) for a in ("yes", "no", "2", "3.5", "red")] == ["yes/no", "yes/no", "number", "number", "other"]
+    assert [answer_type(a) for a in ("yes", "no", "2", "3.5", "red")] == [
+        "yes/no",
+        "yes/no",
+        "number",
+        "number",
+        "other",
+    ]

@@ -10,12 +10,14 @@ from uniter.finetune.tasks.retrieval import recall_at_k, score_matrix
 
 def test_recall_on_a_known_matrix():
     # 4 texts (t0, t1 of image 0; t2 of image 1; t3 of image 2), 3 images
-    scores = np.array([
-        [0.9, 0.1, 0.2],   # t0 → image 0 first                 IR rank 0
-        [0.3, 0.8, 0.5],   # t1 → image 0 third                 IR rank 2
-        [0.4, 0.3, 0.7],   # t2 → image 1 third                 IR rank 2
-        [0.1, 0.2, 0.6],   # t3 → image 2 first                 IR rank 0
-    ])
+    scores = np.array(
+        [
+            [0.9, 0.1, 0.2],  # t0 → image 0 first                 IR rank 0
+            [0.3, 0.8, 0.5],  # t1 → image 0 third                 IR rank 2
+            [0.4, 0.3, 0.7],  # t2 → image 1 third                 IR rank 2
+            [0.1, 0.2, 0.6],  # t3 → image 2 first                 IR rank 0
+        ]
+    )
     txt2img = np.array([0, 0, 1, 2])
     r = recall_at_k(scores, txt2img, ks=(1, 2, 3))
     assert r["ir_r1"] == 50.0 and r["ir_r2"] == 50.0 and r["ir_r3"] == 100.0

@@ -7,22 +7,32 @@ import json
 import pytest
 
 from contract.errors import InputDataError
-from uniter.finetune.tasks.vqa import (answer_vocab, normalize_answer, official_scores, read_vqa, soft_targets,
-                                       vqa_accuracy, write_results)
+from uniter.finetune.tasks.vqa import (
+    answer_vocab,
+    normalize_answer,
+    official_scores,
+    read_vqa,
+    soft_targets,
+    vqa_accuracy,
+    write_results,
+)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two", "2"),
-    ("the dog.", "dog"),
-    ("Yes!", "yes"),
-    ("3.5", "3.5"),
-    ("dont", "don't"),
-    ("red,white", "red white"),  # a comma between words separates them
-    ("1,000", "1000"),  # between digits it is dropped
-    ("a man's hat", "man's hat"),
-    ("  An apple\t", "apple"),
-    ("left / right", "left right"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two", "2"),
+        ("the dog.", "dog"),
+        ("Yes!", "yes"),
+        ("3.5", "3.5"),
+        ("dont", "don't"),
+        ("red,white", "red white"),  # a comma between words separates them
+        ("1,000", "1000"),  # between digits it is dropped
+        ("a man's hat", "man's hat"),
+        ("  An apple\t", "apple"),
+        ("left / right", "left right"),
+    ],
+)
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
@@ -51,13 +61,20 @@ def _files(tmp_path, questions, annotations):
 
 
 def _ann(qid, answers, atype="other"):
-    return {"question_id": qid, "image_id": 1, "answer_type": atype, "question_type": "what",
-            "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": i + 1} for i, x in enumerate(answers)]}
+    return {
+        "question_id": qid,
+        "image_id": 1,
+        "answer_type": atype,
+        "question_type": "what",
+        "answers": [{"answer": x, "answer_confidence": "yes", "answer_id": i + 1} for i, x in enumerate(answers)],
+    }
 
 
 def test_reader_joins_questions_and_answers_and_scores(tmp_path):
-    qs = [{"question_id": 10, "image_id": 1, "question": "Is it red?"},
-          {"question_id": 11, "image_id": 2, "question": "How many?"}]
+    qs = [
+        {"question_id": 10, "image_id": 1, "question": "Is it red?"},
+        {"question_id": 11, "image_id": 2, "question": "How many?"},
+    ]
     q, a = _files(tmp_path, qs, [_ann(10, ["yes"] * 10, "yes/no"), _ann(11, ["2"] * 4 + ["3"] * 6, "number")])
     questions = read_vqa(q, a)
     assert [(x.question_id, x.image_id, x.answer_type) for x in questions] == [(10, 1, "yes/no"), (11, 2, "number")]

@@ -24,8 +24,9 @@ class TaskData(Protocol):
 
     skipped: int  # examples left out (no features of their image, …), in the final shard's stats
 
-    def __init__(self, task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int,
-                 seed: int) -> None:
+    def __init__(
+        self, task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int
+    ) -> None:
         """`task`: its config section; `local`: a scratch folder; `pretrain`: the region selection."""
 
     def model_class(self) -> tuple[type, dict[str, Any]]:
@@ -34,6 +35,7 @@ class TaskData(Protocol):
 
     def prepare(self, model, from_pretrained: bool) -> None:
         """Changes to the built model before training; most tasks need none."""
+        return None  # a body, so that this default is inherited rather than abstract
 
     def train_batch(self, j: int, score: Score) -> dict:
         """The j-th training micro-batch, a pure function of j (so a resumed run repeats an

@@ -9,19 +9,24 @@ import numpy as np
 import pyarrow as pa
 
 from contract.errors import InputDataError
+from uniter.batch import Vocab
 from uniter.data import Corpus, _write_ipc, token_bucket_batches
-from uniter.pretrain.tasks import Vocab
 
 
 def text_corpus(rows: list[tuple[str, list[int]]], path: Path, feature_paths: list[Path], pretrain) -> Corpus:
     """A Corpus of (image key, token ids) rows; rows whose image has no features are left out
     (`corpus.text_row` maps its examples back to `rows`)."""
-    _write_ipc(pa.table({
-        "pair_id": [str(i) for i in range(len(rows))],
-        "source": ["task"] * len(rows),
-        "image_key": [key for key, _ in rows],
-        "input_ids": pa.array([ids for _, ids in rows], pa.list_(pa.int32())),
-    }), path)
+    _write_ipc(
+        pa.table(
+            {
+                "pair_id": [str(i) for i in range(len(rows))],
+                "source": ["task"] * len(rows),
+                "image_key": [key for key, _ in rows],
+                "input_ids": pa.array([ids for _, ids in rows], pa.list_(pa.int32())),
+            }
+        ),
+        path,
+    )
     return Corpus(path, feature_paths, pretrain.conf_thresh, pretrain.min_bb, pretrain.max_bb, val_percent=0.0)
 
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from contract.errors import InputDataError
+from uniter.batch import Vocab, pack
 from uniter.finetune.config import Nlvr2Task
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
 from uniter.finetune.tasks.common import endless, eval_batches, text_corpus, texts_with_regions, tokenize
-from uniter.pretrain.tasks import Vocab, pack
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "nlvr2/predictions.csv"  # identifier, True/False: re-scored by the evaluate stage
@@ -68,8 +68,9 @@ def read_nlvr2(path: str | Path) -> list[Statement]:
         except json.JSONDecodeError as exc:
             raise InputDataError(f"{path}:{lineno}: not a JSON object ({exc.msg})") from None
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputDataError(f"{path}:{lineno}: expected identifier, sentence and label "
-                                 f"({type(exc).__name__}: {exc})") from None
+            raise InputDataError(
+                f"{path}:{lineno}: expected identifier, sentence and label ({type(exc).__name__}: {exc})"
+            ) from None
     return out
 
 
@@ -82,8 +83,7 @@ def official_scores(predictions: dict[str, bool], statements: list[Statement]) -
     groups: dict[str, bool] = {}
     for s in labeled:
         groups[s.sentence_group] = groups.get(s.sentence_group, True) and right[s.identifier]
-    return {"accuracy": 100 * sum(right.values()) / len(right),
-            "consistency": 100 * sum(groups.values()) / len(groups)}
+    return {"accuracy": 100 * sum(right.values()) / len(right), "consistency": 100 * sum(groups.values()) / len(groups)}
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------
@@ -92,16 +92,19 @@ def official_scores(predictions: dict[str, bool], statements: list[Statement]) -
 class Nlvr2Data(TaskData):
     """Each statement is two rows (its text with the left image, type 1, and the right, type 2)."""
 
-    def __init__(self, task: Nlvr2Task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int,
-                 seed: int):
+    def __init__(
+        self, task: Nlvr2Task, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int
+    ):
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
         load = (tokenizer, feature_paths, local, pretrain, max_len)
         self.train_st, self.train, self.train_rows = self._load(task.train, "train", *load)
         self.dev_st, self.dev, self.dev_rows = self._load(task.dev, "dev", *load)
         self.skipped = 0
         if not len(self.train_rows):
-            raise InputDataError(f"NLVR2: no training statement has features of both images in the downstream set "
-                                 f"{task.images!r} (configure downstream.images.{task.images})")
+            raise InputDataError(
+                f"NLVR2: no training statement has features of both images in the downstream set "
+                f"{task.images!r} (configure downstream.images.{task.images})"
+            )
         if any(s.label is None for s in self.train_st):
             raise InputDataError(f"{task.train}: training statements need labels")
 
@@ -109,15 +112,18 @@ class Nlvr2Data(TaskData):
         """(statements, their Corpus, (statement, left example, right example) per statement with both images)."""
         statements = read_nlvr2(path)
         tokens = tokenize(tokenizer, [s.sentence for s in statements], max_len)
-        rows = [(f"{self.task.images}/{img}", tok) for s, tok in zip(statements, tokens, strict=True)
-                for img in s.images]
+        rows = [
+            (f"{self.task.images}/{img}", tok) for s, tok in zip(statements, tokens, strict=True) for img in s.images
+        ]
         corpus = text_corpus(rows, local / f"nlvr2-{split}.arrow", feature_paths, pretrain)
         where = {int(r): e for e, r in enumerate(corpus.text_row)}
-        pairs = [(k, where[2 * k], where[2 * k + 1]) for k in range(len(statements))
-                 if 2 * k in where and 2 * k + 1 in where]
+        pairs = [
+            (k, where[2 * k], where[2 * k + 1]) for k in range(len(statements)) if 2 * k in where and 2 * k + 1 in where
+        ]
         if len(pairs) < len(statements):
-            log.warning("NLVR2 %s: %d statements lack features of an image and are skipped", split,
-                        len(statements) - len(pairs))
+            log.warning(
+                "NLVR2 %s: %d statements lack features of an image and are skipped", split, len(statements) - len(pairs)
+            )
         return statements, corpus, np.array(pairs, dtype=np.int64).reshape(-1, 3)
 
     def model_class(self):

@@ -20,18 +20,23 @@ import numpy as np
 import torch
 
 from contract.errors import InputDataError
+from uniter.batch import Vocab, pack
 from uniter.data import Corpus
 from uniter.finetune.config import RefcocoTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
 from uniter.finetune.tasks.common import endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
-from uniter.pretrain.tasks import Vocab, pack
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "refcoco/predictions.json"  # per setting and expression, the predicted box: re-scored by evaluate
 
 # Protocol-2 pickles write bytes as _codecs.encode(text, "latin1"); sets need their type. Nothing else.
-_ALLOWED = {("_codecs", "encode"), ("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"),
-            ("__builtin__", "frozenset")}
+_ALLOWED = {
+    ("_codecs", "encode"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("__builtin__", "set"),
+    ("__builtin__", "frozenset"),
+}
 
 
 class _DataOnlyUnpickler(pickle.Unpickler):
@@ -40,8 +45,9 @@ class _DataOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to load {module}.{name}: only builtin containers and scalars are "
-                                     "allowed")
+        raise pickle.UnpicklingError(
+            f"refused to load {module}.{name}: only builtin containers and scalars are allowed"
+        )
 
 
 def load_pickle_data(path: str | Path):
@@ -98,12 +104,17 @@ def read_instances(instances_path: str | Path) -> Instances:
             boxes[int(ann["id"])] = box
             per_image.setdefault(int(ann["image_id"]), []).append((int(ann["id"]), box))
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputDataError(f"{instances_path}: annotations[{i}]: expected id, image_id and bbox [x, y, w, h] "
-                                 f"({type(exc).__name__}: {exc})") from None
+            raise InputDataError(
+                f"{instances_path}: annotations[{i}]: expected id, image_id and bbox [x, y, w, h] "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
     if not boxes:
         raise InputDataError(f'{instances_path}: expected a COCO instances file with an "annotations" list')
-    sizes = {int(im["id"]): (float(im["width"]), float(im["height"])) for im in instances.get("images", [])
-             if isinstance(im, dict) and {"id", "width", "height"} <= set(im)}
+    sizes = {
+        int(im["id"]): (float(im["width"]), float(im["height"]))
+        for im in instances.get("images", [])
+        if isinstance(im, dict) and {"id", "width", "height"} <= set(im)
+    }
     return Instances(instances_path, boxes, per_image, sizes)
 
 
@@ -120,16 +131,28 @@ def read_expressions(refs_path: str | Path, instances: Instances) -> list[Expres
             if ann_id not in instances.boxes:
                 raise ValueError(f"ann_id {ann_id} is not in {instances.path.name}")
             for sent in ref["sentences"]:
-                out.append(Expression(int(sent["sent_id"]), int(ref["ref_id"]), int(ref["image_id"]), ann_id,
-                                      str(ref["split"]), str(sent.get("sent") or sent["raw"]), instances.boxes[ann_id]))
+                out.append(
+                    Expression(
+                        int(sent["sent_id"]),
+                        int(ref["ref_id"]),
+                        int(ref["image_id"]),
+                        ann_id,
+                        str(ref["split"]),
+                        str(sent.get("sent") or sent["raw"]),
+                        instances.boxes[ann_id],
+                    )
+                )
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputDataError(f"{refs_path}: refs[{i}]: expected ref_id, image_id, ann_id, split and sentences "
-                                 f"[{{sent_id, sent}}] ({type(exc).__name__}: {exc})") from None
+            raise InputDataError(
+                f"{refs_path}: refs[{i}]: expected ref_id, image_id, ann_id, split and sentences "
+                f"[{{sent_id, sent}}] ({type(exc).__name__}: {exc})"
+            ) from None
     return out
 
 
-def read_refer(refs_path: str | Path,
-               instances_path: str | Path) -> tuple[list[Expression], dict[int, list[tuple[int, tuple]]]]:
+def read_refer(
+    refs_path: str | Path, instances_path: str | Path
+) -> tuple[list[Expression], dict[int, list[tuple[int, tuple]]]]:
     """The expressions (one per sentence) and, per image, its ground-truth boxes [(ann_id, xywh)]."""
     instances = read_instances(instances_path)
     return read_expressions(refs_path, instances), instances.per_image
@@ -202,8 +225,9 @@ class RefcocoData(TaskData):
     that overlaps the object most (expressions with no overlap above 0.5 are not trained on). A
     prediction is right when its box has IoU > 0.5 with the object's box."""
 
-    def __init__(self, task: RefcocoTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int,
-                 seed: int):
+    def __init__(
+        self, task: RefcocoTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int
+    ):
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
         instances = read_instances(task.instances)  # once: boxes, sizes and the expressions' objects
         exprs = read_expressions(task.refs, instances)
@@ -211,8 +235,10 @@ class RefcocoData(TaskData):
         gt_ids = feature_ids(feature_paths, task.images, gt=True)
         settings = (("gt", gt_ids), ("det", det_ids)) if gt_ids else (("det", det_ids),)
         # the ground-truth rows' regions: the image's annotations in ascending id (downstream.gt_boxes)
-        gt_anns = {i: [(a, (x, y, x + w, y + h)) for a, (x, y, w, h) in sorted(anns)]
-                   for i, anns in instances.per_image.items()}
+        gt_anns = {
+            i: [(a, (x, y, x + w, y + h)) for a, (x, y, w, h) in sorted(anns)]
+            for i, anns in instances.per_image.items()
+        }
         self.sets: dict[tuple[str, str], tuple] = {}
         for side, split in (("train", task.train_split), ("eval", task.eval_split)):
             chosen = [e for e in exprs if e.split == split]
@@ -227,14 +253,18 @@ class RefcocoData(TaskData):
                 self.sets[(side, setting)] = (corpus, *found)
         self.train_setting = "gt" if ("train", "gt") in self.sets and len(self.sets[("train", "gt")][1]) else "det"
         if gt_ids and self.train_setting == "det":
-            log.warning("RefCOCO: no ground-truth-box features for the %s expressions: training on detected regions",
-                        task.train_split)
+            log.warning(
+                "RefCOCO: no ground-truth-box features for the %s expressions: training on detected regions",
+                task.train_split,
+            )
         n_train = sum(e.split == task.train_split for e in exprs)
         self.skipped = n_train - len(self.sets[("train", self.train_setting)][1])
         if not len(self.sets[("train", self.train_setting)][1]):
-            raise InputDataError(f"RefCOCO: no {task.train_split} expression has a region to point at in the "
-                                 f"downstream set {task.images!r} (ground-truth-box features, or a detected region "
-                                 "with IoU > 0.5)")
+            raise InputDataError(
+                f"RefCOCO: no {task.train_split} expression has a region to point at in the "
+                f"downstream set {task.images!r} (ground-truth-box features, or a detected region "
+                "with IoU > 0.5)"
+            )
 
     def model_class(self):
         # transformers loads only where a model is built: the evaluate stage and the report import this module
@@ -266,8 +296,14 @@ class RefcocoData(TaskData):
                 rb, e = boxes[int(p)]
                 box = rb[region]
                 hits.append(bool(is_hit(box, np.array(e.box))))
-                predictions.append({"setting": setting, "sent_id": e.sent_id, "ref_id": e.ref_id,
-                                    "box": [round(float(v), 2) for v in box]})
+                predictions.append(
+                    {
+                        "setting": setting,
+                        "sent_id": e.sent_id,
+                        "ref_id": e.ref_id,
+                        "box": [round(float(v), 2) for v in box],
+                    }
+                )
         return hits, predictions
 
     def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
@@ -292,8 +328,11 @@ def rescore(files: dict[str, bytes], task: RefcocoTask) -> Rescored:
     truth = {e.sent_id: e.box for e in read_refer(task.refs, task.instances)[0] if e.split == task.eval_split}
     accuracy = {}
     for setting in ("det", "gt"):
-        hits = [bool(is_hit(np.array(p["box"]), np.array(truth[p["sent_id"]]))) for p in predictions
-                if p["sent_id"] in truth and p.get("setting", "det") == setting]
+        hits = [
+            bool(is_hit(np.array(p["box"]), np.array(truth[p["sent_id"]])))
+            for p in predictions
+            if p["sent_id"] in truth and p.get("setting", "det") == setting
+        ]
         if hits:
             accuracy[setting] = 100 * float(np.mean(hits))
     # the paper's ablation column is RefCOCO+ val on detected boxes (val^d)

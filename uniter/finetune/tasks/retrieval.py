@@ -16,18 +16,23 @@ from pathlib import Path
 import numpy as np
 
 from contract.errors import InputDataError
+from uniter.batch import Vocab, pack
 from uniter.data import Corpus
 from uniter.finetune.config import RetrievalTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
 from uniter.finetune.tasks.common import text_corpus, tokenize
-from uniter.pretrain.tasks import Vocab, pack
 
 SCORES = "retrieval/scores.npy"  # the (texts, images) score matrix of the evaluation split
 EVAL = "retrieval/eval.json"  # each text's image (txt2img) and the recall curve
 
 
-def score_matrix(score_block: Callable[[np.ndarray, np.ndarray], np.ndarray], n_txt: int, n_img: int,
-                 block_txt: int = 256, block_img: int = 64) -> np.ndarray:
+def score_matrix(
+    score_block: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    n_txt: int,
+    n_img: int,
+    block_txt: int = 256,
+    block_img: int = 64,
+) -> np.ndarray:
     """(n_txt, n_img) scores from `score_block(text_ids, image_ids) → (len(text_ids), len(image_ids))`,
     one block at a time, so memory is the matrix plus one block (5k × 25k float32 is 500 MB)."""
     out = np.empty((n_txt, n_img), dtype=np.float32)
@@ -83,8 +88,10 @@ def read_karpathy(task: RetrievalTask) -> dict[str, list[tuple[str, str]]]:
     except FileNotFoundError:
         raise InputDataError(f"{path}: Karpathy split file not found") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputDataError(f"{path}: expected a Karpathy split file ({{'images': [{{filename, split, sentences: "
-                             f"[{{raw}}]}}]}}) ({type(exc).__name__}: {exc})") from None
+        raise InputDataError(
+            f"{path}: expected a Karpathy split file ({{'images': [{{filename, split, sentences: "
+            f"[{{raw}}]}}]}}) ({type(exc).__name__}: {exc})"
+        ) from None
     return split_rows
 
 
@@ -97,8 +104,9 @@ class RetrievalData(TaskData):
     hardest negatives from a sampled pool (text queries with negative images on even micro-batches,
     image queries with negative texts on odd ones, as the reference alternates)."""
 
-    def __init__(self, task: RetrievalTask, tokenizer, feature_paths: list[Path], local: Path, pretrain,
-                 max_len: int, seed: int):
+    def __init__(
+        self, task: RetrievalTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int
+    ):
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
         split_rows = read_karpathy(task)
         load = (tokenizer, feature_paths, local, pretrain, max_len)
@@ -106,16 +114,22 @@ class RetrievalData(TaskData):
         self.eval = self._corpus(split_rows["eval"], task.eval_split, *load)
         self.skipped = len(split_rows["train"]) - len(self.train) + len(split_rows["eval"]) - len(self.eval)
         if len(self.train) < 2:
-            raise InputDataError(f"retrieval: fewer than 2 training captions have features of their image in the "
-                                 f"downstream set {task.images!r} (configure downstream.images.{task.images})")
+            raise InputDataError(
+                f"retrieval: fewer than 2 training captions have features of their image in the "
+                f"downstream set {task.images!r} (configure downstream.images.{task.images})"
+            )
         self.train_img = self._images(self.train)
         self.eval_img = self._images(self.eval)
 
     @staticmethod
     def _corpus(rows, split, tokenizer, feature_paths, local, pretrain, max_len) -> Corpus:
         tokens = tokenize(tokenizer, [t for _, t in rows], max_len)
-        return text_corpus([(k, ids) for (k, _), ids in zip(rows, tokens, strict=True)], local / f"itr-{split}.arrow",
-                           feature_paths, pretrain)
+        return text_corpus(
+            [(k, ids) for (k, _), ids in zip(rows, tokens, strict=True)],
+            local / f"itr-{split}.arrow",
+            feature_paths,
+            pretrain,
+        )
 
     @staticmethod
     def _images(corpus: Corpus) -> tuple[np.ndarray, np.ndarray]:
@@ -195,8 +209,10 @@ class RetrievalData(TaskData):
         curve = recall_at_k(matrix, image_of, ks=tuple(range(1, 11)))
         buf = io.BytesIO()
         np.save(buf, matrix, allow_pickle=False)
-        files = {SCORES: buf.getvalue(),
-                 EVAL: json.dumps({"txt2img": image_of.tolist(), "recall_curve": curve}).encode()}
+        files = {
+            SCORES: buf.getvalue(),
+            EVAL: json.dumps({"txt2img": image_of.tolist(), "recall_curve": curve}).encode(),
+        }
         return {f"retrieval_{k}": v for k, v in scores.items()}, files
 
 
@@ -208,10 +224,15 @@ def rescore(files: dict[str, bytes], task: RetrievalTask) -> Rescored:
     matrix = np.load(io.BytesIO(files[SCORES]), allow_pickle=False)
     meta = json.loads(files[EVAL])
     scores = recall_at_k(matrix, np.array(meta["txt2img"]))
-    details = {"accuracy_by_type": scores, "recall_curve": meta["recall_curve"],
-               "texts": int(matrix.shape[0]), "images": int(matrix.shape[1])}
+    details = {
+        "accuracy_by_type": scores,
+        "recall_curve": meta["recall_curve"],
+        "texts": int(matrix.shape[0]),
+        "images": int(matrix.shape[1]),
+    }
     return {"ir_r1": scores["ir_r1"], "tr_r1": scores["tr_r1"]}, details
 
 
-TASK = FinetuneTask(data=RetrievalData, predictions=(SCORES, EVAL), rescore=rescore,
-                    columns=(("ir_r1", "IR R@1"), ("tr_r1", "TR R@1")))
+TASK = FinetuneTask(
+    data=RetrievalData, predictions=(SCORES, EVAL), rescore=rescore, columns=(("ir_r1", "IR R@1"), ("tr_r1", "TR R@1"))
+)

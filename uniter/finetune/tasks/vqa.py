@@ -20,32 +20,98 @@ import numpy as np
 import torch
 
 from contract.errors import InputDataError
+from uniter.batch import Vocab, pack
 from uniter.finetune.config import VqaTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
 from uniter.finetune.tasks.common import endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
-from uniter.pretrain.tasks import Vocab, pack
 
 ANSWERS = "vqa/answers.json"  # the answer vocabulary, label order
 RESULTS = "vqa/results.json"  # the official results file, re-scored by the evaluate stage
 
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 # Written without their apostrophe → the canonical form (the answers humans typed use both).
 _CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Im": "I'm", "im": "i'm", "ive": "i've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
-    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
-    "shant": "shan't", "shed": "she'd", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "thats": "that's", "thered": "there'd", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
-    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've",
-    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
-    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd",
-    "youll": "you'll", "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Im": "I'm",
+    "im": "i'm",
+    "ive": "i've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itll": "it'll",
+    "lets": "let's",
+    "mightnt": "mightn't",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "shant": "shan't",
+    "shed": "she'd",
+    "shes": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "thats": "that's",
+    "thered": "there'd",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "wasnt": "wasn't",
+    "wed": "we'd",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "yall": "y'all",
+    "youd": "you'd",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period that is not a decimal point
@@ -117,15 +183,17 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = N
     questions_path = Path(questions_path)
     doc = _load_json(questions_path, "VQA questions")
     if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
-        raise InputDataError(f'{questions_path}: expected a JSON object with a "questions" list '
-                             "(VQA v2 questions file)")
+        raise InputDataError(
+            f'{questions_path}: expected a JSON object with a "questions" list (VQA v2 questions file)'
+        )
     annotations: dict[int, dict] = {}
     if annotations_path is not None:
         annotations_path = Path(annotations_path)
         ann_doc = _load_json(annotations_path, "VQA annotations")
         if not isinstance(ann_doc, dict) or not isinstance(ann_doc.get("annotations"), list):
-            raise InputDataError(f'{annotations_path}: expected a JSON object with an "annotations" list '
-                                 "(VQA v2 annotations file)")
+            raise InputDataError(
+                f'{annotations_path}: expected a JSON object with an "annotations" list (VQA v2 annotations file)'
+            )
         for i, ann in enumerate(ann_doc["annotations"]):
             try:
                 answers = ann["answers"]
@@ -135,19 +203,25 @@ def read_vqa(questions_path: str | Path, annotations_path: str | Path | None = N
                     "question_type": str(ann.get("question_type", "")),
                 }
             except (KeyError, TypeError, ValueError) as exc:
-                raise InputDataError(f"{annotations_path}: annotations[{i}]: expected question_id and answers "
-                                     f"[{{answer: …}}, …] ({type(exc).__name__}: {exc})") from None
+                raise InputDataError(
+                    f"{annotations_path}: annotations[{i}]: expected question_id and answers "
+                    f"[{{answer: …}}, …] ({type(exc).__name__}: {exc})"
+                ) from None
     out = []
     for i, q in enumerate(doc["questions"]):
         try:
             qid, image_id, text = int(q["question_id"]), int(q["image_id"]), str(q["question"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise InputDataError(f"{questions_path}: questions[{i}]: expected question_id, image_id and question "
-                                 f"({type(exc).__name__}: {exc})") from None
+            raise InputDataError(
+                f"{questions_path}: questions[{i}]: expected question_id, image_id and question "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         ann = annotations.get(qid)
         if annotations_path is not None and ann is None:
-            raise InputDataError(f"{annotations_path}: no annotation for question_id {qid} (questions[{i}] of "
-                                 f"{questions_path.name}): the two files are of different splits?")
+            raise InputDataError(
+                f"{annotations_path}: no annotation for question_id {qid} (questions[{i}] of "
+                f"{questions_path.name}): the two files are of different splits?"
+            )
         ann = ann or {"answers": (), "answer_type": "", "question_type": ""}
         out.append(Question(qid, image_id, text, ann["answers"], ann["answer_type"], ann["question_type"]))
     return out
@@ -188,8 +262,9 @@ def answer_type(answer: str) -> str:
 
 
 class VqaData(TaskData):
-    def __init__(self, task: VqaTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int,
-                 seed: int):
+    def __init__(
+        self, task: VqaTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int
+    ):
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
         train_q = [q for files in task.train for q in read_vqa(files.questions, files.annotations)]
         self.val_q = read_vqa(task.val.questions, task.val.annotations)
@@ -204,8 +279,10 @@ class VqaData(TaskData):
         self.train, self.val = corpus(train_q, "train"), corpus(self.val_q, "val")
         self.skipped = len(train_q) - len(self.train) + len(self.val_q) - len(self.val)
         if not len(self.train):
-            raise InputDataError(f"VQA: none of the {len(train_q)} training questions has features of its image in the "
-                                 f"downstream set {task.images!r} (configure downstream.images.{task.images})")
+            raise InputDataError(
+                f"VQA: none of the {len(train_q)} training questions has features of its image in the "
+                f"downstream set {task.images!r} (configure downstream.images.{task.images})"
+            )
         label_of = {a: i for i, a in enumerate(self.labels)}
         self.targets = [soft_targets(list(train_q[int(r)].answers), label_of) for r in self.train.text_row]
 
@@ -250,8 +327,12 @@ def rescore(files: dict[str, bytes], task: VqaTask) -> Rescored:
             row = confusion.setdefault(q.answer_type or "unknown", {})
             kind = answer_type(normalize_answer(predictions.get(q.question_id, "")))
             row[kind] = row.get(kind, 0) + 1
-    details = {"accuracy_by_type": {k: round(v, 4) for k, v in scores.items()}, "answer_type_confusion": confusion,
-               "questions": sum(1 for q in questions if q.answers), "predicted": len(predictions)}
+    details = {
+        "accuracy_by_type": {k: round(v, 4) for k, v in scores.items()},
+        "answer_type_confusion": confusion,
+        "questions": sum(1 for q in questions if q.answers),
+        "predicted": len(predictions),
+    }
     return {"vqa": scores.get("overall", 0.0)}, details
 
 
@@ -261,10 +342,16 @@ def confusion_notes(run: str, details: dict) -> list[str]:
     if not confusion:
         return []
     types = sorted({t for row in confusion.values() for t in row} | set(confusion))
-    out = ["", f"VQA answer types, {run} (rows: the question's type; columns: the predicted answer's type):", "",
-           "| | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+    out = [
+        "",
+        f"VQA answer types, {run} (rows: the question's type; columns: the predicted answer's type):",
+        "",
+        "| | " + " | ".join(types) + " |",
+        "|---|" + "---:|" * len(types),
+    ]
     return out + [f"| {t} | " + " | ".join(str(confusion.get(t, {}).get(u, 0)) for u in types) + " |" for t in types]
 
 
-TASK = FinetuneTask(data=VqaData, predictions=(RESULTS,), rescore=rescore, columns=(("vqa", "VQA"),),
-                    notes=confusion_notes)
+TASK = FinetuneTask(
+    data=VqaData, predictions=(RESULTS,), rescore=rescore, columns=(("vqa", "VQA"),), notes=confusion_notes
+)
