@@ -102,14 +102,7 @@ def attention_maps(model, batch: dict) -> list[torch.Tensor]:
     handles = [layer.attention.self.register_forward_hook(hook) for layer in uniter.encoder.layer]
     try:
         uniter.eval()
-        uniter(
-            input_ids=batch["input_ids"],
-            position_ids=batch.get("position_ids"),
-            img_feat=batch["img_feat"],
-            img_pos_feat=batch["img_pos_feat"],
-            attention_mask=batch["attn_masks"],
-            gather_index=batch["gather_index"],
-        )
+        uniter.encode(batch)
     finally:
         for h in handles:
             h.remove()

@@ -244,6 +244,19 @@ class UniterModel(UniterPreTrainedModel):
         hidden = self.encoder(x, attention_mask)
         return UniterModelOutput(last_hidden_state=hidden, pooler_output=self.pooler(hidden))
 
+    def encode(self, batch: dict) -> UniterModelOutput:
+        """`forward` on a packed batch as `uniter.batch.pack` builds it (masks and type ids when present)."""
+        return self(
+            input_ids=batch["input_ids"],
+            position_ids=batch.get("position_ids"),
+            img_feat=batch["img_feat"],
+            img_pos_feat=batch["img_pos_feat"],
+            attention_mask=batch["attn_masks"],
+            gather_index=batch["gather_index"],
+            img_masks=batch.get("img_masks"),
+            img_type_ids=batch.get("img_type_ids"),
+        )
+
 
 # --- pretraining heads ------------------------------------------------------------------------
 
@@ -353,15 +366,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         return self.uniter.embeddings.word_embeddings
 
     def forward(self, batch: dict, task: str, ot_lambda: float = 0.0) -> UniterPretrainingOutput:
-        out = self.uniter(
-            input_ids=batch["input_ids"],
-            position_ids=batch.get("position_ids"),
-            img_feat=batch["img_feat"],
-            img_pos_feat=batch["img_pos_feat"],
-            attention_mask=batch["attn_masks"],
-            gather_index=batch["gather_index"],
-            img_masks=batch.get("img_masks"),
-        )
+        out = self.uniter.encode(batch)
         hidden = out.last_hidden_state  # (B, L, H)
         if task == "mlm":
             text = hidden[:, : batch["input_ids"].size(1)]  # text comes first in every packed row
@@ -412,18 +417,6 @@ class UniterDownstreamOutput(ModelOutput):
     logits: torch.Tensor | None = None  # VQA (B, answers); NLVR2 (B, 2); retrieval (B,); RE (B, N)
 
 
-def _encode(uniter: UniterModel, batch: dict) -> UniterModelOutput:
-    return uniter(
-        input_ids=batch["input_ids"],
-        position_ids=batch.get("position_ids"),
-        img_feat=batch["img_feat"],
-        img_pos_feat=batch["img_pos_feat"],
-        attention_mask=batch["attn_masks"],
-        gather_index=batch["gather_index"],
-        img_type_ids=batch.get("img_type_ids"),
-    )
-
-
 class UniterForVqa(UniterPreTrainedModel):
     """Pooled [CLS] → Linear(H, 2H) → GELU → LN → Linear(2H, answers); BCE on soft scores × answers."""
 
@@ -440,7 +433,7 @@ class UniterForVqa(UniterPreTrainedModel):
         self.post_init()
 
     def forward(self, batch: dict) -> UniterDownstreamOutput:
-        logits = self.vqa_output(_encode(self.uniter, batch).pooler_output)  # (B, answers)
+        logits = self.vqa_output(self.uniter.encode(batch).pooler_output)  # (B, answers)
         loss = None
         if "targets" in batch:  # (B, answers) soft scores; the reference's instance-level scale
             loss = F.binary_cross_entropy_with_logits(logits, batch["targets"]) * logits.size(1)
@@ -485,7 +478,7 @@ class UniterForNlvr2(UniterPreTrainedModel):
         self.config.type_vocab_size = 3
 
     def forward(self, batch: dict) -> UniterDownstreamOutput:
-        out = _encode(self.uniter, batch)
+        out = self.uniter.encode(batch)
         if self.config.nlvr2_head == "pair":
             pooled = out.pooler_output.view(-1, 2 * self.config.hidden_size)  # (B/2, 2H)
             logits = self.nlvr2_output(pooled)
@@ -524,7 +517,7 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             self.rank_output.bias.copy_(self.itm_output.bias[1:2])
 
     def forward(self, batch: dict, margin: float = 0.2) -> UniterDownstreamOutput:
-        scores = self.rank_output(_encode(self.uniter, batch).pooler_output).squeeze(-1)  # (B,)
+        scores = self.rank_output(self.uniter.encode(batch).pooler_output).squeeze(-1)  # (B,)
         loss = None
         if "group_size" in batch:  # rows [pos, neg × K] per query
             grouped = torch.sigmoid(scores).view(-1, int(batch["group_size"]))
@@ -546,7 +539,7 @@ class UniterForReferringExpression(UniterPreTrainedModel):
         self.post_init()
 
     def forward(self, batch: dict) -> UniterDownstreamOutput:
-        hidden = _encode(self.uniter, batch).last_hidden_state  # (B, L, H)
+        hidden = self.uniter.encode(batch).last_hidden_state  # (B, L, H)
         regions = torch.gather(
             hidden, 1, batch["region_index"].unsqueeze(-1).expand(-1, -1, hidden.size(-1))
         )  # (B, N, H)
