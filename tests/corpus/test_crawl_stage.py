@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +15,7 @@ from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
 from tests.fixtures import images as fx
 from tests.fixtures import server as srv
+from tests.fixtures.kill import kill_stage_when
 
 ROOT = Path(__file__).resolve().parents[2]
 CRAWL = dict(
@@ -142,20 +139,7 @@ def test_sigkill_mid_crawl_then_resume(tmp_path):
         run_stage("ingest", cfg)
         storage = storage_for(cfg)
         art = Artifact(storage, "crawl", Planner(cfg, storage).plan("crawl").key)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", "run", "crawl", "-c", str(killed_cfg), "-q"],
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.time() + 120
-        while len(art.done_shards()) < 4:
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.time() < deadline
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_stage_when("crawl", killed_cfg, art, lambda done: len(done) >= 4, 120, poll=0.02)
         assert art.manifest() is None
         before = {n: r.run_id for n, r in art.done_shards().items()}
         fetched_before = sum(server.hits.values())

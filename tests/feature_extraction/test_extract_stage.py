@@ -4,11 +4,6 @@ backends, local and S3, exporters, parallel processes, and SIGKILL + resume."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +20,7 @@ from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
 from tests.fixtures import images as fx
+from tests.fixtures.kill import kill_stage_when
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_D2 = {
@@ -169,20 +165,7 @@ def test_sigkill_then_resume(tmp_path, storage_spec):
     build_upstream(cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "extract", Planner(cfg, storage).plan("extract").key)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "run", "extract", "-c", str(cfg_path), "-q"],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 180
-    while len(art.done_shards()) < 3:
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.time() < deadline
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_stage_when("extract", cfg_path, art, lambda done: len(done) >= 3, 180)
     assert art.manifest() is None
     before = {n: r.run_id for n, r in art.done_shards().items()}
     resumed = run_stage("extract", cfg)

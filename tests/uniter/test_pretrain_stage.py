@@ -4,10 +4,8 @@ equal 1 process with twice the accumulation; SIGKILL + resume repeats an uninter
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
 from tests.feature_extraction.test_extract_stage import build_upstream, corpus
+from tests.fixtures.kill import kill_stage_when
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -141,20 +140,7 @@ def test_sigkill_then_resume_repeats_the_run_exactly(tmp_path, storage_spec, voc
     run_stage("extract", cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "pretrain", Planner(cfg, storage).plan("pretrain").key)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "run", "pretrain", "-c", str(cfg_path), "-q"],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while not any(s.startswith("ckpt-00000010") for s in art.done_shards()):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_stage_when("pretrain", cfg_path, art, lambda done: any(s.startswith("ckpt-00000010") for s in done), 300)
     assert art.manifest() is None
     resumed = run_stage("pretrain", cfg)
     assert resumed.resumed_shards >= 2  # it continued from a checkpoint

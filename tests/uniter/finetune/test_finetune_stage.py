@@ -4,11 +4,6 @@ with the official results file; cached on a second run; resumed exactly after SI
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +15,7 @@ from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
 from tests.feature_extraction.test_extract_stage import build_upstream
+from tests.fixtures.kill import kill_stage_when
 from tests.uniter.test_pretrain_stage import make
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -143,20 +139,7 @@ def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):
     upstream(cfg)
     storage = storage_for(cfg)
     art = Artifact(storage, "finetune", Planner(cfg, storage).plan("finetune").key)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "run", "finetune", "-c", str(cfg_path), "-q"],
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while not any(s.startswith("vqa-ckpt-00000010") for s in art.done_shards()):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-        assert time.time() < deadline
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_stage_when("finetune", cfg_path, art, lambda done: any(s.startswith("vqa-ckpt-00000010") for s in done), 300)
     assert art.manifest() is None
     resumed = run_stage("finetune", cfg)
     assert resumed.resumed_shards >= 2
