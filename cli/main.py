@@ -7,11 +7,13 @@ Exit codes: 0 success, 2 a problem with input/config/storage (message says what)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +72,8 @@ def cmd_run(args) -> int:
     if args.stage == "ablation":
         from flows.ablation import ablation  # noqa: PLC0415
 
-        summary = ablation(config_path=str(Path(args.config).resolve()))
+        with _temporary_server_errors():
+            summary = ablation(config_path=str(Path(args.config).resolve()))
         if args.json:
             _emit(summary)
         else:
@@ -153,13 +156,36 @@ def cmd_deploy(args) -> int:
     return 0
 
 
+# A busy machine can take longer than Prefect's default 20 s to start its temporary server.
+TEMPORARY_SERVER_TIMEOUT = "180"
+
+
+@contextlib.contextmanager
+def _temporary_server_errors() -> Iterator[None]:
+    """A flow run with no PREFECT_API_URL starts Prefect's temporary server; if that fails to come up,
+    say what to do (exit 2, an environment problem) instead of a traceback (exit 1, a bug)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        waited = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", TEMPORARY_SERVER_TIMEOUT)
+        raise UniterError(
+            f"Prefect's temporary server did not start within {waited} s (is the machine very busy?). Start a "
+            "server once — `prefect server start` — and point the runs at it with "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api, or allow a longer start with "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS. `uniter run STAGE` runs one stage without Prefect."
+        ) from None
+
+
 def _run_all(args, cfg) -> int:
     from flows.dag import full_pipeline  # noqa: PLC0415
 
     started = time.time()
-    results = full_pipeline(
-        config_path=str(Path(args.config).resolve()), force=args.force, until=getattr(args, "until", None)
-    )
+    with _temporary_server_errors():
+        results = full_pipeline(
+            config_path=str(Path(args.config).resolve()), force=args.force, until=getattr(args, "until", None)
+        )
     if args.json:
         _emit({"flow": "full-pipeline", "stages": results, "seconds": round(time.time() - started, 3)})
     else:
@@ -379,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     # NOTE: Prefect's temporary server sends telemetry from a background task that races the
     # flow for its SQLite file ("database is locked" tracebacks); nothing here needs it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", TEMPORARY_SERVER_TIMEOUT)
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if getattr(args, "stage", None) not in (None, "all", "ablation"):

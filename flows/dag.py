@@ -64,12 +64,18 @@ def fan_out(name: str, config_path: str, cfg: PipelineConfig) -> None:
 
 
 def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str) -> str:
-    lines = [f"# {title}", "", "| stage | status | key | rows | seconds | counts |", "|---|---|---|---:|---:|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        "| stage | status | key | rows | seconds | built in (s) | counts |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
     for r in results:
         rows = sum(o.get("rows", 0) for o in r.get("outputs", []))
         counts = ", ".join(f"{k} {v}" for k, v in sorted(r.get("counts", {}).items()) if isinstance(v, (int, float)))
         lines.append(
-            f"| {r['stage']} | {r['status']} | `{r['key'][:12]}` | {rows:,} | {r.get('seconds', 0):.1f} | {counts} |"
+            f"| {r['stage']} | {r['status']} | `{r['key'][:12]}` | {rows:,} | {r['seconds']:.1f} "
+            f"| {r['built_seconds']:.1f} | {counts} |"
         )
     links = [
         f"- {r['stage']}: {storage_uri}/artifacts/{r['stage']}/{r['key']}/files/{REPORTS[r['stage']]}"

@@ -162,7 +162,8 @@ class StageRun:
             "counts": self.manifest.counts,
             "content_sha256": self.manifest.content_sha256,
             "resumed_shards": self.resumed_shards,
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3),  # this run's (≈ 0 when cached)
+            "built_seconds": self.manifest.seconds,  # the run that built the artifact
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,20 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     assert summary["examples"] == 4 and sum(summary["overall"].values()) == 4 * summary["layers"] * summary["heads"]
     assert (tmp_path / "attn" / "attention_summary.png").read_bytes().startswith(b"\x89PNG")
     assert len(list((tmp_path / "attn").glob("attention_example_*.png"))) == 4
+
+
+def test_a_temporary_server_that_does_not_start_is_an_environment_error(tmp_path):
+    """`uniter run all` with no PREFECT_API_URL starts Prefect's temporary server; when it does not
+    come up in time the command says what to do and exits 2, not 1 (0 s: it never does in time)."""
+    cfg_path, _ = demo_config(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="0", PREFECT_HOME=str(tmp_path / "prefect"))
+    done = subprocess.run(
+        [UNITER, "run", "all", "-c", str(cfg_path), "--until", "ingest"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "temporary server did not start within 0 s" in done.stderr and "PREFECT_API_URL" in done.stderr

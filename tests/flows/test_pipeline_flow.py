@@ -10,7 +10,7 @@ import yaml
 from prefect.testing.utilities import prefect_test_harness
 
 from contract.artifact import Artifact
-from flows.dag import full_pipeline
+from flows.dag import full_pipeline, summary_markdown
 from pipeline.config import load_config
 from pipeline.runner import storage_for
 from tests.conftest import S3_SECRET, write_config
@@ -60,6 +60,10 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     second = full_pipeline(config_path=str(cfg_path), until="extract")
     assert [r["status"] for r in second] == ["cached"] * 4
     assert [r["content_sha256"] for r in second] == [r["content_sha256"] for r in first]
+    assert [r["built_seconds"] for r in second] == [r["built_seconds"] for r in first]  # the build's time, kept
+    row = summary_markdown("t", second[:1], "s3://b").splitlines()[4]
+    assert row.startswith("| ingest | cached |")
+    assert f"| {second[0]['seconds']:.1f} | {first[0]['built_seconds']:.1f} |" in row
 
     # A change upstream re-runs that stage and everything downstream of it, nothing else.
     doc["dedup"] = {"phash_max_distance": 2}
