@@ -1,6 +1,7 @@
 """End to end on a real Prefect server: `prefect server start` (SQLite) on 127.0.0.1, every
 deployment served by `uniter serve` in a subprocess, the demo's full pipeline triggered through
-the API (`uniter run all --deployment`), re-triggered (all cached), the serving process killed
+the API (`uniter run all --deployment`), re-triggered (all cached), every other deployment triggered
+once (corpus-rebuild, train and the eight stage-<name> flows, all cached), the serving process killed
 with SIGKILL mid-run and restarted (finished work is not redone; the artifacts equal those of the
 uninterrupted run), and a run created by the corpus-rebuild schedule."""
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.dag import ALL_FLOWS
+from flows.dag import ALL_FLOWS, FLOW_STAGES
 from pipeline.config import load_config
 from pipeline.demo import serve_sample
 from pipeline.runner import Planner, storage_for
@@ -29,6 +30,15 @@ from tests.conftest import demo_config
 ROOT = Path(__file__).resolve().parents[2]
 UNITER = str(Path(sys.executable).parent / "uniter")
 PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+# Trigger a deployment by name with its deployed parameters and wait: prints the final state and the run id.
+RUN_DEPLOYMENT = """
+import sys
+from prefect.deployments import run_deployment
+run = run_deployment(name=sys.argv[1], timeout=600)
+print(run.state.name, run.id)
+"""
 
 
 def _port() -> int:
@@ -166,7 +176,20 @@ def test_deployments_end_to_end(server, tmp_path):
             assert again["state"] == "Completed"
             assert _summary_markdown(server, again["flow_run"]).count("| cached |") == 8
 
-            # every stage-<name> deployment loads its flow and runs it (all cached here), at once
+            # every other deployment loads its flow and runs it (all cached here), at once: the two
+            # groups through Prefect's own run_deployment, each stage through `uniter run STAGE --deployment`
+            groups = {name: names for name, names in FLOW_STAGES.items() if name in ("corpus-rebuild", "train")}
+            group_runs = {
+                name: subprocess.Popen(
+                    [sys.executable, "-c", RUN_DEPLOYMENT, f"{name}/uniter"],
+                    env=server["env"],
+                    cwd=ROOT,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for name in groups
+            }
             stages = list(STAGES)
             runs = [
                 subprocess.Popen(
@@ -184,6 +207,12 @@ def test_deployments_end_to_end(server, tmp_path):
                 assert run.returncode == 0, (stage, err[-3000:])
                 assert json.loads(out)["flow"] == f"stage-{stage}"
                 assert f"| {stage} | cached |" in _summary_markdown(server, json.loads(out)["flow_run"])
+            for name, run in group_runs.items():
+                out, err = run.communicate(timeout=600)
+                state, flow_run_id = out.strip().splitlines()[-1].split()
+                assert run.returncode == 0 and state == "Completed", (name, err[-3000:])
+                md = _summary_markdown(server, flow_run_id)
+                assert all(f"| {stage} | cached |" in md for stage in groups[name]), md
 
             # kill the serving process in the middle of a forced rebuild, start it again, trigger again
             storage = storage_for(cfg)
