@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows.dag import ALL_FLOWS, FLOW_STAGES
 from pipeline.config import load_config
@@ -264,3 +265,66 @@ def test_deployments_end_to_end(server, tmp_path):
         finally:
             os.killpg(serving.pid, signal.SIGKILL)
             serving.wait()
+
+
+def test_deploy_to_a_work_pool_from_a_clean_copy_and_run_on_a_worker(server, tmp_path):
+    """`uniter deploy --pool P` from a copy of the repository as a worker would pull it (`git archive`),
+    then a process worker (`prefect worker start --run-once`) runs a triggered deployment to Completed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    cfg_path, doc = demo_config(tmp_path)
+    doc["orchestration"] = {"deployment_name": "pool"}
+    cfg_path.write_text(yaml.safe_dump(doc))
+    env = server["env"]
+    subprocess.run([PREFECT, "work-pool", "create", "uniter-e2e", "--type", "process"], env=env, check=True)
+
+    deployed = subprocess.run(
+        [sys.executable, "-m", "cli", "deploy", "-c", str(cfg_path), "--pool", "uniter-e2e", "--json"],
+        env=env,
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert deployed.returncode == 0, deployed.stderr[-3000:]
+    summary = json.loads(deployed.stdout)  # stdout holds the one JSON object, nothing else
+    assert summary["work_pool"] == "uniter-e2e" and len(summary["deployments"]) == len(ALL_FLOWS)
+
+    trigger = subprocess.Popen(
+        [sys.executable, "-c", RUN_DEPLOYMENT, "stage-ingest/pool"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with _client(server) as client:
+        ingest = client.read_deployment_by_name("stage-ingest/pool")
+        assert ingest.work_pool_name == "uniter-e2e" and ingest.entrypoint == "flows/dag.py:stage_ingest"
+    _wait(lambda: _flow_runs(server, ingest.id), 120, "the triggered flow run", trigger)
+    worker = subprocess.run(
+        [PREFECT, "worker", "start", "-p", "uniter-e2e", "--run-once"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out, err = trigger.communicate(timeout=600)
+    state, _ = out.strip().splitlines()[-1].split()
+    assert state == "Completed", (worker.stdout[-3000:], worker.stderr[-3000:], err[-2000:])
+
+    # the worker built this config's artifact: the CLI now finds it cached, with the same content
+    again = subprocess.run(
+        [UNITER, "run", "ingest", "-c", str(cfg_path), "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "cached", again.stderr[-2000:]
+
+
+def _flow_runs(server, deployment_id) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with _client(server) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
