@@ -147,12 +147,16 @@ def cmd_deploy(args) -> int:
     from flows.deployments import deploy  # noqa: PLC0415
 
     cfg = load_config(args.config)
-    ids = deploy(args.config, cfg, args.pool, args.interval, args.gpu_pool)
-    summary = {"work_pool": args.pool, "deployments": ids}
-    _emit(summary) if args.json else _stderr_console().print(
-        f"registered {len(ids)} deployments to work pool {args.pool!r}; "
-        f"start a worker: prefect worker start -p {args.pool}"
-    )
+    # Prefect prints its own advice on stdout while deploying; stdout is kept for our --json object
+    with contextlib.redirect_stdout(sys.stderr):
+        ids = deploy(args.config, cfg, args.pool, args.interval, args.gpu_pool)
+    if args.json:
+        _emit({"work_pool": args.pool, "deployments": ids})
+    else:
+        _stderr_console().print(
+            f"registered {len(ids)} deployments to work pool {args.pool!r}; "
+            f"start a worker: prefect worker start -p {args.pool}"
+        )
     return 0
 
 
