@@ -25,7 +25,7 @@ from rich.table import Table
 from contract.artifact import Artifact
 from contract.errors import MissingInputError, UniterError
 from contract.progress import NullProgress, RichProgress
-from pipeline.config import load_config
+from pipeline.config import PipelineConfig, config_document, load_config
 from pipeline.demo import serve_sample
 from storage.base import StorageError
 from storage.catalog import Catalog, CatalogError
@@ -60,11 +60,15 @@ def _progress(args):
     return NullProgress() if args.quiet else RichProgress()
 
 
+def _config(args) -> PipelineConfig:
+    return load_config(args.config, args.set)
+
+
 # --- commands --------------------------------------------------------------------------------
 
 
 def cmd_run(args) -> int:
-    cfg = load_config(args.config)
+    cfg = _config(args)
     if getattr(args, "deployment", False):
         return _run_deployment(args, cfg)
     if args.stage == "all":
@@ -73,7 +77,7 @@ def cmd_run(args) -> int:
         from flows.ablation import ablation  # noqa: PLC0415
 
         with _temporary_server_errors():
-            summary = ablation(config_path=str(Path(args.config).resolve()))
+            summary = ablation(config=config_document(cfg))
         if args.json:
             _emit(summary)
         else:
@@ -107,7 +111,7 @@ def _run_deployment(args, cfg) -> int:
         )
     name = "full-pipeline" if args.stage == "all" else f"stage-{args.stage}"
     started = time.time()
-    run = trigger(name, args.config, cfg, force=args.force)
+    run = trigger(name, cfg, force=args.force)
     state = run.state
     ok = state is not None and state.is_completed()
     summary = {
@@ -128,8 +132,8 @@ def _run_deployment(args, cfg) -> int:
 def cmd_serve(args) -> int:
     from flows.deployments import runner_deployments, serve  # noqa: PLC0415
 
-    cfg = load_config(args.config)
-    names = [d.name if hasattr(d, "name") else str(d) for d in runner_deployments(args.config, cfg, args.interval)]
+    cfg = _config(args)
+    names = [d.name if hasattr(d, "name") else str(d) for d in runner_deployments(cfg, args.interval)]
     schedule = (
         f"every {args.interval:g} s"
         if args.interval
@@ -139,17 +143,17 @@ def cmd_serve(args) -> int:
         f"serving {len(names)} deployments ({cfg.orchestration.deployment_name}); corpus-rebuild "
         f"scheduled {schedule}; Ctrl-C stops"
     )
-    serve(args.config, cfg, args.interval)
+    serve(cfg, args.interval)
     return 0
 
 
 def cmd_deploy(args) -> int:
     from flows.deployments import deploy  # noqa: PLC0415
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     # Prefect prints its own advice on stdout while deploying; stdout is kept for our --json object
     with contextlib.redirect_stdout(sys.stderr):
-        ids = deploy(args.config, cfg, args.pool, args.interval, args.gpu_pool)
+        ids = deploy(cfg, args.pool, args.interval, args.gpu_pool)
     if args.json:
         _emit({"work_pool": args.pool, "deployments": ids})
     else:
@@ -187,9 +191,7 @@ def _run_all(args, cfg) -> int:
 
     started = time.time()
     with _temporary_server_errors():
-        results = full_pipeline(
-            config_path=str(Path(args.config).resolve()), force=args.force, until=getattr(args, "until", None)
-        )
+        results = full_pipeline(config=config_document(cfg), force=args.force, until=getattr(args, "until", None))
     if args.json:
         _emit({"flow": "full-pipeline", "stages": results, "seconds": round(time.time() - started, 3)})
     else:
@@ -212,7 +214,7 @@ def _print_run(summary: dict) -> None:
 def cmd_status(args) -> int:
     from pipeline.runner import stage_status  # noqa: PLC0415
 
-    rows = stage_status(load_config(args.config))
+    rows = stage_status(_config(args))
     if args.json:
         _emit({"stages": rows})
         return 0
@@ -234,7 +236,7 @@ def cmd_status(args) -> int:
 def cmd_sql(args) -> int:
     from pipeline.runner import catalog_tables, storage_for  # noqa: PLC0415
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     storage = storage_for(cfg)
     catalog = Catalog(storage, catalog_tables(cfg, storage))
     try:
@@ -257,7 +259,7 @@ def cmd_export(args) -> int:
     from feature_extraction.schema import unpack  # noqa: PLC0415
     from pipeline.runner import Planner, storage_for  # noqa: PLC0415
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     storage = storage_for(cfg)
     manifest = Planner(cfg, storage).manifest("extract")
     if manifest is None:
@@ -298,7 +300,7 @@ def cmd_demo(args) -> int:
     cmd_sql(args)
     from pipeline.runner import stage_status  # noqa: PLC0415
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     status = {r["stage"]: r for r in stage_status(cfg)}
     dedup = status["dedup"]
     if dedup["status"] == "complete":
@@ -320,7 +322,7 @@ def cmd_analyze(args) -> int:
     from pipeline.attention import attention_report  # noqa: PLC0415
     from uniter.analysis import PATTERNS  # noqa: PLC0415
 
-    cfg = load_config(args.config)
+    cfg = _config(args)
     summary = attention_report(cfg, args.checkpoint, args.n, Path(args.out))
     if args.json:
         _emit(summary)
@@ -346,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-c", "--config", required=config_required, help="pipeline YAML config")
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        p.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set pretrain.steps=100 (repeatable; validated like the file)",
+        )
 
     p = sub.add_parser("run", help="run one stage (or 'all' as a Prefect flow, or 'ablation')")
     p.add_argument("stage", help="stage name, 'all', or 'ablation' (every ablation.variants row, one Meta-Sum table)")

@@ -7,10 +7,10 @@ from typing import Any
 from prefect import flow
 
 from pipeline.ablation import run_ablation
-from pipeline.config import load_config
+from pipeline.config import ConfigParameter, config_from_parameter
 
 
 @flow(name="ablation", log_prints=False)
-def ablation(config_path: str) -> dict[str, Any]:
+def ablation(config: ConfigParameter) -> dict[str, Any]:
     """Pretrain each variant (shared keys train once), fine-tune each, one Meta-Sum table."""
-    return run_ablation(load_config(config_path))
+    return run_ablation(config_from_parameter(config))

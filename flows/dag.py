@@ -14,23 +14,34 @@ from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from contract.fingerprint import sha256_json
 from flows.tasks import shard_group_task, stage_task
-from pipeline.config import OrchestrationConfig, PipelineConfig, load_config
+from pipeline.config import (
+    ConfigParameter,
+    OrchestrationConfig,
+    PipelineConfig,
+    config_document,
+    config_from_parameter,
+)
 from pipeline.runner import shard_ids
 from pipeline.stages import CORPUS_STAGES, GPU_STAGES, STAGES, TRAIN_STAGES, get_stage
 
 REPORTS = {"dedup": "report.md", "evaluate": "report.html"}
 
 
-def run_stages(names: list[str] | tuple[str, ...], config_path: str, force: bool, title: str) -> list[dict[str, Any]]:
-    cfg = load_config(config_path)
+def run_stages(
+    names: list[str] | tuple[str, ...], config: ConfigParameter, force: bool, title: str
+) -> list[dict[str, Any]]:
+    cfg = config_from_parameter(config)
+    # the tasks (on Dask workers too) get the validated document: every task runs the same config
+    document = config_document(cfg)
     results = []
     for name in names:
         # Sequential on purpose: a stage's key needs its inputs' content digests.
         if cfg.orchestration.fan_out > 1 and not force:
-            fan_out(name, config_path, cfg)
-        results.append(stage_task.with_options(name=name)(name, config_path, force))
-    publish_summary(title, results, cfg.storage.uri)
+            fan_out(name, document, cfg)
+        results.append(stage_task.with_options(name=name)(name, document, force))
+    publish_summary(title, results, cfg.storage.uri, sha256_json(document))
     return results
 
 
@@ -45,7 +56,7 @@ def task_runner(orch: OrchestrationConfig, workers: int):
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-def fan_out(name: str, config_path: str, cfg: PipelineConfig) -> None:
+def fan_out(name: str, document: dict[str, Any], cfg: PipelineConfig) -> None:
     """A sharded stage's pending shards as `fan_out` parallel tasks; the stage task publishes after."""
     pending = shard_ids(name, cfg)
     if not pending:
@@ -55,7 +66,7 @@ def fan_out(name: str, config_path: str, cfg: PipelineConfig) -> None:
     with task_runner(cfg.orchestration, n) as runner:
         futures = [
             runner.submit(
-                shard_group_task, parameters={"stage": name, "config_path": config_path, "shards": g, "count": len(g)}
+                shard_group_task, parameters={"stage": name, "config": document, "shards": g, "count": len(g)}
             )
             for g in groups
         ]
@@ -63,9 +74,11 @@ def fan_out(name: str, config_path: str, cfg: PipelineConfig) -> None:
             future.result()  # raises the first failure (after its retries)
 
 
-def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str) -> str:
+def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str, config_sha256: str) -> str:
     lines = [
         f"# {title}",
+        "",
+        f"config sha256 `{config_sha256}`",
         "",
         "| stage | status | key | rows | seconds | built in (s) | counts |",
         "|---|---|---|---:|---:|---:|---|",
@@ -87,40 +100,40 @@ def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str
     return "\n".join(lines) + "\n"
 
 
-def publish_summary(title: str, results: list[dict[str, Any]], storage_uri: str) -> None:
+def publish_summary(title: str, results: list[dict[str, Any]], storage_uri: str, config_sha256: str) -> None:
     create_markdown_artifact(
         key="uniter-" + title.lower().replace(" ", "-").replace("_", "-"),
-        markdown=summary_markdown(title, results, storage_uri),
+        markdown=summary_markdown(title, results, storage_uri, config_sha256),
         description=f"{title}: every stage's status, counts and timing",
     )
 
 
 @flow(name="full-pipeline", log_prints=False)
-def full_pipeline(config_path: str, force: bool = False, until: str | None = None) -> list[dict[str, Any]]:
+def full_pipeline(config: ConfigParameter, force: bool = False, until: str | None = None) -> list[dict[str, Any]]:
     """Run every stage (or up to `until`); unchanged stages are cache hits, a change re-runs it and
     what reads it."""
     names = list(STAGES)
     if until is not None:
         get_stage(until)  # a clear error for an unknown name
         names = names[: names.index(until) + 1]
-    return run_stages(names, config_path, force, "full pipeline")
+    return run_stages(names, config, force, "full pipeline")
 
 
 @flow(name="corpus-rebuild", log_prints=False)
-def corpus_rebuild(config_path: str, force: bool = False) -> list[dict[str, Any]]:
+def corpus_rebuild(config: ConfigParameter, force: bool = False) -> list[dict[str, Any]]:
     """The pretraining corpus: ingest → crawl → dedup → extract (the scheduled deployment)."""
-    return run_stages(CORPUS_STAGES, config_path, force, "corpus rebuild")
+    return run_stages(CORPUS_STAGES, config, force, "corpus rebuild")
 
 
 @flow(name="train", log_prints=False)
-def train(config_path: str, force: bool = False) -> list[dict[str, Any]]:
+def train(config: ConfigParameter, force: bool = False) -> list[dict[str, Any]]:
     """Downstream features → pretrain → finetune → evaluate, on the corpus already built."""
-    return run_stages(TRAIN_STAGES, config_path, force, "train")
+    return run_stages(TRAIN_STAGES, config, force, "train")
 
 
 def _stage_flow(name: str) -> Flow:
-    def one_stage(config_path: str, force: bool = False) -> list[dict[str, Any]]:
-        return run_stages([name], config_path, force, f"stage {name}")
+    def one_stage(config: ConfigParameter, force: bool = False) -> list[dict[str, Any]]:
+        return run_stages([name], config, force, f"stage {name}")
 
     # NOTE: a deployment loads its flow by `module:qualname`; naming the function after the module
     # attribute it is stored under (stage_<name>) makes that entrypoint importable.

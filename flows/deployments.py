@@ -13,7 +13,7 @@ from prefect.deployments import run_deployment
 from prefect.schedules import Cron, Interval
 
 from flows.dag import ALL_FLOWS, ENTRYPOINTS, GPU_FLOWS
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, config_document
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULED_FLOW = "corpus-rebuild"
@@ -29,8 +29,8 @@ def schedule_kwargs(cfg: PipelineConfig, flow_name: str, interval: float | None)
     return {"schedule": Cron(cfg.orchestration.corpus_rebuild_cron, timezone=cfg.orchestration.timezone)}
 
 
-def runner_deployments(config_path: str, cfg: PipelineConfig, interval: float | None = None) -> list:
-    params = {"config_path": str(Path(config_path).resolve())}
+def runner_deployments(cfg: PipelineConfig, interval: float | None = None) -> list:
+    params = {"config": config_document(cfg)}
     return [
         f.to_deployment(
             name=cfg.orchestration.deployment_name, parameters=params, **schedule_kwargs(cfg, name, interval)
@@ -39,17 +39,15 @@ def runner_deployments(config_path: str, cfg: PipelineConfig, interval: float | 
     ]
 
 
-def serve(config_path: str, cfg: PipelineConfig, interval: float | None = None) -> None:
+def serve(cfg: PipelineConfig, interval: float | None = None) -> None:
     """Serve every deployment from this process until interrupted (no work pool, no worker)."""
-    prefect_serve(*runner_deployments(config_path, cfg, interval), print_starting_message=False)
+    prefect_serve(*runner_deployments(cfg, interval), print_starting_message=False)
 
 
-def deploy(
-    config_path: str, cfg: PipelineConfig, pool: str, interval: float | None = None, gpu_pool: str | None = None
-) -> list[str]:
+def deploy(cfg: PipelineConfig, pool: str, interval: float | None = None, gpu_pool: str | None = None) -> list[str]:
     """Register every deployment to `pool` (a process work pool; `prefect worker start -p POOL`
     runs them from this checkout); with `gpu_pool`, the flows that train go there instead."""
-    params = {"config_path": str(Path(config_path).resolve())}
+    params = {"config": config_document(cfg)}
     ids = []
     for name, attr in ENTRYPOINTS.items():
         remote = prefect_flow.from_source(source=str(ROOT), entrypoint=f"flows/dag.py:{attr}")
@@ -66,7 +64,8 @@ def deploy(
     return ids
 
 
-def trigger(flow_name: str, config_path: str, cfg: PipelineConfig, force: bool = False):
-    """Run `flow_name`'s deployment on the server and wait for its end; the final flow run."""
-    params = {"config_path": str(Path(config_path).resolve()), "force": force}
+def trigger(flow_name: str, cfg: PipelineConfig, force: bool = False):
+    """Run `flow_name`'s deployment with this config (the file as read here, overrides applied) on the
+    server and wait for its end; the final flow run."""
+    params = {"config": config_document(cfg), "force": force}
     return run_deployment(name=f"{flow_name}/{cfg.orchestration.deployment_name}", parameters=params, timeout=None)

@@ -13,7 +13,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from contract.errors import UniterError
-from pipeline.config import load_config
+from pipeline.config import ConfigParameter, config_from_parameter
 from pipeline.runner import run_shards, run_stage, storage_for
 
 
@@ -30,16 +30,16 @@ RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": [10, 60], "retry
 
 
 @task(name="stage", task_run_name="{stage}", cache_policy=NO_CACHE, **RETRIES)
-def stage_task(stage: str, config_path: str, force: bool = False) -> dict[str, Any]:
+def stage_task(stage: str, config: ConfigParameter, force: bool = False) -> dict[str, Any]:
     """Run one stage in-process; returns the ``--json`` summary (URIs and digests, never data)."""
-    cfg = load_config(config_path)
+    cfg = config_from_parameter(config)
     storage = storage_for(cfg)
-    result = run_stage(stage, cfg, storage, force=force, config_path=config_path)
+    result = run_stage(stage, cfg, storage, force=force)
     get_run_logger().info("%s: %s (key %s…)", stage, result.status, result.manifest.key[:12])
     return result.to_json(storage)
 
 
 @task(name="shards", task_run_name="{stage} × {count}", cache_policy=NO_CACHE, **RETRIES)
-def shard_group_task(stage: str, config_path: str, shards: list[str], count: int) -> int:
+def shard_group_task(stage: str, config: ConfigParameter, shards: list[str], count: int) -> int:
     """Write one group of a sharded stage's shards (resumable: done shards are skipped)."""
-    return run_shards(stage, load_config(config_path), shards)
+    return run_shards(stage, config_from_parameter(config), shards)

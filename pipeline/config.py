@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,8 +60,14 @@ class PipelineConfig(StrictModel):
     orchestration: OrchestrationConfig = OrchestrationConfig()
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read and validate ``path``; every problem is reported with the file and the key path."""
+# What a flow run gets as its `config` parameter: the validated config as JSON data (input paths made
+# absolute), or a path to a YAML file as the worker sees it (relative to its working directory).
+ConfigParameter = dict[str, Any] | str
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read and validate ``path``, with ``key.path=value`` overrides applied first; every problem is
+    reported with the file and the key path."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -71,15 +79,53 @@ def load_config(path: str | Path) -> PipelineConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return validate_config(apply_overrides(data, overrides, str(path)), str(path), path.parent.resolve())
+
+
+def validate_config(data: Any, source: str, base_dir: Path) -> PipelineConfig:
+    """The config from parsed data; relative paths resolve against ``base_dir``."""
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: expected a mapping of sections (storage, ingest, …) at the top level, got {type(data).__name__}"
+            f"{source}: expected a mapping of sections (storage, ingest, …) at the top level, got {type(data).__name__}"
         )
     try:
-        return PipelineConfig.model_validate(data, context={"base_dir": path.parent.resolve()})
+        return PipelineConfig.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors()]
-        raise ConfigError(f"{path}: invalid config:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+        raise ConfigError(f"{source}: invalid config:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def apply_overrides(data: Any, overrides: Sequence[str], source: str) -> Any:
+    """``pretrain.steps=100``-style assignments on the parsed config (values read as YAML: numbers,
+    booleans, lists); the result is validated like the file, so a wrong key or type is an error."""
+    if not overrides:
+        return data
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key_path, sep, raw = item.partition("=")
+        keys = key_path.strip().split(".")
+        if not sep or not all(keys) or not isinstance(data, dict):
+            raise ConfigError(f"{source}: override {item!r}: expected key.path=value (e.g. pretrain.steps=100)")
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: override {item!r}: {'.'.join(keys[: depth + 1])} is not a section")
+        node[keys[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def config_document(cfg: PipelineConfig) -> dict[str, Any]:
+    """The validated config as JSON data with absolute paths: a flow run's `config` parameter, so a
+    worker on any machine runs exactly what was deployed (the files it names must be there too)."""
+    return cfg.model_dump(mode="json")
+
+
+def config_from_parameter(config: ConfigParameter) -> PipelineConfig:
+    """A flow's `config` parameter: a config document, or the path of a YAML file on the worker."""
+    if isinstance(config, str):
+        return load_config(config)
+    return validate_config(config, "the flow run's config parameter", Path.cwd())
 
 
 def _describe(err: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from contract.artifact import Artifact
 from flows.dag import full_pipeline, summary_markdown
-from pipeline.config import load_config
+from pipeline.config import config_document, load_config
 from pipeline.runner import storage_for
 from tests.conftest import S3_SECRET, write_config
 from tests.fixtures import images as fx
@@ -39,7 +39,7 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     doc["extract"] = {"loader_workers": 0}
     cfg_path.write_text(yaml.safe_dump(doc))
 
-    first = full_pipeline(config_path=str(cfg_path), until="extract")
+    first = full_pipeline(config=str(cfg_path), until="extract")
     assert [(r["stage"], r["status"]) for r in first] == [
         ("ingest", "ran"),
         ("crawl", "ran"),
@@ -57,25 +57,26 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
     assert "_manifest.json" in names and not any("prefect" in n for n in names), names
     assert S3_SECRET not in storage.read_bytes(f"{art.prefix}/_manifest.json").decode()
 
-    second = full_pipeline(config_path=str(cfg_path), until="extract")
+    # the config as a flow parameter document (what deployments carry) is the same config: all cached
+    second = full_pipeline(config=config_document(load_config(cfg_path)), until="extract")
     assert [r["status"] for r in second] == ["cached"] * 4
     assert [r["content_sha256"] for r in second] == [r["content_sha256"] for r in first]
     assert [r["built_seconds"] for r in second] == [r["built_seconds"] for r in first]  # the build's time, kept
-    row = summary_markdown("t", second[:1], "s3://b").splitlines()[4]
+    row = summary_markdown("t", second[:1], "s3://b", "c0ffee").splitlines()[6]
     assert row.startswith("| ingest | cached |")
     assert f"| {second[0]['seconds']:.1f} | {first[0]['built_seconds']:.1f} |" in row
 
     # A change upstream re-runs that stage and everything downstream of it, nothing else.
     doc["dedup"] = {"phash_max_distance": 2}
     cfg_path.write_text(yaml.safe_dump(doc))
-    changed = full_pipeline(config_path=str(cfg_path), until="extract")
+    changed = full_pipeline(config=str(cfg_path), until="extract")
     assert [r["status"] for r in changed] == ["cached", "cached", "ran", "ran"]
     with open(tmp_path / "pairs.jsonl", "a") as f:
         f.write(json.dumps({"image_path": "images/0.jpg", "caption": "one more caption"}) + "\n")
-    changed = full_pipeline(config_path=str(cfg_path), until="extract")
+    changed = full_pipeline(config=str(cfg_path), until="extract")
     assert [r["status"] for r in changed] == ["ran"] * 4 and changed[0]["key"] != first[0]["key"]
 
-    forced = full_pipeline(config_path=str(cfg_path), force=True, until="extract")
+    forced = full_pipeline(config=str(cfg_path), force=True, until="extract")
     assert [r["status"] for r in forced] == ["ran"] * 4
     assert [r["content_sha256"] for r in forced] == [r["content_sha256"] for r in changed]
 
@@ -104,7 +105,7 @@ def test_sharded_stages_fan_out_on_the_task_runner(tmp_path, storage_spec, runne
         doc["extract"] = {"loader_workers": 0, "shard_images": 2}
         doc["orchestration"] = {"fan_out": fan, "task_runner": runner}
         cfg_path.write_text(yaml.safe_dump(doc))
-        results = full_pipeline(config_path=str(cfg_path), until="extract")
+        results = full_pipeline(config=str(cfg_path), until="extract")
         assert [r["status"] for r in results] == ["ran"] * 4
         cfg = load_config(cfg_path)
         storage = storage_for(cfg)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from contract.errors import ConfigError
-from pipeline.config import load_config
+from pipeline.config import config_document, config_from_parameter, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -102,3 +103,34 @@ def test_example_full_config_is_valid_but_for_the_missing_datasets():
     # 19 annotation files, the detector weights, 3 downstream image folders, 10 downstream files
     assert len(problems) == 33
     assert all("file not found" in p or "folder not found" in p for p in problems), problems
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = _write(tmp_path, "ingest:\n  sources:\n    - {format: cc, path: ann.tsv}\n")
+    (tmp_path / "edited").mkdir()
+    edited = tmp_path / "edited" / "cfg.yaml"
+    edited.write_text(
+        "ingest:\n  shard_rows: 7\n  sources:\n    - {format: cc, path: ../ann.tsv}\npretrain: {steps: 3}\n"
+    )
+    assert load_config(path, ["ingest.shard_rows=7", "pretrain.steps=3"]) == load_config(edited)
+    for bad, expected in [
+        ("pretrain.steps=many", "pretrain.steps: Input should be a valid integer"),
+        ("pretrain.stepz=3", "pretrain.stepz: unknown key"),
+        ("pretrain", "override 'pretrain': expected key.path=value"),
+        ("ingest.sources.x=1", "override 'ingest.sources.x=1': ingest.sources is not a section"),
+    ]:
+        with pytest.raises(ConfigError) as exc:
+            load_config(path, [bad])
+        assert str(path) in str(exc.value) and expected in str(exc.value), str(exc.value)
+
+
+def test_a_config_document_is_the_same_config_anywhere(tmp_path, monkeypatch):
+    """What a deployment carries as its `config` parameter: JSON with absolute paths, validated again
+    on the worker into the same config (whatever the worker's working directory)."""
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    document = json.loads(json.dumps(config_document(cfg)))
+    monkeypatch.chdir(tmp_path)
+    assert config_from_parameter(document) == cfg
+    assert config_from_parameter(str(ROOT / "configs" / "demo.yaml")) == cfg
+    with pytest.raises(ConfigError, match="the flow run's config parameter: invalid config"):
+        config_from_parameter({**document, "storge": {}})
