@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from flows.dag import ALL_FLOWS, FLOW_STAGES
-from pipeline.config import load_config
+from pipeline.config import config_document, load_config
 from pipeline.demo import serve_sample
 from pipeline.runner import Planner, storage_for
 from pipeline.stages import STAGES
@@ -35,9 +35,10 @@ PREFECT = str(Path(sys.executable).parent / "prefect")
 
 # Trigger a deployment by name with its deployed parameters and wait: prints the final state and the run id.
 RUN_DEPLOYMENT = """
-import sys
+import json, sys
 from prefect.deployments import run_deployment
-run = run_deployment(name=sys.argv[1], timeout=600)
+parameters = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
+run = run_deployment(name=sys.argv[1], parameters=parameters, timeout=600)
 print(run.state.name, run.id)
 """
 
@@ -267,13 +268,48 @@ def test_deployments_end_to_end(server, tmp_path):
             serving.wait()
 
 
-def test_deploy_to_a_work_pool_from_a_clean_copy_and_run_on_a_worker(server, tmp_path):
-    """`uniter deploy --pool P` from a copy of the repository as a worker would pull it (`git archive`),
-    then a process worker (`prefect worker start --run-once`) runs a triggered deployment to Completed."""
+def _clean_copy(tmp_path: Path) -> Path:
+    """The repository as a worker pulls it: `git archive` of the commit, no build outputs, no venv."""
     src = tmp_path / "src"
     src.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    return src
+
+
+def _run_on_worker(server, env: dict, deployment: str, pool: str, cwd: Path, parameters: dict | None = None) -> str:
+    """Trigger `deployment`, let one `prefect worker start --run-once` on `pool` run it; its final state."""
+    trigger = subprocess.Popen(
+        [sys.executable, "-c", RUN_DEPLOYMENT, deployment, json.dumps(parameters or {})],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with _client(server) as client:
+        found = client.read_deployment_by_name(deployment)
+    assert found.work_pool_name == pool, found.work_pool_name
+    _wait(lambda: _flow_runs(server, found.id), 120, f"the flow run of {deployment}", trigger)
+    worker = subprocess.run(
+        [PREFECT, "worker", "start", "-p", pool, "--run-once"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out, err = trigger.communicate(timeout=600)
+    assert trigger.returncode == 0, (worker.stdout[-3000:], worker.stderr[-3000:], err[-2000:])
+    state, _ = out.strip().splitlines()[-1].split()
+    assert state == "Completed", (worker.stdout[-3000:], worker.stderr[-3000:], err[-2000:])
+    return found.entrypoint
+
+
+def test_deploy_to_a_work_pool_from_a_clean_copy_and_run_on_a_worker(server, tmp_path):
+    """`uniter deploy --pool P` from a copy of the repository as a worker would pull it (`git archive`),
+    then a process worker (`prefect worker start --run-once`) runs a triggered deployment to Completed."""
+    src = _clean_copy(tmp_path)
     cfg_path, doc = demo_config(tmp_path)
     doc["orchestration"] = {"deployment_name": "pool"}
     cfg_path.write_text(yaml.safe_dump(doc))
@@ -292,31 +328,30 @@ def test_deploy_to_a_work_pool_from_a_clean_copy_and_run_on_a_worker(server, tmp
     summary = json.loads(deployed.stdout)  # stdout holds the one JSON object, nothing else
     assert summary["work_pool"] == "uniter-e2e" and len(summary["deployments"]) == len(ALL_FLOWS)
 
-    trigger = subprocess.Popen(
-        [sys.executable, "-c", RUN_DEPLOYMENT, "stage-ingest/pool"],
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    with _client(server) as client:
-        ingest = client.read_deployment_by_name("stage-ingest/pool")
-        assert ingest.work_pool_name == "uniter-e2e" and ingest.entrypoint == "flows/dag.py:stage_ingest"
-    _wait(lambda: _flow_runs(server, ingest.id), 120, "the triggered flow run", trigger)
-    worker = subprocess.run(
-        [PREFECT, "worker", "start", "-p", "uniter-e2e", "--run-once"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    out, err = trigger.communicate(timeout=600)
-    state, _ = out.strip().splitlines()[-1].split()
-    assert state == "Completed", (worker.stdout[-3000:], worker.stderr[-3000:], err[-2000:])
-
+    entrypoint = _run_on_worker(server, env, "stage-ingest/pool", "uniter-e2e", tmp_path)
+    assert entrypoint == "flows/dag.py:stage_ingest"
     # the worker built this config's artifact: the CLI now finds it cached, with the same content
+    again = subprocess.run(
+        [UNITER, "run", "ingest", "-c", str(cfg_path), "--json"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "cached", again.stderr[-2000:]
+
+
+def test_prefect_deploy_all_from_a_clean_copy_and_run_on_a_worker(server, tmp_path):
+    """`prefect deploy --all` (prefect.yaml) in a `git archive` copy, with UNITER_HOME naming it as the
+    docs say; a process worker runs a deployment given this run's config as its parameter."""
+    src = _clean_copy(tmp_path)
+    env = dict(server["env"], UNITER_HOME=str(src))
+    for pool in ("uniter", "uniter-gpu"):
+        subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True)
+    deployed = subprocess.run(
+        [PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=src, capture_output=True, text=True, timeout=600
+    )
+    assert deployed.returncode == 0, (deployed.stdout[-3000:], deployed.stderr[-3000:])
+
+    cfg_path, _ = demo_config(tmp_path)
+    document = config_document(load_config(cfg_path))
+    _run_on_worker(server, env, "stage-ingest/uniter", "uniter", tmp_path, {"config": document})
     again = subprocess.run(
         [UNITER, "run", "ingest", "-c", str(cfg_path), "--json"], env=env, capture_output=True, text=True, timeout=300
     )
