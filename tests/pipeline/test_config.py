@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from contract.errors import ConfigError
+from contract.fingerprint import sha256_json
 from pipeline.config import config_document, config_from_parameter, load_config
+from pipeline.runner import key_payload
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -131,6 +133,10 @@ def test_a_config_document_is_the_same_config_anywhere(tmp_path, monkeypatch):
     document = json.loads(json.dumps(config_document(cfg)))
     monkeypatch.chdir(tmp_path)
     assert config_from_parameter(document) == cfg
+    # the same cache keys too: equal values of another type (3 vs 3.0) would change a key
+    for section in type(cfg).model_fields:
+        payloads = [sha256_json(key_payload(getattr(c, section), {})) for c in (cfg, config_from_parameter(document))]
+        assert payloads[0] == payloads[1], section
     assert config_from_parameter(str(ROOT / "configs" / "demo.yaml")) == cfg
     with pytest.raises(ConfigError, match="the flow run's config parameter: invalid config"):
         config_from_parameter({**document, "storge": {}})

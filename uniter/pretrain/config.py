@@ -32,7 +32,9 @@ class PretrainConfig(SectionConfig):
     max_bb: int = Field(default=100, ge=1)
 
     # Mix ratios per task (0 switches a task off); default ITM:MLM:MRFR:MRC-kl = 3:4:2:2.
-    tasks: dict[str, float] = {"itm": 3, "mlm": 4, "mrfr": 2, "mrckl": 2}
+    # NOTE: floats, as validation makes them: defaults are not validated, and 3 vs 3.0 would give
+    # the same config two cache keys (the file vs the flow parameter document)
+    tasks: dict[str, float] = {"itm": 3.0, "mlm": 4.0, "mrfr": 2.0, "mrckl": 2.0}
     dataset_weights: dict[str, float] = {}  # per `pairs.source`; unlisted sources weigh 1
     joint_masking: bool = False  # ablation baseline: mask text and regions in the same batch
     mlm_prob: float = Field(default=0.15, gt=0, lt=1)
