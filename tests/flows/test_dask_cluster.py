@@ -6,7 +6,6 @@ byte-identical to one process doing every shard (fan_out: 1)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -144,13 +143,7 @@ def _built(cfg_path: Path, results: list[dict]) -> dict[str, dict]:
 @pytest.mark.slow
 def test_shard_groups_run_on_two_dask_worker_processes(tmp_path, s3_endpoint, prefect_server, dask_cluster):
     address, client = dask_cluster
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i in range(8):
-        (images / f"{i}.jpg").write_bytes(fx.jpeg(fx.synthetic_photo(700 + i, (96, 64))))
-        rows.append({"image_path": f"images/{i}.jpg", "caption": f"photo {i}"})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    images = fx.photo_pairs(tmp_path, 8, seed=700)
     bucket = make_bucket(s3_endpoint)
 
     built = {}

@@ -24,13 +24,7 @@ def prefect_server():
 
 
 def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i in range(6):
-        (images / f"{i}.jpg").write_bytes(fx.jpeg(fx.synthetic_photo(500 + i, (96, 64))))
-        rows.append({"image_path": f"images/{i}.jpg", "caption": f"photo {i}"})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    images = fx.photo_pairs(tmp_path, 6, seed=500)
     cfg_path = write_config(
         tmp_path / "cfg.yaml", storage_spec, [{"format": "table", "path": "pairs.jsonl"}], shard_rows=4
     )
@@ -86,13 +80,7 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
 def test_sharded_stages_fan_out_on_the_task_runner(tmp_path, storage_spec, runner):
     """crawl and extract split into shard groups run as parallel Prefect tasks (threads, or a local
     Dask cluster), then publish once: the same artifacts as one task doing every shard."""
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for i in range(7):
-        (images / f"{i}.jpg").write_bytes(fx.jpeg(fx.synthetic_photo(600 + i, (96, 64))))
-        rows.append({"image_path": f"images/{i}.jpg", "caption": f"photo {i}"})
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    images = fx.photo_pairs(tmp_path, 7, seed=600)
     contents = {}
     for fan in (1, 3):
         cfg_path = write_config(
