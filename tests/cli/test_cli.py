@@ -155,6 +155,12 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     assert (tmp_path / "attn" / "attention_summary.png").read_bytes().startswith(b"\x89PNG")
     assert len(list((tmp_path / "attn").glob("attention_example_*.png"))) == 4
 
+    # the features in the reference's npz layout and LXMERT's TSV: one record per extracted image
+    for fmt, out in (("npz", tmp_path / "npz"), ("lxmert", tmp_path / "features.tsv")):
+        res = uniter("export", "features", "--format", fmt, "--out", str(out), "-c", str(cfg), "--json")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["exported"] == extract["counts"]["images"]
+
 
 def test_a_temporary_server_that_does_not_start_is_an_environment_error(tmp_path):
     """`uniter run all` with no PREFECT_API_URL starts Prefect's temporary server; when it does not
