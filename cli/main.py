@@ -92,7 +92,9 @@ def cmd_run(args) -> int:
     from pipeline.runner import run_stage, storage_for  # noqa: PLC0415
 
     storage = storage_for(cfg)
-    result = run_stage(args.stage, cfg, storage, force=args.force, progress=_progress(args), config_path=args.config)
+    result = run_stage(
+        args.stage, cfg, storage, force=args.force, progress=_progress(args), config_path=args.config, wait=args.wait
+    )
     summary = result.to_json(storage)
     if args.json:
         _emit(summary)
@@ -358,7 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run one stage (or 'all' as a Prefect flow, or 'ablation')")
     p.add_argument("stage", help="stage name, 'all', or 'ablation' (every ablation.variants row, one Meta-Sum table)")
-    p.add_argument("--force", action="store_true", help="discard the stage's artifact for this key and rebuild")
+    p.add_argument(
+        "--force", action="store_true", help="discard the stage's artifact for this key and rebuild it from scratch"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another run is building this stage for the same key, wait for it (default: exit 2 naming it)",
+    )
     p.add_argument("--until", metavar="STAGE", help="with 'all': stop after this stage (e.g. extract)")
     p.add_argument(
         "--deployment",

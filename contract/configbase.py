@@ -121,3 +121,32 @@ class StorageUri(str):
         if "://" in value:
             raise ValueError(f"unsupported storage URI {value!r}: expected a local folder or s3://bucket/prefix")
         return cls(str(_resolve(value, info)))
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class Duration(float):
+    """Seconds, written as a number or with a unit: ``90``, ``"45s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"``."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            cls._validate, serialization=core_schema.plain_serializer_function_ser_schema(float)
+        )
+
+    @classmethod
+    def _validate(cls, value: Any) -> Duration:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            seconds = float(value)
+        elif isinstance(value, str) and value.strip()[-1:].lower() in _UNITS:
+            text = value.strip()
+            try:
+                seconds = float(text[:-1]) * _UNITS[text[-1].lower()]
+            except ValueError:
+                raise ValueError(f"invalid duration {value!r}: expected e.g. 90, '30m', '12h' or '7d'") from None
+        else:
+            raise ValueError(f"invalid duration {value!r}: expected e.g. 90, '30m', '12h' or '7d'")
+        if not seconds >= 0:
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        return cls(seconds)

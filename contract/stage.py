@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from contract.artifact import Artifact, EncodedTable, Manifest, ShardRecord
 from contract.progress import NullProgress, Progress
+from contract.reuse import ItemIndex
 from storage import Storage
 
 
@@ -39,6 +40,9 @@ class Stage:
     # The ids of the shards a run writes, from its context (sharded stages: crawl, extract), so an
     # orchestrator can fan them out as separate tasks (`run_shards`) and publish once at the end.
     shard_ids: Callable[[StageContext], list[str]] | None = None
+    # Item-level reuse across keys (contract/reuse.py): the config fields that do not shape one item
+    # (the shard size) and so are left out of the item fingerprint. None: the stage reuses nothing.
+    reuse_ignores: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -55,6 +59,7 @@ class StageContext:
     extra: dict[str, Any] = field(default_factory=dict)
     done: dict[str, ShardRecord] = field(default_factory=dict)
     selection: frozenset[str] | None = None  # the shards this run may write (None: all)
+    reuse: ItemIndex | None = None  # earlier artifacts' items (None: build everything, e.g. --force)
     written: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

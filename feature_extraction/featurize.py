@@ -39,6 +39,7 @@ class Item:
     height: int
     path: str | None = None  # a local image file (the downstream sets' images)
     gt_boxes: tuple[Box, ...] | None = None  # features of these boxes (pixel xyxy)
+    sha256: str | None = None  # of the crawled image (extract reuses features of the same bytes)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,19 @@ shard.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from contract.artifact import Artifact
+from contract.reuse import ItemIndex
 from contract.stage import Stage, StageContext, now, shard_id
 from feature_extraction.config import ExtractConfig
-from feature_extraction.featurize import Item, StorageSpec, extract_chunks, shard_stats, storage_spec, summarize
-from feature_extraction.schema import features_table
+from feature_extraction.featurize import Item, StorageSpec, extract_chunks, storage_spec, summarize
+from feature_extraction.schema import FEATURES_SCHEMA, features_table
 from storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -30,11 +35,12 @@ def plan(ctx: StageContext) -> list[list[Item]]:
         if "corpus_images" not in catalog.views:
             return []
         rows = catalog.sql(
-            "select image_key, crawl_file, crawl_row, width, height from corpus_images order by crawl_file, crawl_row"
+            "select image_key, crawl_file, crawl_row, width, height, sha256 from corpus_images "
+            "order by crawl_file, crawl_row"
         ).rows
     finally:
         catalog.close()
-    items = [Item(*r) for r in rows]
+    items = [Item(*r[:5], sha256=r[5]) for r in rows]
     n = ctx.config.shard_images
     return [items[i : i + n] for i in range(0, len(items), n)]
 
@@ -50,7 +56,9 @@ def run_extract(ctx: StageContext) -> None:
         log.info("extract: grid backend (no detector, no soft labels: pretraining turns MRC off)")
     if cfg.processes > 1 and len(todo) > 1:
         art = ctx.output
-        ctx_args = (spec, art.stage, art.key, ctx.run_id, cfg, chunks, todo)
+        fp = ctx.reuse.fingerprint if ctx.reuse is not None else None
+        lend = ctx.reuse is not None and ctx.reuse.lend
+        ctx_args = (spec, art.stage, art.key, ctx.run_id, cfg, chunks, todo, fp, lend)
         torch.multiprocessing.start_processes(
             _rank_main, args=(cfg.processes, *ctx_args), nprocs=cfg.processes, start_method="spawn"
         )
@@ -58,9 +66,55 @@ def run_extract(ctx: StageContext) -> None:
         return
     total = sum(len(chunks[i]) for i in todo)
     with ctx.progress.task("extract", total=total) as bar:
-        for index, rows in extract_chunks(cfg, cfg.device, spec, chunks, todo):
-            ctx.write_shard(shard_id("feat", index), {"features": features_table(rows)}, shard_stats(rows), now())
-            bar.advance(len(rows))
+        for index, tables, stats in extract_shards(cfg, cfg.device, spec, chunks, todo, ctx.reuse):
+            ctx.write_shard(shard_id("feat", index), tables, stats, now())
+            bar.advance(stats["images"])
+
+
+def extract_shards(
+    cfg: ExtractConfig,
+    device: str,
+    spec: StorageSpec,
+    chunks: list[list[Item]],
+    todo: list[int],
+    reuse: ItemIndex | None,
+) -> Iterator[tuple[int, dict[str, pa.Table], dict[str, Any]]]:
+    """Each pending shard's tables and stats, in order. Images whose features an earlier artifact
+    holds (same key, same image sha256, same extractor fingerprint) are copied from it; only the
+    others go through the model. The shard also gets its reuse index rows (before its marker)."""
+    same: dict[int, set[str]] = {}
+    rest = list(chunks)
+    for i in todo:
+        if reuse is not None:
+            hits = reuse.lookup(it.key for it in chunks[i])
+            same[i] = {it.key for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256}
+            rest[i] = [it for it in chunks[i] if it.key not in same[i]]
+    fresh = iter(extract_chunks(cfg, device, spec, rest, [i for i in todo if rest[i]]))
+    for i in todo:
+        rows: list = []
+        if rest[i]:
+            index, rows = next(fresh)
+            assert index == i, (index, i)
+        table = features_table(rows)
+        if same.get(i):
+            assert reuse is not None
+            hits = reuse.lookup(same[i])
+            copied = reuse.data_rows(hits.values(), "features", "image_key", FEATURES_SCHEMA)
+            table = pa.concat_tables([table, copied]).sort_by("image_key")
+        stats = {
+            "images": table.num_rows,
+            "boxes": int(pc.sum(table.column("num_boxes")).as_py() or 0),
+            "reuse": {"reused": len(same.get(i, ())), "extracted": len(rows)},
+        }
+        if reuse is not None:
+            keys = {it.key: it.sha256 for it in chunks[i]}
+            index_rows = pa.table({"item": list(keys), "sha256": list(keys.values())}, schema=INDEX_SCHEMA)
+            stats.update(reuse.record(shard_id("feat", i), index_rows))
+        yield i, {"features": table}, stats
+
+
+# The reuse index row of one image: the bytes its features were computed from.
+INDEX_SCHEMA = pa.schema([pa.field("item", pa.string(), nullable=False), pa.field("sha256", pa.string())])
 
 
 def _rank_main(
@@ -73,20 +127,16 @@ def _rank_main(
     cfg: ExtractConfig,
     chunks: list[list[Item]],
     todo: list[int],
+    fingerprint: str | None,
+    lend: bool,
 ) -> None:
     """One of `processes` workers (one per GPU): every world-th pending chunk."""
     device = f"cuda:{rank}" if cfg.device.startswith("cuda") else cfg.device
-    art = Artifact(spec.open(), stage, key)
-    mine = todo[rank::world]
-    for index, rows in extract_chunks(cfg, device, spec, chunks, mine):
-        art.write_shard(
-            shard_id("feat", index),
-            {"features": features_table(rows)},
-            shard_stats(rows),
-            f"{run_id}-{rank}",
-            now(),
-            EXTRACT.compression,
-        )
+    storage = spec.open()
+    art = Artifact(storage, stage, key)
+    reuse = ItemIndex(storage, stage, fingerprint, current=key, lend=lend) if fingerprint else None
+    for index, tables, stats in extract_shards(cfg, device, spec, chunks, todo[rank::world], reuse):
+        art.write_shard(shard_id("feat", index), tables, stats, f"{run_id}-{rank}", now(), EXTRACT.compression)
 
 
 def extract_shard_ids(ctx: StageContext) -> list[str]:
@@ -103,4 +153,5 @@ EXTRACT = Stage(
     summarize=summarize,
     compression={"features": "none"},  # float16 features barely compress; don't pay zstd for it
     shard_ids=extract_shard_ids,
+    reuse_ignores=("shard_images",),
 )

@@ -29,6 +29,9 @@ class StorageConfig(StrictModel):
     uri: StorageUri = StorageUri("./data")
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/]+/?$")  # any S3-compatible server
     region: str | None = None
+    # One run per stage and key builds at a time (contract/lease.py): a killed runner's lease lapses
+    # this long after its last renewal (every third of it), and the next run takes over.
+    lease_seconds: float = Field(default=120.0, ge=1.0)
 
 
 class OrchestrationConfig(StrictModel):

@@ -19,7 +19,9 @@ from contract.artifact import Artifact, Manifest
 from contract.configbase import InputFile, InputFolder, SectionConfig
 from contract.errors import MissingInputError
 from contract.fingerprint import file_fingerprint, folder_fingerprint, sha256_json
+from contract.lease import Lease
 from contract.progress import NullProgress, Progress
+from contract.reuse import ItemIndex
 from contract.stage import Stage, StageContext
 from pipeline.config import PipelineConfig
 from pipeline.stages import STAGES, get_stage
@@ -81,6 +83,7 @@ class StagePlan:
     inputs: dict[str, str]
     input_manifests: dict[str, Manifest]
     missing: list[str] = field(default_factory=list)
+    item_fingerprint: str | None = None  # stages that reuse items across keys (contract/reuse.py)
 
 
 class Planner:
@@ -117,7 +120,12 @@ class Planner:
         if not missing:
             # Content only: stage identity + config (files by digest) + upstream content digests.
             key = sha256_json({"stage": name, "version": stage.version, "config": config_sha, "inputs": inputs})
-        plan = StagePlan(stage, key, config_sha, {**inputs, **files}, manifests, missing)
+        item_fp = None
+        if stage.reuse_ignores is not None:
+            section = payload["section"] if stage.extra_config else payload
+            kept = {k: v for k, v in section.items() if k not in stage.reuse_ignores}
+            item_fp = sha256_json({"stage": name, "version": stage.version, "config": kept})[:32]
+        plan = StagePlan(stage, key, config_sha, {**inputs, **files}, manifests, missing, item_fp)
         self._plans[name] = plan
         return plan
 
@@ -184,25 +192,50 @@ def run_stage(
     force: bool = False,
     progress: Progress | None = None,
     config_path: str | None = None,
+    wait: bool = True,
 ) -> StageRun:
-    """Run ``name`` and nothing else. Cached when its key already has a complete artifact."""
+    """Run ``name`` and nothing else. Cached when its key already has a complete artifact.
+    One run per stage and key builds at a time: another one holding the lease is waited for
+    (``wait``) or reported (`LeaseHeld`)."""
     started = time.time()
     storage = storage or storage_for(cfg)
     plan = Planner(cfg, storage).plan(name)
     if plan.missing:
         raise MissingInputError(missing_input_message(name, plan.missing, config_path))
     art = Artifact(storage, name, plan.key)
-    if force:
-        art.clear()
-    elif (manifest := art.manifest()) is not None:
+    if not force and (manifest := art.manifest()) is not None:
         log.info("%s: cached (key %s…), nothing to do", name, plan.key[:12])
         return StageRun(name, "cached", manifest, time.time() - started)
+    lease = Lease(storage, name, plan.key, ttl=cfg.storage.lease_seconds)
+    lease.acquire(wait)
+    try:
+        if not force and (manifest := art.manifest()) is not None:  # the run we waited for built it
+            log.info("%s: built by the run we waited for (key %s…)", name, plan.key[:12])
+            return StageRun(name, "cached", manifest, time.time() - started)
+        if force:
+            art.clear()
+        return _build(name, plan, cfg, storage, art, progress, force, started)
+    finally:
+        lease.release()
 
-    ctx = _context(plan, cfg, storage, art, progress)
+
+def _build(
+    name: str,
+    plan: StagePlan,
+    cfg: PipelineConfig,
+    storage: Storage,
+    art: Artifact,
+    progress: Progress | None,
+    force: bool,
+    started: float,
+) -> StageRun:
+    ctx = _context(plan, cfg, storage, art, progress, reuse=not force)
     resumed = len(ctx.done)
     if resumed:
         log.info("%s: resuming, %d shards already done", name, resumed)
     plan.stage.run(ctx)
+    if ctx.reuse is not None:
+        ctx.reuse.seal(ctx.done)  # after every shard, before the manifest: only complete artifacts lend
     manifest = art.publish(
         stage_version=plan.stage.version,
         config_sha256=plan.config_sha256,
@@ -223,7 +256,11 @@ def _context(
     art: Artifact,
     progress: Progress | None,
     selection: frozenset[str] | None = None,
+    reuse: bool = True,
 ) -> StageContext:
+    index = None
+    if plan.item_fingerprint is not None:
+        index = ItemIndex(storage, plan.stage.name, plan.item_fingerprint, current=art.key, lend=reuse)
     return StageContext(
         stage=plan.stage,
         config=getattr(cfg, plan.stage.name, None),
@@ -235,6 +272,7 @@ def _context(
         extra={x: getattr(cfg, x) for x in plan.stage.extra_config},
         done=art.done_shards(),
         selection=selection,
+        reuse=index,
     )
 
 
@@ -261,9 +299,17 @@ def run_shards(name: str, cfg: PipelineConfig, shards: list[str], storage: Stora
     art = Artifact(storage, name, plan.key)
     if art.manifest() is not None:
         return 0
-    ctx = _context(plan, cfg, storage, art, None, frozenset(shards))
-    plan.stage.run(ctx)
-    return ctx.written
+    # Two flows fanning out the same stage split it into the same groups: one lease per group.
+    lease = Lease(
+        storage, name, plan.key, scope=f"shards-{sha256_json(sorted(shards))[:16]}", ttl=cfg.storage.lease_seconds
+    )
+    lease.acquire(wait=True)
+    try:
+        ctx = _context(plan, cfg, storage, art, None, frozenset(shards))
+        plan.stage.run(ctx)
+        return ctx.written
+    finally:
+        lease.release()
 
 
 def stage_status(cfg: PipelineConfig, storage: Storage | None = None) -> list[dict[str, Any]]:

@@ -36,6 +36,10 @@ class Storage(Protocol):
         """Publish a finished local file under ``key`` (atomic). ``move=True`` lets the storage
         take the file instead of copying it (the caller must not need it afterwards)."""
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if no object is there, atomically (one winner among racing writers):
+        True if this call created it, False if it existed. For leases."""
+
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str) -> list[str]:

@@ -68,6 +68,22 @@ class LocalStorage:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def create(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        tmp = self._tmp_for(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            # NOTE: link() fails if the name exists, and the file it publishes is already whole.
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 

@@ -81,6 +81,17 @@ class S3Storage:
         except Exception as exc:
             raise self._error(key, exc) from None
 
+    def create(self, key: str, data: bytes) -> bool:
+        # NOTE: a conditional PUT (If-None-Match: *), which S3 and the moto server decide atomically;
+        # a HEAD then PUT would let two writers both win.
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise self._error(key, exc) from None
+
     def _head(self, key: str) -> dict | None:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(key))

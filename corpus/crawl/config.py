@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, field_validator
 
-from contract.configbase import Location, SectionConfig
+from contract.configbase import Duration, Location, SectionConfig
 
 DEFAULT_USER_AGENT = "uniter-pipeline/0.1 (vision-language research corpus builder)"
 
@@ -17,7 +17,7 @@ class CrawlConfig(SectionConfig):
 
     # How fast we go and how hard we push servers: not part of the output's identity.
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset(
-        {"concurrency", "per_host", "per_host_rate", "workers", "open_shards"}
+        {"concurrency", "per_host", "per_host_rate", "workers", "open_shards", "recrawl_after", "retry_failures_after"}
     )
 
     shard_images: int = Field(default=1000, ge=1)  # distinct images per shard (the unit of resume)
@@ -39,6 +39,14 @@ class CrawlConfig(SectionConfig):
     max_side: int = Field(default=1000, ge=16)  # longer side after resize (no upscaling)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     max_pixels: int = Field(default=89_478_485, ge=1)  # decompression-bomb limit (decoded pixels)
+
+    # Rebuilds take images already fetched (same URL, same settings above) from earlier crawls on
+    # this storage. `recrawl_after` (e.g. "30d"; unset: never) re-checks those older than that with
+    # a conditional GET: 304 keeps the copy, 200 brings new bytes, 404/410 drops the image. A failed
+    # image is tried again only `retry_failures_after` its last try. Local files are always re-checked
+    # (a stat). Neither setting changes what a build from scratch would hold: not in the key.
+    recrawl_after: Duration | None = None
+    retry_failures_after: Duration = Duration(7 * 86400)
 
     user_agent: str = DEFAULT_USER_AGENT
     contact: str | None = None  # e.g. a URL or e-mail, appended to the User-Agent

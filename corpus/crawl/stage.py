@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -20,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, now, shard_id
 from corpus.images.fetch import Fetched, Fetcher
 from corpus.images.imaging import ImageOptions, Processed, process_or_reject
@@ -57,6 +60,21 @@ FAILURES_SCHEMA = pa.schema(
 )
 
 
+# The reuse index row of one image (contract/reuse.py): what a later rebuild needs to decide
+# whether to take the image from this crawl, check it again, or fetch it.
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("item", pa.string(), nullable=False),  # image_key
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),  # "ok" or the failure reason
+        pa.field("etag", pa.string()),
+        pa.field("last_modified", pa.string()),
+        pa.field("fetched_at", pa.float64(), nullable=False),  # when these bytes (or this failure) came
+        pa.field("checked_at", pa.float64(), nullable=False),  # last time the server confirmed them
+    ]
+)
+
+
 @dataclass
 class Outcome:
     key: str
@@ -64,6 +82,39 @@ class Outcome:
     image: Processed | None = None
     reason: str | None = None
     detail: str = ""
+    action: str = "fetched"  # fetched | retried | reused | revalidated | refetched | gone | recheck_failed
+    prior: Hit | None = None  # the earlier crawl's row this shard takes (reused, revalidated, recheck_failed)
+    fetched_at: float = 0.0
+    checked_at: float = 0.0
+
+    def index_row(self) -> dict[str, Any]:
+        if self.prior is not None:
+            row = dict(self.prior.row)
+            if self.action == "revalidated":
+                row.update(checked_at=self.checked_at, etag=self.fetched.etag, last_modified=self.fetched.last_modified)
+            return row
+        return {
+            "item": self.key,
+            "url": self.fetched.url,
+            "outcome": "ok" if self.image is not None else self.reason or "unknown",
+            "etag": self.fetched.etag,
+            "last_modified": self.fetched.last_modified,
+            "fetched_at": self.fetched_at,
+            "checked_at": self.checked_at,
+        }
+
+
+def decide(hit: Hit | None, uri: str, cfg, clock: float) -> str:
+    """What to do with one image given its row in an earlier crawl: fetch | reuse | check."""
+    if hit is None or hit.row["url"] != uri:
+        return "fetch"
+    ok = hit.row["outcome"] == "ok"
+    if not uri.startswith(("http://", "https://")):
+        return "check" if ok else "fetch"  # a local file: a stat tells whether it changed
+    age = clock - hit.row["checked_at"]
+    if ok:
+        return "check" if cfg.recrawl_after is not None and age >= cfg.recrawl_after else "reuse"
+    return "fetch" if age >= cfg.retry_failures_after else "reuse"
 
 
 def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, Iterator[tuple[int, list[str], list[str]]]]:
@@ -110,27 +161,55 @@ async def _crawl(ctx: StageContext, shards, bar) -> None:
     shard_slots = asyncio.Semaphore(cfg.open_shards)
     loop = asyncio.get_running_loop()
 
-    async def settle(fetcher: Fetcher, key: str, uri: str) -> Outcome:
-        fetched = await fetcher.fetch(uri)
+    async def process(key: str, fetched: Fetched, action: str) -> Outcome:
+        clock = time.time()
         if fetched.body is None:
-            out = Outcome(key, fetched, reason=fetched.reason, detail=fetched.detail)
+            return Outcome(key, fetched, reason=fetched.reason, detail=fetched.detail, action=action,
+                           fetched_at=clock, checked_at=clock)  # fmt: skip
+        async with decode_slots:
+            result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
+        if isinstance(result, Processed):
+            return Outcome(key, fetched, image=result, action=action, fetched_at=clock, checked_at=clock)
+        return Outcome(key, fetched, reason=result[0], detail=result[1], action=action, fetched_at=clock,
+                       checked_at=clock)  # fmt: skip
+
+    async def settle(fetcher: Fetcher, key: str, uri: str, hit: Hit | None, action: str) -> Outcome:
+        if action == "reuse":
+            out = Outcome(key, Fetched(uri), action="reused", prior=hit)
+        elif action == "check":
+            row = hit.row
+            fetched = await fetcher.fetch(uri, row["etag"], row["last_modified"])
+            if fetched.not_modified:
+                out = Outcome(key, fetched, action="revalidated", prior=hit, checked_at=time.time())
+            elif fetched.body is not None:
+                out = await process(key, fetched, "refetched")
+            elif fetched.http_status in (404, 410) or not uri.startswith(("http://", "https://")):
+                out = await process(key, fetched, "gone")
+            else:  # a timeout or a 503 while re-checking: keep the copy we have, re-check next time
+                out = Outcome(key, fetched, action="recheck_failed", prior=hit)
         else:
-            async with decode_slots:
-                result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
-            if isinstance(result, Processed):
-                out = Outcome(key, fetched, image=result)
-            else:
-                out = Outcome(key, fetched, reason=result[0], detail=result[1])
+            out = await process(key, await fetcher.fetch(uri), "retried" if hit is not None else "fetched")
         bar.advance(1)
         return out
 
     async def crawl_shard(fetcher: Fetcher, index: int, keys: list[str], uris: list[str]) -> None:
         try:
             started = now()
-            outcomes = await asyncio.gather(*(settle(fetcher, k, u) for k, u in zip(keys, uris, strict=True)))
+            name = shard_id("images", index)
+            hits = await asyncio.to_thread(ctx.reuse.lookup, keys) if ctx.reuse is not None else {}
+            clock = time.time()
+            outcomes = await asyncio.gather(
+                *(
+                    settle(fetcher, k, u, hits.get(k), decide(hits.get(k), u, cfg, clock))
+                    for k, u in zip(keys, uris, strict=True)
+                )
+            )
             # Building and writing ~100 MB of Parquet: off the event loop, which keeps downloading.
-            tables, stats = await asyncio.to_thread(shard_tables, outcomes)
-            await asyncio.to_thread(ctx.write_shard, shard_id("images", index), tables, stats, started)
+            tables, stats = await asyncio.to_thread(shard_tables, outcomes, ctx.reuse)
+            if ctx.reuse is not None:
+                rows = pa.Table.from_pylist([o.index_row() for o in outcomes], schema=INDEX_SCHEMA)
+                stats.update(await asyncio.to_thread(ctx.reuse.record, name, rows))
+            await asyncio.to_thread(ctx.write_shard, name, tables, stats, started)
         finally:
             shard_slots.release()
 
@@ -153,11 +232,13 @@ async def _crawl(ctx: StageContext, shards, bar) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def shard_tables(outcomes: list[Outcome]) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """Rows sorted by image key: a shard's content does not depend on completion order."""
+def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """Rows sorted by image key: a shard's content does not depend on completion order, nor on
+    which rows came from an earlier crawl (their bytes are copied from its file as they are)."""
     outcomes = sorted(outcomes, key=lambda o: o.key)
-    ok = [o for o in outcomes if o.image is not None]
-    bad = [o for o in outcomes if o.image is None]
+    kept = [o for o in outcomes if o.prior is not None]
+    ok = [o for o in outcomes if o.prior is None and o.image is not None]
+    bad = [o for o in outcomes if o.prior is None and o.image is None]
     images = pa.table(
         {
             "image_key": [o.key for o in ok],
@@ -188,14 +269,27 @@ def shard_tables(outcomes: list[Outcome]) -> tuple[dict[str, pa.Table], dict[str
         },
         schema=FAILURES_SCHEMA,
     )
+    if kept:
+        assert reuse is not None
+        good = [o.prior for o in kept if o.prior.row["outcome"] == "ok"]
+        failed = [o.prior for o in kept if o.prior.row["outcome"] != "ok"]
+        images = pa.concat_tables([images, reuse.data_rows(good, "images", "image_key", IMAGES_SCHEMA)])
+        failures = pa.concat_tables([failures, reuse.data_rows(failed, "failures", "image_key", FAILURES_SCHEMA)])
+        images, failures = images.sort_by("image_key"), failures.sort_by("image_key")
+    actions = Counter(o.action for o in outcomes)
     stats = {
-        "images": len(ok),
-        "failures": len(bad),
-        "failure_reasons": dict(sorted(Counter(o.reason or "unknown" for o in bad).items())),
+        "images": images.num_rows,
+        "failures": failures.num_rows,
+        "failure_reasons": dict(sorted(Counter(failures.column("reason").to_pylist()).items())),
         "bytes_downloaded": sum(len(o.fetched.body) for o in ok),
-        "bytes_stored": sum(len(o.image.jpeg) for o in ok),
+        "bytes_stored": pc.sum(pc.binary_length(images.column("bytes"))).as_py() or 0,
+        "reuse": {a: actions.get(a, 0) for a in ACTIONS},
     }
     return {"images": images, "failures": failures}, stats
+
+
+# How each image of a crawl came to be (the `reuse` counts of every run and rebuild).
+ACTIONS = ("fetched", "retried", "reused", "revalidated", "refetched", "gone", "recheck_failed")
 
 
 def binary_column(values: list[bytes]) -> pa.Array:
@@ -229,4 +323,5 @@ CRAWL = Stage(
     summarize=summarize,
     compression={"images": "none"},  # JPEG bytes do not compress; the other columns are small
     shard_ids=crawl_shard_ids,
+    reuse_ignores=("shard_images",),
 )

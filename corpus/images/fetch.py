@@ -68,6 +68,11 @@ class Fetched:
     http_status: int | None = None
     attempts: int = 0
     final_url: str = ""
+    # HTTP validators of the response (a local file: size and mtime as its ETag), for a later
+    # conditional re-check; ``not_modified``: that re-check said the copy we have is current.
+    etag: str | None = None
+    last_modified: str | None = None
+    not_modified: bool = False
 
 
 class Refused(Exception):
@@ -203,13 +208,20 @@ class Fetcher:
         if self.session is not None:
             await self.session.close()
 
-    async def fetch(self, uri: str) -> Fetched:
+    async def fetch(self, uri: str, etag: str | None = None, last_modified: str | None = None) -> Fetched:
+        """Fetch ``uri``; with ``etag`` / ``last_modified`` (recorded by an earlier fetch) a
+        conditional GET, which comes back ``not_modified`` without a body when the copy is current."""
+        validators = {}
+        if etag:
+            validators["If-None-Match"] = etag
+        if last_modified:
+            validators["If-Modified-Since"] = last_modified
         async with self.slots:
             try:
                 if uri.startswith(("http://", "https://")):
-                    return await self._fetch_http(uri)
+                    return await self._fetch_http(uri, validators)
                 if uri.startswith("file://") or uri.startswith("/"):
-                    return await asyncio.to_thread(self._read_local, uri)
+                    return await asyncio.to_thread(self._read_local, uri, etag)
                 raise Refused("unsupported_scheme", uri[:100])
             except Refused as exc:
                 return Fetched(
@@ -218,17 +230,20 @@ class Fetcher:
 
     # --- local files ------------------------------------------------------------------------
 
-    def _read_local(self, uri: str) -> Fetched:
+    def _read_local(self, uri: str, etag: str | None = None) -> Fetched:
         path = unquote(urlsplit(uri).path) if uri.startswith("file://") else uri
         real = os.path.realpath(path)
         if not any(real == root or real.startswith(root + os.sep) for root in self.roots):
             raise Refused("outside_roots", f"{path} is not under crawl.file_roots")
         try:
-            size = os.path.getsize(real)
-            if size > self.cfg.max_bytes:
-                raise Refused("too_large", f"{size} bytes > max_bytes {self.cfg.max_bytes}")
+            st = os.stat(real)
+            stamp = f"{st.st_size}-{st.st_mtime_ns}"  # a stat is cheap: local files are always re-checked
+            if etag == stamp:
+                return Fetched(uri, attempts=1, final_url=uri, etag=stamp, not_modified=True)
+            if st.st_size > self.cfg.max_bytes:
+                raise Refused("too_large", f"{st.st_size} bytes > max_bytes {self.cfg.max_bytes}")
             with open(real, "rb") as f:
-                return Fetched(uri, body=f.read(), attempts=1, final_url=uri)
+                return Fetched(uri, body=f.read(), attempts=1, final_url=uri, etag=stamp)
         except FileNotFoundError:
             raise Refused("file_not_found", path) from None
         except IsADirectoryError:
@@ -238,7 +253,7 @@ class Fetcher:
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    async def _fetch_http(self, url: str) -> Fetched:
+    async def _fetch_http(self, url: str, validators: dict[str, str]) -> Fetched:
         attempts = 0
         for _hop in range(self.cfg.max_redirects + 1):
             parts = urlsplit(url)
@@ -246,13 +261,25 @@ class Fetcher:
                 raise Refused("bad_redirect" if attempts else "bad_url", url[:200])
             self._check_literal_host(parts.hostname)
             try:
-                status, location, body, tries = await self._get_with_retries(url, parts.hostname)
+                status, location, body, headers, tries = await self._get_with_retries(url, parts.hostname, validators)
             except Refused as exc:
                 exc.attempts += attempts
                 raise
             attempts += tries
             if location is None:
-                return Fetched(url, body=body, http_status=status, attempts=attempts, final_url=url)
+                etag, modified = headers.get("ETag"), headers.get("Last-Modified")
+                if status == 304:
+                    if not validators:
+                        raise Refused("bad_response", "HTTP 304 to an unconditional GET", status, attempts)
+                    # A 304 may omit validators that did not change: keep the ones we sent.
+                    etag = etag or validators.get("If-None-Match")
+                    modified = modified or validators.get("If-Modified-Since")
+                    return Fetched(url, http_status=304, attempts=attempts, final_url=url, etag=etag,
+                                   last_modified=modified, not_modified=True)  # fmt: skip
+                return Fetched(
+                    url, body=body, http_status=status, attempts=attempts, final_url=url, etag=etag,
+                    last_modified=modified,
+                )  # fmt: skip
             url = urljoin(url, location)
         raise Refused(
             "too_many_redirects", f"more than {self.cfg.max_redirects} redirects, last {url[:200]}", attempts=attempts
@@ -269,14 +296,16 @@ class Fetcher:
         if not allowed:
             raise Refused("blocked_private_address", host)
 
-    async def _get_with_retries(self, url: str, host: str) -> tuple[int, str | None, bytes | None, int]:
-        """One hop: ``(status, redirect location or None, body, attempts)``."""
+    async def _get_with_retries(
+        self, url: str, host: str, validators: dict[str, str]
+    ) -> tuple[int, str | None, bytes | None, dict[str, str], int]:
+        """One hop: ``(status, redirect location or None, body, validator headers, attempts)``."""
         cfg = self.cfg
         for attempt in range(cfg.retries + 1):
             delay = None
             try:
                 await self.rate.wait(host)
-                return (*await self._get_once(url), attempt + 1)
+                return (*await self._get_once(url, validators), attempt + 1)
             except Refused as exc:
                 exc.attempts = attempt + 1
                 raise
@@ -289,16 +318,21 @@ class Fetcher:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _get_once(self, url: str) -> tuple[int, str | None, bytes | None]:
+    async def _get_once(
+        self, url: str, validators: dict[str, str]
+    ) -> tuple[int, str | None, bytes | None, dict[str, str]]:
         cfg = self.cfg
         try:
-            async with self.session.get(url, allow_redirects=False) as resp:
+            async with self.session.get(url, allow_redirects=False, headers=validators) as resp:
                 status = resp.status
                 if status in REDIRECTS:
                     location = resp.headers.get("Location")
                     if not location:
                         raise Refused("bad_redirect", f"HTTP {status} without Location", status)
-                    return status, location, None
+                    return status, location, None, {}
+                found = {h: resp.headers[h][:200] for h in ("ETag", "Last-Modified") if h in resp.headers}
+                if status == 304:
+                    return status, None, None, found
                 if status in RETRYABLE_STATUS:
                     retry_after = retry_after_seconds(resp.headers.get("Retry-After"), cfg.max_retry_after)
                     raise _Retry(f"http_{status}", url[:200], status, retry_after)
@@ -316,7 +350,7 @@ class Fetcher:
                     if size > cfg.max_bytes:
                         raise Refused("too_large", f"body over max_bytes {cfg.max_bytes}", status)
                     chunks.append(chunk)
-                return status, None, b"".join(chunks)
+                return status, None, b"".join(chunks), found
         except (Refused, _Retry):
             raise
         except TimeoutError:
