@@ -168,27 +168,25 @@ def detect(
     the RPN's proposals: features of given (ground-truth) boxes.
     Backbone and res5 may run under autocast (bf16); RPN, RoIPool, NMS and the heads stay fp32."""
     device = model.pixel_mean.device
-    inputs = [{"image": img.to(device)} for img in images]
+    heads = model.roi_heads
+    out = []
     with torch.inference_mode():
-        batch = model.preprocess_image(inputs)  # normalize, pad to the batch's largest size
-        with _autocast(device, autocast_dtype):
-            feats = model.backbone(batch.tensor)
-        feats = {k: v.float() for k, v in feats.items()}
-        if boxes is None:
-            proposals, _ = model.proposal_generator(batch, feats, None)
-        else:
-            proposals = []
-            for img, b in zip(batch.image_sizes, boxes, strict=True):
-                inst = Instances(img)
-                inst.proposal_boxes = Boxes(b.to(device).float())
-                proposals.append(inst)
-        heads = model.roi_heads
-        out = []
-        # NOTE: the RoI head (res5 on 14×14 per region, ~90 % of the FLOPs) runs one image at a time:
-        # batching it gains nothing and its activations grow to GBs (measured on CPU: batch 4 of
-        # 300 regions was 25 % slower and used 2.3× the memory of one image at a time).
-        for i, p in enumerate(proposals):
-            level = [feats[f][i : i + 1] for f in heads.in_features]
+        # NOTE: one image at a time, backbone included: padded to its batchmates' size, an image's
+        # features would depend on which images it was batched with, so a rebuild that extracts
+        # only the new images would not reproduce a build from scratch. The RoI head (res5 on 14×14
+        # per region) is ~90 % of the FLOPs and never gained from batching (measured on CPU: batch 4
+        # of 300 regions was 25 % slower and used 2.3× the memory of one image at a time).
+        for i, img in enumerate(images):
+            batch = model.preprocess_image([{"image": img.to(device)}])  # normalize, pad to size_divisibility
+            with _autocast(device, autocast_dtype):
+                feats = model.backbone(batch.tensor)
+            feats = {k: v.float() for k, v in feats.items()}
+            if boxes is None:
+                (p,), _ = model.proposal_generator(batch, feats, None)
+            else:
+                p = Instances(batch.image_sizes[0])
+                p.proposal_boxes = Boxes(boxes[i].to(device).float())
+            level = [feats[f] for f in heads.in_features]
             pooled_input = heads.pooler(level, [p.proposal_boxes]).contiguous(memory_format=torch.channels_last)
             with _autocast(device, autocast_dtype):
                 box_feats = heads.res5(pooled_input)

@@ -104,7 +104,7 @@ def run_downstream(ctx: StageContext) -> None:
 
 DOWNSTREAM = Stage(
     name="downstream",
-    version=2,  # 2: task_features gained image_id
+    version=3,  # 2: task_features gained image_id; 3: each image runs alone through the detector
     run=run_downstream,
     inputs=(),
     tables=("task_features",),

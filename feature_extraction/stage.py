@@ -145,7 +145,7 @@ def extract_shard_ids(ctx: StageContext) -> list[str]:
 
 EXTRACT = Stage(
     name="extract",
-    version=1,
+    version=2,  # 2: the detector runs each image alone (its features no longer depend on its batchmates)
     run=run_extract,
     inputs=("crawl", "dedup"),
     tables=("features",),

@@ -181,3 +181,32 @@ def test_detector_without_weights_is_a_config_error(tmp_path):
     path = corpus(tmp_path, {"uri": str(tmp_path / "d")}, 1, {"backend": "detectron2"})
     with pytest.raises(ConfigError, match="backend 'detectron2' needs weights"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "storage_spec, extract",
+    [
+        ("local", {"shard_images": 3, "loader_workers": 0}),
+        ("s3", {"shard_images": 3, "loader_workers": 0}),
+        ("local", {**TINY_D2, "shard_images": 3}),
+        ("local", {"shard_images": 3, "loader_workers": 0, "processes": 2}),
+    ],
+    indirect=["storage_spec"],
+    ids=["grid-local", "grid-s3", "detectron2", "grid-2-processes"],
+)
+def test_rebuild_extracts_only_new_images_and_equals_a_build_from_scratch(tmp_path, storage_spec, extract):
+    build_upstream(load_config(corpus(tmp_path, storage_spec, 8, extract, "old.yaml")))
+    first = run_stage("extract", load_config(tmp_path / "old.yaml"))
+    assert first.manifest.counts["reuse"] == {"reused": 0, "extracted": 8}
+
+    new = load_config(corpus(tmp_path, storage_spec, 11, extract, "new.yaml"))  # 3 more photos
+    build_upstream(new)
+    rebuilt = run_stage("extract", new)
+    assert rebuilt.manifest.key != first.manifest.key
+    assert rebuilt.manifest.counts["reuse"] == {"reused": 8, "extracted": 3}
+
+    scratch = load_config(corpus(tmp_path, {"uri": str(tmp_path / "scratch")}, 11, extract, "scratch.yaml"))
+    build_upstream(scratch)
+    for stage in ("crawl", "dedup", "extract"):
+        a, b = run_stage(stage, scratch).manifest, run_stage(stage, new).manifest
+        assert (a.key, a.content_sha256) == (b.key, b.content_sha256), stage
