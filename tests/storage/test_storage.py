@@ -85,3 +85,25 @@ def test_local_put_is_atomic_and_hides_temporaries(tmp_path):
     (tmp_path / "d" / ".x.parquet.tmp-123").write_bytes(b"partial")
     (tmp_path / "d" / "x.json").write_bytes(b"{}")
     assert store.list("d") == ["d/x.json"]
+
+
+def test_create_has_exactly_one_winner(storage):
+    """`create` is the lease's only primitive: among racing writers exactly one wins, and the
+    object holds the winner's bytes whole (local: a link; S3: a conditional PUT)."""
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        if storage.create("leases/x/00000001.json", f"writer {i}".encode()):
+            wins.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert storage.read_bytes("leases/x/00000001.json") == f"writer {wins[0]}".encode()
+    assert storage.create("leases/x/00000001.json", b"late") is False
+    assert storage.list("leases/x") == ["leases/x/00000001.json"]  # no temporary left behind
