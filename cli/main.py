@@ -235,6 +235,35 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from pipeline.gc import collect  # noqa: PLC0415
+    from pipeline.runner import storage_for  # noqa: PLC0415
+
+    if args.keep < 0:
+        raise UniterError(f"gc: --keep must be 0 or more, got {args.keep}")
+    configs = [load_config(path, args.set) for path in args.config]
+    uris = {cfg.storage.uri for cfg in configs}
+    if len(uris) > 1:
+        raise UniterError(
+            f"gc: the configs name different storages ({', '.join(sorted(uris))}); run gc once per storage"
+        )
+    summary = collect(storage_for(configs[0]), configs, args.keep, dry_run=args.dry_run)
+    if args.json:
+        _emit(summary)
+        return 0
+    con = _stderr_console()
+    verb = "would remove" if args.dry_run else "removed"
+    for row in summary["removed"]:
+        state = "complete" if row["complete"] else "unfinished"
+        con.print(f"{verb} {row['stage']} {row['key'][:12]}… ({state}, {row['objects']} objects)", markup=False)
+    con.print(
+        f"gc: kept {len(summary['kept'])} artifacts, {verb} {len(summary['removed'])}, "
+        f"{summary['orphan_index_entries']} orphaned reuse-index entries",
+        markup=False,
+    )
+    return 0
+
+
 def cmd_sql(args) -> int:
     from pipeline.runner import catalog_tables, storage_for  # noqa: PLC0415
 
@@ -416,6 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attention", help="folder for the pictures and attention.json")
     common(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser(
+        "gc",
+        help="remove artifacts that no current key needs (never one a kept artifact points to)",
+        description="Keeps the current keys of every config given (-c, repeatable), the --keep newest "
+        "complete artifacts of each stage, artifacts being built, and everything those point to.",
+    )
+    p.add_argument("-c", "--config", action="append", required=True, help="pipeline YAML config (repeatable)")
+    p.add_argument("--keep", type=int, default=1, help="newest complete artifacts kept per stage besides the current")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_gc, quiet=True)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     common(p, config_required=False)
