@@ -78,7 +78,7 @@ class ItemIndex:
     current: str = ""  # the key being built: never its own source
     lend: bool = True  # False: record and seal the current artifact, reuse nothing (--force)
     _sources: list[Source] | None = field(default=None, repr=False)
-    _files: dict[str, pa.Table] = field(default_factory=dict, repr=False)
+    _files: dict[str, pa.Table | None] = field(default_factory=dict, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -158,7 +158,7 @@ class ItemIndex:
             try:
                 self._files[path] = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
             except (StorageError, pa.ArrowException):
-                self._files[path] = None  # type: ignore[assignment]  # gone or unreadable: make the items again
+                self._files[path] = None  # gone or unreadable: make the items again
             if len(self._files) > 8:  # a run walks the sources in item order: a few files suffice
                 self._files.pop(next(iter(self._files)))
         return self._files[path]

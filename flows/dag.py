@@ -74,6 +74,17 @@ def fan_out(name: str, document: dict[str, Any], cfg: PipelineConfig) -> None:
             future.result()  # raises the first failure (after its retries)
 
 
+def flat_counts(counts: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Numeric counts, nested ones by dotted name (``reuse.fetched``: what a rebuild reused vs made)."""
+    flat: dict[str, Any] = {}
+    for k, v in counts.items():
+        if isinstance(v, dict) and k != "failure_reasons":
+            flat.update(flat_counts(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            flat[prefix + k] = v
+    return flat
+
+
 def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str, config_sha256: str) -> str:
     lines = [
         f"# {title}",
@@ -85,7 +96,7 @@ def summary_markdown(title: str, results: list[dict[str, Any]], storage_uri: str
     ]
     for r in results:
         rows = sum(o.get("rows", 0) for o in r.get("outputs", []))
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(r.get("counts", {}).items()) if isinstance(v, (int, float)))
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(flat_counts(r.get("counts", {})).items()))
         lines.append(
             f"| {r['stage']} | {r['status']} | `{r['key'][:12]}` | {rows:,} | {r['seconds']:.1f} "
             f"| {r['built_seconds']:.1f} | {counts} |"

@@ -104,3 +104,14 @@ def test_sharded_stages_fan_out_on_the_task_runner(tmp_path, storage_spec, runne
             writers = {rec.run_id for rec in markers.values()}
             assert len(writers) == (3 if fan == 3 else 1), (r["stage"], writers)  # one writer per shard group
     assert contents[1] == contents[3]
+
+
+def test_the_flow_summary_says_what_a_rebuild_reused():
+    from flows.dag import summary_markdown
+
+    run = {
+        "stage": "crawl", "status": "ran", "key": "k" * 64, "seconds": 1.0, "built_seconds": 1.0, "outputs": [],
+        "counts": {"images": 5250, "failure_reasons": {"http_404": 50}, "reuse": {"reused": 5000, "fetched": 250}},
+    }  # fmt: skip
+    md = summary_markdown("corpus rebuild", [run], "/data", "c" * 64)
+    assert "images 5250, reuse.fetched 250, reuse.reused 5000 |" in md
