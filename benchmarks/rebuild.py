@@ -133,7 +133,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="uniter-bench-rebuild-"))
     port_file = work / "port"
-    server = multiprocessing.get_context("spawn").Process(target=serve, args=(str(port_file), n + added), daemon=True)
+    server = multiprocessing.get_context("spawn").Process(target=serve, args=(str(port_file), n + added))
     server.start()
     try:
         while not port_file.exists() or not port_file.read_text():
