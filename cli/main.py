@@ -235,6 +235,20 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from pipeline.diff import diff_markdown, rebuild_diff  # noqa: PLC0415
+    from pipeline.runner import storage_for  # noqa: PLC0415
+
+    cfg = _config(args)
+    diff = rebuild_diff(cfg, storage_for(cfg), against=args.against)
+    if args.json:
+        _emit(diff)
+    else:
+        sys.stdout.write(diff_markdown(diff))
+        _stderr_console().print(f"published: {diff['uri']}", markup=False)
+    return 0
+
+
 def cmd_gc(args) -> int:
     from pipeline.gc import collect  # noqa: PLC0415
     from pipeline.runner import storage_for  # noqa: PLC0415
@@ -445,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="attention", help="folder for the pictures and attention.json")
     common(p)
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("diff", help="what the last corpus rebuild changed: images and pairs added/removed, and why")
+    p.add_argument("--against", metavar="KEY", help="a dedup key to compare with (default: the previous corpus)")
+    common(p)
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser(
         "gc",

@@ -23,7 +23,8 @@ from pipeline.config import (
     config_document,
     config_from_parameter,
 )
-from pipeline.runner import shard_ids
+from pipeline.diff import diff_markdown, rebuild_diff
+from pipeline.runner import shard_ids, storage_for
 from pipeline.stages import CORPUS_STAGES, GPU_STAGES, STAGES, TRAIN_STAGES, get_stage
 
 REPORTS = {"dedup": "report.md", "evaluate": "report.html"}
@@ -42,6 +43,13 @@ def run_stages(
             fan_out(name, document, cfg)
         results.append(stage_task.with_options(name=name)(name, document, force))
     publish_summary(title, results, cfg.storage.uri, sha256_json(document))
+    if any(r["stage"] == "dedup" and r["status"] == "ran" for r in results):
+        diff = rebuild_diff(cfg, storage_for(cfg))
+        create_markdown_artifact(
+            key="uniter-corpus-diff",
+            markdown=diff_markdown(diff),
+            description="what this rebuild changed in the corpus, and what it reused",
+        )
     return results
 
 

@@ -10,7 +10,8 @@ Kept:
 
 Each removed artifact is first forgotten as a reuse source (its seal, then its index files: no
 rebuild starts copying from it), then removed manifest first (readers stop seeing it at once),
-then its lease files. Reuse-index entries whose artifact no longer exists are removed too.
+then its lease files (and a dedup artifact's corpus diff). Reuse-index entries whose artifact no
+longer exists are removed too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from contract.artifact import ARTIFACTS, Artifact, Manifest
 from contract.lease import LEASES, alive
 from contract.reuse import INDEX, SEALED, remove_sources
 from pipeline.config import PipelineConfig
+from pipeline.diff import REPORTS as DIFF_REPORTS
 from pipeline.stages import STAGES
 from storage import Storage, StorageError
 
@@ -145,6 +147,9 @@ def collect(storage: Storage, configs: list[PipelineConfig], keep: int, dry_run:
         for f in plan.removed:
             Artifact(storage, f.stage, f.key).clear()
             storage.remove(f"{LEASES}/{f.stage}/{f.key}")
+            if f.stage == "dedup":  # its corpus diff (pipeline/diff.py)
+                for ext in ("json", "md"):
+                    storage.remove(f"{DIFF_REPORTS}/{f.key}.{ext}")
         for path in plan.orphan_index:
             storage.remove(path)
     return plan.to_json(dry_run)

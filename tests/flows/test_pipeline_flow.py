@@ -69,6 +69,19 @@ def test_full_pipeline_caches_by_content(tmp_path, storage_spec):
         f.write(json.dumps({"image_path": "images/0.jpg", "caption": "one more caption"}) + "\n")
     changed = full_pipeline(config=str(cfg_path), until="extract")
     assert [r["status"] for r in changed] == ["ran"] * 4 and changed[0]["key"] != first[0]["key"]
+    # The rebuild says what changed: next to the artifacts, and as the flow run's artifact.
+    diff = json.loads(storage.read_bytes(f"reports/corpus-diff/{changed[2]['key']}.json"))
+    assert diff["previous"] is not None and diff["images"]["added"] == diff["images"]["removed"] == 0
+    assert sum(p["added"] for p in diff["pairs"].values()) == 1
+    assert changed[1]["counts"]["reuse"]["revalidated"] == 6  # local files: re-checked by stat, not read
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        published = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["uniter-corpus-diff"]))
+        )
+    assert any("Images: 0 added, 0 removed, 6 kept." in a.data for a in published)
 
     forced = full_pipeline(config=str(cfg_path), force=True, until="extract")
     assert [r["status"] for r in forced] == ["ran"] * 4
