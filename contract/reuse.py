@@ -106,6 +106,23 @@ class ItemIndex:
         body = {"key": self.current, "created": time.time(), "shards": [list(r) for r in ranges]}
         self.storage.put(f"{self.prefix}/{SEALED}/{self.current}.json", json.dumps(body).encode())
 
+    def put_table(self, name: str, table: pa.Table) -> None:
+        """A whole-artifact table of the current artifact (e.g. dedup's near-duplicate edges)."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        self.storage.put(f"{self.prefix}/{self.current}/{name}.parquet", buf.getvalue())
+
+    def newest_table(self, name: str) -> pa.Table | None:
+        """That table of the newest source that has one."""
+        for source in self.sources():
+            path = f"{self.prefix}/{source.key}/{name}.parquet"
+            if self.storage.exists(path):
+                try:
+                    return pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
+                except (StorageError, pa.ArrowException):
+                    continue
+        return None
+
     # --- finding ------------------------------------------------------------------------------
 
     def sources(self) -> list[Source]:

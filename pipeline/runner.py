@@ -122,8 +122,9 @@ class Planner:
             key = sha256_json({"stage": name, "version": stage.version, "config": config_sha, "inputs": inputs})
         item_fp = None
         if stage.reuse_ignores is not None:
-            section = payload["section"] if stage.extra_config else payload
-            kept = {k: v for k, v in section.items() if k not in stage.reuse_ignores}
+            ignores = set(stage.reuse_ignores)
+            sections = [payload["section"], *payload["extra"].values()] if stage.extra_config else [payload]
+            kept = [{k: v for k, v in section.items() if k not in ignores} for section in sections]
             item_fp = sha256_json({"stage": name, "version": stage.version, "config": kept})[:32]
         plan = StagePlan(stage, key, config_sha, {**inputs, **files}, manifests, missing, item_fp)
         self._plans[name] = plan

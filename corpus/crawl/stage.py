@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, now, shard_id
-from corpus.images.fetch import Fetched, Fetcher
+from corpus.images.fetch import Fetched, Fetcher, decide
 from corpus.images.imaging import ImageOptions, Processed, process_or_reject
 from storage.catalog import Catalog
 
@@ -102,19 +102,6 @@ class Outcome:
             "fetched_at": self.fetched_at,
             "checked_at": self.checked_at,
         }
-
-
-def decide(hit: Hit | None, uri: str, cfg, clock: float) -> str:
-    """What to do with one image given its row in an earlier crawl: fetch | reuse | check."""
-    if hit is None or hit.row["url"] != uri:
-        return "fetch"
-    ok = hit.row["outcome"] == "ok"
-    if not uri.startswith(("http://", "https://")):
-        return "check" if ok else "fetch"  # a local file: a stat tells whether it changed
-    age = clock - hit.row["checked_at"]
-    if ok:
-        return "check" if cfg.recrawl_after is not None and age >= cfg.recrawl_after else "reuse"
-    return "fetch" if age >= cfg.retry_failures_after else "reuse"
 
 
 def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, Iterator[tuple[int, list[str], list[str]]]]:
@@ -200,7 +187,7 @@ async def _crawl(ctx: StageContext, shards, bar) -> None:
             clock = time.time()
             outcomes = await asyncio.gather(
                 *(
-                    settle(fetcher, k, u, hits.get(k), decide(hits.get(k), u, cfg, clock))
+                    settle(fetcher, k, u, hits.get(k), decide(hits[k].row if k in hits else None, u, cfg, clock))
                     for k, u in zip(keys, uris, strict=True)
                 )
             )

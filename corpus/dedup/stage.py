@@ -15,16 +15,19 @@ import asyncio
 import json
 import multiprocessing
 import os
+import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Protocol
 
 import pyarrow as pa
 
+from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, batched, now, shard_id
+from corpus.dedup.config import DedupConfig
 from corpus.dedup.evalsets import EvalItem, read_eval_set
 from corpus.dedup.join import components, hamming_join
-from corpus.images.fetch import Fetcher, FetchSettings
+from corpus.images.fetch import Fetcher, FetchSettings, decide
 from corpus.images.imaging import ImageOptions, ImageSettings, Processed, process_or_reject
 from storage.catalog import Catalog
 
@@ -80,7 +83,11 @@ REMOVED_SCHEMA = pa.schema(
 
 def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
     cfg = ctx.config
-    items = [item for spec in cfg.eval_sets for item in read_eval_set(spec)]
+    # Shards are ranges of image locations, so a rebuild finds each one's earlier hash by range.
+    items = sorted(
+        (item for spec in cfg.eval_sets for item in read_eval_set(spec)),
+        key=lambda i: (i.image_uri is None, i.image_uri or "", i.eval_set, i.item),
+    )
     eval_shards = []
     with ctx.progress.task("dedup: evaluation images", total=len(items)) as bar:
         for index, chunk in enumerate(batched(items, cfg.eval_shard_images)):
@@ -88,7 +95,9 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
             eval_shards.append(name)
             if not ctx.shard_done(name):
                 started = now()
-                table, stats = hash_eval_images(chunk, crawl_cfg, cfg)
+                table, stats, index_rows = hash_eval_images(chunk, crawl_cfg, cfg, ctx.reuse)
+                if ctx.reuse is not None:
+                    stats.update(ctx.reuse.record(name, index_rows))
                 ctx.write_shard(name, {"eval_images": table}, stats, started)
             bar.advance(len(chunk))
 
@@ -105,7 +114,7 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
             catalog.con.execute(f"create view eval_images as select * from ({_empty(EVAL_SCHEMA)})")
         if not ctx.shard_done("map-00000"):
             started = now()
-            tables, stats = build_map(catalog, cfg)
+            tables, stats = build_map(catalog, cfg, ctx.reuse)
             ctx.write_shard("map-00000", tables, stats, started)
         for table in ("image_map", "duplicates", "removed"):
             catalog.add_view(table, ctx.shard_files("map-00000", table))
@@ -128,23 +137,43 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
 # --- evaluation images ------------------------------------------------------------------------
 
 
-def hash_eval_images(items: list[EvalItem], crawl_cfg: CrawlSettings, cfg) -> tuple[pa.Table, dict]:
+# An evaluation image's hash, by location, for rebuilds (contract/reuse.py): the fields `decide` reads.
+EVAL_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("item", pa.string(), nullable=False),  # the image location
+        pa.field("url", pa.string(), nullable=False),
+        pa.field("outcome", pa.string(), nullable=False),  # "ok" or the failure reason
+        pa.field("phash", pa.int64()),
+        pa.field("phash_windows", pa.list_(pa.int64())),
+        pa.field("etag", pa.string()),
+        pa.field("last_modified", pa.string()),
+        pa.field("checked_at", pa.float64(), nullable=False),
+    ]
+)
+
+
+def hash_eval_images(
+    items: list[EvalItem], crawl_cfg: CrawlSettings, cfg, reuse: ItemIndex | None = None
+) -> tuple[pa.Table, dict, pa.Table]:
     """Fetch and hash the evaluation images of one shard, with the crawl's fetcher and worker.
-    Their own image roots are readable in addition to the crawl's."""
+    Their own image roots are readable in addition to the crawl's. Images an earlier dedup
+    hashed (same location, same image settings) are taken from its index, re-checked as the crawl
+    re-checks its images. Returns the table, its stats and the shard's index rows."""
     eval_roots = [i.image_uri.rsplit("/", 1)[0] for i in items if i.image_uri and i.image_uri.startswith("/")]
     roots = sorted(set(crawl_cfg.file_roots) | set(eval_roots))
-    wanted = [i for i in items if i.image_uri] if cfg.appearance else []
-    results = asyncio.run(_fetch_and_hash(wanted, crawl_cfg, roots)) if wanted else {}
+    uris = sorted({i.image_uri for i in items if i.image_uri}) if cfg.appearance else []
+    hits = reuse.lookup(uris) if reuse is not None and uris else {}
+    rows_by_uri = asyncio.run(_fetch_and_hash(uris, hits, crawl_cfg, roots)) if uris else {}
     rows = []
     for item in items:
-        res = results.get(item.item + "\0" + item.eval_set)
+        res = rows_by_uri.get(item.image_uri) if item.image_uri else None
         if not cfg.appearance:
             status = "skipped"
         elif not item.image_uri:
             status = "no_location"
         else:
-            status = res if isinstance(res, str) else "ok"
-        ok = isinstance(res, Processed)
+            status = res["outcome"]
+        ok = res is not None and res["outcome"] == "ok"
         rows.append(
             {
                 "eval_set": item.eval_set,
@@ -154,42 +183,132 @@ def hash_eval_images(items: list[EvalItem], crawl_cfg: CrawlSettings, cfg) -> tu
                 "flickr_id": item.flickr_id,
                 "image_uri": item.image_uri,
                 "status": status,
-                "phash": res.phash if ok else None,
-                "phash_windows": res.phash_windows if ok else None,
+                "phash": res["phash"] if ok else None,
+                "phash_windows": res["phash_windows"] if ok else None,
             }
         )
     table = pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
-    return table, {
-        "eval_items": len(rows),
-        "eval_hashed": sum(r["status"] == "ok" for r in rows),
-        "eval_status": dict(sorted(Counter(r["status"] for r in rows).items())),
-    }
+    actions = Counter(r.pop("action") for r in rows_by_uri.values())
+    index_rows = pa.Table.from_pylist([rows_by_uri[u] for u in uris], schema=EVAL_INDEX_SCHEMA)
+    return (
+        table,
+        {
+            "eval_items": len(rows),
+            "eval_hashed": sum(r["status"] == "ok" for r in rows),
+            "eval_status": dict(sorted(Counter(r["status"] for r in rows).items())),
+            "eval_reuse": dict(sorted(actions.items())),
+        },
+        index_rows,
+    )
 
 
 async def _fetch_and_hash(
-    items: list[EvalItem], crawl_cfg: CrawlSettings, file_roots: list[str]
-) -> dict[str, Processed | str]:
+    uris: list[str], hits: dict[str, Hit], crawl_cfg: CrawlSettings, file_roots: list[str]
+) -> dict[str, dict]:
+    """Per location: its index row (outcome, pHashes, validators) plus the ``action`` taken."""
     opts = ImageOptions.from_settings(crawl_cfg)
     workers = crawl_cfg.workers or os.cpu_count() or 1
     loop = asyncio.get_running_loop()
+    clock = time.time()
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
         async with Fetcher(crawl_cfg, file_roots) as fetcher:
 
-            async def one(item: EvalItem):
-                fetched = await fetcher.fetch(item.image_uri)
+            async def hashed(uri: str, fetched, action: str) -> dict:
+                row = {"item": uri, "url": uri, "etag": fetched.etag, "last_modified": fetched.last_modified,
+                       "checked_at": time.time(), "phash": None, "phash_windows": None, "action": action}  # fmt: skip
                 if fetched.body is None:
-                    return item, fetched.reason or "fetch_failed"
+                    return {**row, "outcome": fetched.reason or "fetch_failed"}
                 result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
-                return item, result if isinstance(result, Processed) else result[0]
+                if not isinstance(result, Processed):
+                    return {**row, "outcome": result[0]}
+                return {**row, "outcome": "ok", "phash": result.phash, "phash_windows": result.phash_windows}
 
-            done = await asyncio.gather(*(one(i) for i in items))
-    return {i.item + "\0" + i.eval_set: r for i, r in done}
+            async def one(uri: str) -> dict:
+                hit = hits.get(uri)
+                action = decide(hit.row if hit else None, uri, crawl_cfg, clock)
+                if action == "reuse":
+                    return {**hit.row, "action": "reused"}
+                if action == "check":
+                    fetched = await fetcher.fetch(uri, hit.row["etag"], hit.row["last_modified"])
+                    if fetched.not_modified:
+                        return {**hit.row, "etag": fetched.etag, "checked_at": time.time(), "action": "revalidated"}
+                    if fetched.body is None and fetched.http_status not in (404, 410) and uri.startswith("http"):
+                        return {**hit.row, "action": "recheck_failed"}  # keep the hash we have
+                    return await hashed(uri, fetched, "refetched" if fetched.body is not None else "gone")
+                return await hashed(uri, await fetcher.fetch(uri), "retried" if hit is not None else "fetched")
+
+            done = await asyncio.gather(*(one(u) for u in uris))
+    return dict(zip(uris, done, strict=True))
 
 
 # --- duplicate clusters and decontamination ---------------------------------------------------
 
 
-def build_map(catalog: Catalog, cfg) -> tuple[dict[str, pa.Table], dict]:
+def near_pairs(con, d: int, reuse: ItemIndex | None) -> tuple[dict[tuple[int, int], int], int]:
+    """Near-duplicate pairs among the exact-duplicate roots of `img`: {(id, id): distance}.
+
+    With an earlier dedup's roots and pairs (same image settings, same distance), only the roots it
+    did not have (new images, changed bytes, new roots of their exact group) are joined against
+    all: a pair of two old roots was already found, or not, by the earlier full join. Returns the
+    pairs and how many roots were taken as already joined. Records this run's roots and pairs."""
+    con.execute("""create or replace temp table roots as
+        select id, image_key, sha256, phash, phash_windows from img where id = exact_root""")
+    prev_roots = reuse.newest_table("near-roots") if reuse is not None else None
+    prev_pairs = reuse.newest_table("near-pairs") if prev_roots is not None and reuse is not None else None
+    if prev_pairs is None or (prev_pairs.schema.metadata or {}).get(b"distance") != str(d).encode():
+        prev_roots = prev_pairs = None
+    old: dict[str, int] = {}
+    if prev_roots is not None:
+        con.register("prev_roots", prev_roots)
+        old = dict(
+            con.execute("""select r.image_key, r.id from roots r
+            join prev_roots p on p.item = r.image_key and p.sha256 = r.sha256""").fetchall()
+        )
+        con.unregister("prev_roots")
+    con.execute("create or replace temp table old_roots (id BIGINT)")
+    if old:
+        con.register("old_ids", pa.table({"id": pa.array(list(old.values()), pa.int64())}))
+        con.execute("insert into old_roots select id from old_ids")
+        con.unregister("old_ids")
+    full = "select id, phash as h from roots"
+    windows = f"{full} union all select id, unnest(phash_windows) as h from roots"
+    if not old:
+        joins = [hamming_join(con, full, windows, d, exclude_self=True)]
+    else:
+        new = "where id not in (select id from old_roots)"
+        new_full = f"select id, phash as h from roots {new}"
+        new_windows = f"{new_full} union all select id, unnest(phash_windows) as h from roots {new}"
+        has_new = con.execute(f"select count(*) from roots {new}").fetchone()[0] > 0
+        joins = (
+            [hamming_join(con, new_full, windows, d, True), hamming_join(con, full, new_windows, d, True)]
+            if has_new
+            else []
+        )
+    best: dict[tuple[int, int], int] = {}
+    for near in joins:
+        for q, i, dist in zip(*(near.column(c).to_pylist() for c in ("qid", "iid", "distance")), strict=True):
+            pair = (min(q, i), max(q, i))  # windows make the relation one-sided: keep either direction
+            best[pair] = min(dist, best.get(pair, 99))
+    if prev_pairs is not None:
+        for a, b, dist in zip(*(prev_pairs.column(c).to_pylist() for c in ("a", "b", "distance")), strict=True):
+            if a in old and b in old:
+                pair = (min(old[a], old[b]), max(old[a], old[b]))
+                best[pair] = min(dist, best.get(pair, 99))
+    if reuse is not None:
+        roots = con.execute("select image_key as item, sha256 from roots order by image_key").arrow().read_all()
+        key_of = dict(con.execute("select id, image_key from roots").fetchall())
+        pairs = sorted((key_of[a], key_of[b], dist) for (a, b), dist in best.items())
+        reuse.put_table("near-roots", roots)
+        schema = pa.schema([("a", pa.string()), ("b", pa.string()), ("distance", pa.int32())]).with_metadata(
+            {"distance": str(d)}
+        )
+        reuse.put_table(
+            "near-pairs", pa.Table.from_pylist([dict(zip("ab", p[:2]), distance=p[2]) for p in pairs], schema)
+        )
+    return best, len(old)
+
+
+def build_map(catalog: Catalog, cfg, reuse: ItemIndex | None = None) -> tuple[dict[str, pa.Table], dict]:
     """Clusters of duplicates and the removals. Python only holds edges and removals (small);
     per-image tables stay in DuckDB."""
     con = catalog.con
@@ -205,14 +324,9 @@ def build_map(catalog: Catalog, cfg) -> tuple[dict[str, pa.Table], dict]:
     exact = con.execute("select id, exact_root from img where id <> exact_root order by id").fetchall()
     edges = list(exact)
     dups: list[tuple[int, int, str, int]] = [(a, b, "exact", 0) for a, b in exact]
+    near_reused = 0
     if cfg.near_duplicates:
-        unique = "select id, phash as h from img where id = exact_root"
-        windows = f"{unique} union all select id, unnest(phash_windows) as h from img where id = exact_root"
-        near = hamming_join(con, unique, windows, d, exclude_self=True)
-        best: dict[tuple[int, int], int] = {}
-        for q, i, dist in zip(*(near.column(c).to_pylist() for c in ("qid", "iid", "distance")), strict=True):
-            pair = (min(q, i), max(q, i))  # windows make the relation one-sided: keep either direction
-            best[pair] = min(dist, best.get(pair, 99))
+        best, near_reused = near_pairs(con, d, reuse)
         for (a, b), dist in sorted(best.items()):
             edges.append((b, a))
             dups.append((b, a, "near", dist))
@@ -285,6 +399,7 @@ def build_map(catalog: Catalog, cfg) -> tuple[dict[str, pa.Table], dict]:
         "exact_duplicates": len(exact),
         "near_duplicates": len(dups) - len(exact),
         "images_removed": sum(image_map.column("removed").to_pylist()),
+        "near_roots_reused": near_reused,  # roots a rebuild did not join again (an earlier dedup had)
     }
     mapped = zip(*(image_map.column(c).to_pylist() for c in ("image_key", "kept_key", "removed")), strict=True)
     stats["images_kept"] = sum(1 for k, kk, rm in mapped if k == kk and not rm)
@@ -480,10 +595,14 @@ def _run(ctx: StageContext) -> None:
 
 DEDUP = Stage(
     name="dedup",
-    version=2,  # 2: corpus_images.crawl_file is a storage key (was a URL)
+    version=3,  # 2: corpus_images.crawl_file is a storage key (was a URL); 3: eval shards by image location
     run=_run,
     inputs=("ingest", "crawl"),
     tables=("corpus_images", "corpus_pairs", "image_map", "duplicates", "removed", "eval_images", "decontamination"),
     description="exact + near duplicates merged; evaluation-set overlap removed by id and by appearance",
     extra_config=("crawl",),
+    # Reused across keys (contract/reuse.py): evaluation images' hashes, and the near-duplicate join
+    # among images an earlier dedup had. Neither depends on a dedup setting (the distance is checked
+    # apart) nor on the crawl's shard size; both depend on the crawl's fetch and image settings.
+    reuse_ignores=(*DedupConfig.model_fields, "shard_images"),
 )

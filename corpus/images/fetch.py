@@ -53,6 +53,8 @@ class FetchSettings(Protocol):
     allow_private_networks: bool
     allowed_networks: Sequence[str]
     file_roots: Sequence[str]
+    recrawl_after: float | None  # re-check images fetched longer ago than this (None: never)
+    retry_failures_after: float  # try a failed image again only this long after
 
     def user_agent_header(self) -> str: ...
 
@@ -73,6 +75,21 @@ class Fetched:
     etag: str | None = None
     last_modified: str | None = None
     not_modified: bool = False
+
+
+def decide(prior: dict | None, uri: str, settings, clock: float) -> str:
+    """What to do with an image given its row from an earlier fetch (``url``, ``outcome``: "ok" or
+    the failure reason, ``checked_at``): ``fetch``, ``reuse`` it, or ``check`` it with a
+    conditional GET. ``settings`` has ``recrawl_after`` (None: never) and ``retry_failures_after``."""
+    if prior is None or prior["url"] != uri:
+        return "fetch"
+    ok = prior["outcome"] == "ok"
+    if not uri.startswith(("http://", "https://")):
+        return "check" if ok else "fetch"  # a local file: a stat tells whether it changed
+    age = clock - prior["checked_at"]
+    if ok:
+        return "check" if settings.recrawl_after is not None and age >= settings.recrawl_after else "reuse"
+    return "fetch" if age >= settings.retry_failures_after else "reuse"
 
 
 class Refused(Exception):

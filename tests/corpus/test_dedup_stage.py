@@ -314,3 +314,49 @@ def test_dedup_resumes_from_finished_shards(corpus, storage_spec):
         resumed = run_stage("dedup", cfg)
     assert resumed.resumed_shards == len(shards) - len(later) + 1
     assert resumed.manifest.content_sha256 == full.manifest.content_sha256
+
+
+def test_rebuild_reuses_evaluation_hashes_and_joins_only_new_images(corpus, tmp_path, storage_spec):
+    """More captions: dedup gets a new key. The evaluation images are not hashed again (local files:
+    a stat), only the new images are joined against the rest, and the result is the artifact a build
+    from scratch writes."""
+    extra = {"/g-half.jpg": fx.jpeg(fx.resized(P[6], 0.5)), "/i.jpg": fx.jpeg(P[14])}  # a near dup of g; new
+
+    def add_extra(server):
+        with open(tmp_path / "web.jsonl", "a") as f:
+            f.writelines(json.dumps({"image_url": server.url(p), "caption": f"web {p}"}) + "\n" for p in extra)
+
+    with srv.ImageServer({p: srv.serve(b) for p, b in {**WEB, **extra}.items()}) as server:
+        path = corpus(server, storage_spec)
+        cfg = load_config(path)
+        for stage in ("ingest", "crawl"):
+            run_stage(stage, cfg)
+        first = run_stage("dedup", cfg)
+        assert first.manifest.counts["near_roots_reused"] == 0
+        assert set(first.manifest.counts["eval_reuse"]) == {"fetched"}
+
+        add_extra(server)
+        cfg = load_config(path)
+        for stage in ("ingest", "crawl"):
+            run_stage(stage, cfg)
+        rebuilt = run_stage("dedup", cfg)
+        assert rebuilt.manifest.key != first.manifest.key
+        evals = rebuilt.manifest.counts["eval_reuse"]
+        assert set(evals) == {"revalidated"} and evals["revalidated"] == first.manifest.counts["eval_reuse"]["fetched"]
+        roots_before = first.manifest.counts["images_in"] - first.manifest.counts["exact_duplicates"]
+        assert rebuilt.manifest.counts["near_roots_reused"] == roots_before  # only the 2 new ones joined
+        (dups,) = _tables(cfg, rebuilt, "duplicates")
+        g_keys = {r["image_key"] for r in dups if r["rule"] == "near"}
+        assert len(g_keys) == len(NEAR) + 1  # the new near duplicate of g was found
+
+        corpus(server, {"uri": str(tmp_path / "scratch")})  # (rewrites web.jsonl without the extra rows)
+        add_extra(server)
+        scratch = load_config(tmp_path / "cfg.yaml")
+        for stage in ("ingest", "crawl"):
+            run_stage(stage, scratch)
+        fresh = run_stage("dedup", scratch)
+    assert fresh.manifest.counts["near_roots_reused"] == 0
+    assert (fresh.manifest.key, fresh.manifest.content_sha256) == (
+        rebuilt.manifest.key,
+        rebuilt.manifest.content_sha256,
+    )
