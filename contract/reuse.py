@@ -48,17 +48,32 @@ FIRST, LAST = "item_first", "item_last"  # shard stats: the shard's item range
 
 @dataclass(frozen=True)
 class Source:
-    """A complete earlier artifact that can lend items: its key and its shards' item ranges."""
+    """A complete earlier artifact that can lend items: its key and its shards' item ranges
+    (sorted by first item; disjoint for crawl and extract, possibly overlapping elsewhere)."""
 
     key: str
     created: float
     firsts: list[str]
     lasts: list[str]
     shards: list[str]
+    reach: list[str] = field(default_factory=list)  # reach[i]: the largest last item of shards 0..i
 
-    def shard_of(self, item: str) -> str | None:
+    def __post_init__(self) -> None:
+        reach: list[str] = []
+        for last in self.lasts:
+            reach.append(max(reach[-1], last) if reach else last)
+        object.__setattr__(self, "reach", reach)
+
+    def shards_of(self, item: str) -> list[str]:
+        """The shards whose range holds ``item``: a binary search, then a walk back that stops at
+        once when ranges are disjoint."""
+        found = []
         i = bisect.bisect_right(self.firsts, item) - 1
-        return self.shards[i] if i >= 0 and item <= self.lasts[i] else None
+        while i >= 0 and self.reach[i] >= item:
+            if self.lasts[i] >= item:
+                found.append(self.shards[i])
+            i -= 1
+        return found
 
 
 @dataclass(frozen=True)
@@ -157,7 +172,7 @@ class ItemIndex:
                 break
             by_shard: dict[str, list[str]] = {}
             for item in todo:
-                if (shard := source.shard_of(item)) is not None:
+                for shard in source.shards_of(item):
                     by_shard.setdefault(shard, []).append(item)
             for shard, wanted in by_shard.items():
                 rows = self._index_rows(source.key, shard)

@@ -15,11 +15,11 @@ from pathlib import Path
 from PIL import Image
 
 from contract.errors import InputDataError
-from contract.fingerprint import folder_files
+from contract.fingerprint import file_fingerprint, folder_files, sha256_json
 from contract.stage import Stage, StageContext, now
 from feature_extraction.config import DownstreamConfig, ExtractConfig
-from feature_extraction.featurize import Item, extract_chunks, shard_stats, storage_spec, summarize
-from feature_extraction.schema import task_features_table
+from feature_extraction.featurize import Item, reusing_shards, storage_spec, summarize
+from feature_extraction.schema import TASK_FEATURES_SCHEMA, task_features_table
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
                     width, height = im.size
             except OSError as exc:
                 raise InputDataError(f"{path}: not a readable image ({exc})") from None
-            items.append(Item(key, None, 0, width, height, str(path)))
+            # (the file's digest: a rebuild reuses the features of an unchanged file)
+            items.append(Item(key, None, 0, width, height, str(path), sha256=file_fingerprint(path)))
         if not items:
             log.warning("downstream: no images (.jpg, .jpeg, .png) under %s for set %r", folder, name)
         n = cfg.shard_images
@@ -78,7 +79,16 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
         if name in cfg.gt_boxes:
             boxes = annotated_boxes(cfg.gt_boxes[name])
             gt = [
-                Item(f"{it.key}#gt", None, 0, it.width, it.height, it.path, tuple(b for _, b in boxes[iid]))
+                Item(
+                    f"{it.key}#gt",
+                    None,
+                    0,
+                    it.width,
+                    it.height,
+                    it.path,
+                    gt := tuple(b for _, b in boxes[iid]),
+                    sha256=sha256_json([it.sha256, gt]),
+                )  # fmt: skip
                 for it in items
                 if (iid := image_id(Path(it.path).stem)) is not None and iid in boxes
             ]
@@ -95,11 +105,15 @@ def run_downstream(ctx: StageContext) -> None:
     chunks = [items for _, items in shards]
     ids = {it.key: image_id(Path(it.path).stem) for items in chunks for it in items}  # `#gt` rows: their image's
     todo = [i for i, (sid, _) in enumerate(shards) if not ctx.shard_done(sid)]
+    names = [sid for sid, _ in shards]
+    spec = storage_spec(ctx)
     with ctx.progress.task("downstream", total=sum(len(chunks[i]) for i in todo)) as bar:
-        for index, rows in extract_chunks(extract, extract.device, storage_spec(ctx), chunks, todo):
-            table = task_features_table(rows, ids)
-            ctx.write_shard(shards[index][0], {"task_features": table}, shard_stats(rows), now())
-            bar.advance(len(rows))
+        for index, tables, stats in reusing_shards(
+            extract, extract.device, spec, chunks, todo, ctx.reuse, names, "task_features", TASK_FEATURES_SCHEMA,
+            lambda rows: task_features_table(rows, ids),
+        ):  # fmt: skip
+            ctx.write_shard(names[index], tables, stats, now())
+            bar.advance(stats["images"])
 
 
 DOWNSTREAM = Stage(
@@ -112,4 +126,7 @@ DOWNSTREAM = Stage(
     summarize=summarize,
     compression={"task_features": "none"},
     extra_config=("extract",),
+    # Features of an unchanged file (and boxes) are reused across keys; which sets are configured
+    # does not shape one item's features, the extract section's detector settings do.
+    reuse_ignores=(*DownstreamConfig.model_fields, "shard_images"),
 )

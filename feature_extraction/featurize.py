@@ -10,17 +10,20 @@ backend computes its features right there) and, for the detectron2 backend, the 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from contract.reuse import ItemIndex
 from contract.stage import StageContext
 from feature_extraction.config import ExtractConfig
 from feature_extraction.grid import box_features, grid_features
@@ -164,6 +167,57 @@ def extract_chunks(
             yield index, rows
             rows = []
             index, end = next(bound, (None, None))
+
+
+def reusing_shards(
+    cfg: ExtractConfig,
+    device: str,
+    spec: StorageSpec,
+    chunks: list[list[Item]],
+    todo: list[int],
+    reuse: ItemIndex | None,
+    names: list[str],
+    table_name: str,
+    schema: pa.Schema,
+    build: Callable[[list[RegionFeatures]], pa.Table],
+) -> Iterator[tuple[int, dict[str, pa.Table], dict[str, Any]]]:
+    """Each pending shard's tables and stats, in order (extract and downstream). Images whose
+    features an earlier artifact holds (same key, same ``Item.sha256``, same extractor
+    fingerprint) are copied from it; only the others go through the model. The shard's reuse index
+    rows are recorded before its marker. ``build`` makes the table of the new rows."""
+    same: dict[int, set[str]] = {}
+    rest = list(chunks)
+    for i in todo:
+        if reuse is not None:
+            hits = reuse.lookup(it.key for it in chunks[i])
+            same[i] = {it.key for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256}
+            rest[i] = [it for it in chunks[i] if it.key not in same[i]]
+    fresh = iter(extract_chunks(cfg, device, spec, rest, [i for i in todo if rest[i]]))
+    for i in todo:
+        rows: list = []
+        if rest[i]:
+            index, rows = next(fresh)
+            assert index == i, (index, i)
+        table = build(rows)
+        if same.get(i):
+            assert reuse is not None
+            hits = reuse.lookup(same[i])
+            copied = reuse.data_rows(hits.values(), table_name, "image_key", schema)
+            table = pa.concat_tables([table, copied]).sort_by("image_key")
+        stats = {
+            "images": table.num_rows,
+            "boxes": int(pc.sum(table.column("num_boxes")).as_py() or 0),
+            "reuse": {"reused": len(same.get(i, ())), "extracted": len(rows)},
+        }
+        if reuse is not None:
+            keys = {it.key: it.sha256 for it in chunks[i]}
+            index_rows = pa.table({"item": list(keys), "sha256": list(keys.values())}, schema=INDEX_SCHEMA)
+            stats.update(reuse.record(names[i], index_rows))
+        yield i, {table_name: table}, stats
+
+
+# The reuse index row of one image: the bytes its features were computed from.
+INDEX_SCHEMA = pa.schema([pa.field("item", pa.string(), nullable=False), pa.field("sha256", pa.string())])
 
 
 def shard_stats(rows: list[RegionFeatures]) -> dict[str, Any]:

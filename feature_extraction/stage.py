@@ -14,14 +14,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from contract.artifact import Artifact
 from contract.reuse import ItemIndex
 from contract.stage import Stage, StageContext, now, shard_id
 from feature_extraction.config import ExtractConfig
-from feature_extraction.featurize import Item, StorageSpec, extract_chunks, storage_spec, summarize
+from feature_extraction.featurize import Item, StorageSpec, reusing_shards, storage_spec, summarize
 from feature_extraction.schema import FEATURES_SCHEMA, features_table
 from storage.catalog import Catalog
 
@@ -71,52 +70,6 @@ def run_extract(ctx: StageContext) -> None:
             bar.advance(stats["images"])
 
 
-def extract_shards(
-    cfg: ExtractConfig,
-    device: str,
-    spec: StorageSpec,
-    chunks: list[list[Item]],
-    todo: list[int],
-    reuse: ItemIndex | None,
-) -> Iterator[tuple[int, dict[str, pa.Table], dict[str, Any]]]:
-    """Each pending shard's tables and stats, in order. Images whose features an earlier artifact
-    holds (same key, same image sha256, same extractor fingerprint) are copied from it; only the
-    others go through the model. The shard also gets its reuse index rows (before its marker)."""
-    same: dict[int, set[str]] = {}
-    rest = list(chunks)
-    for i in todo:
-        if reuse is not None:
-            hits = reuse.lookup(it.key for it in chunks[i])
-            same[i] = {it.key for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256}
-            rest[i] = [it for it in chunks[i] if it.key not in same[i]]
-    fresh = iter(extract_chunks(cfg, device, spec, rest, [i for i in todo if rest[i]]))
-    for i in todo:
-        rows: list = []
-        if rest[i]:
-            index, rows = next(fresh)
-            assert index == i, (index, i)
-        table = features_table(rows)
-        if same.get(i):
-            assert reuse is not None
-            hits = reuse.lookup(same[i])
-            copied = reuse.data_rows(hits.values(), "features", "image_key", FEATURES_SCHEMA)
-            table = pa.concat_tables([table, copied]).sort_by("image_key")
-        stats = {
-            "images": table.num_rows,
-            "boxes": int(pc.sum(table.column("num_boxes")).as_py() or 0),
-            "reuse": {"reused": len(same.get(i, ())), "extracted": len(rows)},
-        }
-        if reuse is not None:
-            keys = {it.key: it.sha256 for it in chunks[i]}
-            index_rows = pa.table({"item": list(keys), "sha256": list(keys.values())}, schema=INDEX_SCHEMA)
-            stats.update(reuse.record(shard_id("feat", i), index_rows))
-        yield i, {"features": table}, stats
-
-
-# The reuse index row of one image: the bytes its features were computed from.
-INDEX_SCHEMA = pa.schema([pa.field("item", pa.string(), nullable=False), pa.field("sha256", pa.string())])
-
-
 def _rank_main(
     rank: int,
     world: int,
@@ -155,3 +108,15 @@ EXTRACT = Stage(
     shard_ids=extract_shard_ids,
     reuse_ignores=("shard_images",),
 )
+
+
+def extract_shards(
+    cfg: ExtractConfig,
+    device: str,
+    spec: StorageSpec,
+    chunks: list[list[Item]],
+    todo: list[int],
+    reuse: ItemIndex | None,
+) -> Iterator[tuple[int, dict[str, pa.Table], dict[str, Any]]]:
+    names = [shard_id("feat", i) for i in range(len(chunks))]
+    return reusing_shards(cfg, device, spec, chunks, todo, reuse, names, "features", FEATURES_SCHEMA, features_table)

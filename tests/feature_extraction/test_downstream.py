@@ -148,3 +148,36 @@ def test_bad_folders_are_clear_errors(tmp_path, storage_spec):
     (tmp_path / "broken" / "y.jpg").write_bytes(b"not an image")
     with pytest.raises(InputDataError, match=r"y.jpg: not a readable image"):
         run_stage("downstream", load_config(_config(tmp_path, storage_spec, {"broken": "broken"})))
+
+
+def test_a_new_set_reuses_the_features_of_unchanged_files(tmp_path):
+    """Adding a set (the key changes) extracts only its images; a file whose content changed, or a
+    ground-truth row whose boxes changed, is extracted again; the result equals a build from scratch."""
+    _folder(tmp_path / "coco", ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000073.jpg", "c.jpg"])
+    instances = tmp_path / "instances.json"
+    boxes = [{"id": 7, "image_id": 42, "bbox": [10, 5, 30, 40]}, {"id": 8, "image_id": 73, "bbox": [1, 1, 9, 9]}]
+    instances.write_text(json.dumps({"images": [], "annotations": boxes}))
+    path = _config(tmp_path, {"uri": str(tmp_path / "data")}, {"coco": "coco"}, {"backend": "grid"})
+    doc = yaml.safe_load(path.read_text())
+    doc["downstream"]["gt_boxes"] = {"coco": str(instances)}
+    path.write_text(yaml.safe_dump(doc))
+    first = run_stage("downstream", load_config(path))
+    assert first.manifest.counts["reuse"] == {"reused": 0, "extracted": 5}
+
+    _folder(tmp_path / "nlvr2", ["dev-1-img0.png", "dev-1-img1.png"], seed=20)
+    _folder(tmp_path / "coco", ["c.jpg"], seed=99)  # new content under an old name
+    boxes[1]["bbox"] = [2, 2, 9, 9]  # image 73's annotation moved
+    instances.write_text(json.dumps({"images": [], "annotations": boxes}))
+    doc["downstream"]["images"]["nlvr2"] = "nlvr2"
+    path.write_text(yaml.safe_dump(doc))
+    second = run_stage("downstream", load_config(path))
+    # reused: 42, 73 and 42#gt; extracted: c (changed), 73#gt (moved box), the two nlvr2 images
+    assert second.manifest.counts["reuse"] == {"reused": 3, "extracted": 4}
+
+    doc["storage"] = {"uri": str(tmp_path / "scratch")}
+    path.write_text(yaml.safe_dump(doc))
+    scratch = run_stage("downstream", load_config(path))
+    assert (scratch.manifest.key, scratch.manifest.content_sha256) == (
+        second.manifest.key,
+        second.manifest.content_sha256,
+    )
