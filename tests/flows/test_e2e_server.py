@@ -142,14 +142,19 @@ def _trigger(server, cfg_path: Path, *extra: str) -> dict:
     return json.loads(done.stdout)
 
 
-def _summary_markdown(server, flow_run_id: str) -> str:
+def _markdown_artifacts(server, flow_run_id: str) -> dict[str, str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with _client(server) as client:
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-    return next(a.data for a in arts if a.type == "markdown")
+    return {a.key: a.data for a in arts if a.type == "markdown"}
+
+
+def _summary_markdown(server, flow_run_id: str) -> str:
+    """The flow run's summary (not its corpus diff, which runs that rebuilt dedup also publish)."""
+    return next(md for key, md in _markdown_artifacts(server, flow_run_id).items() if key != "uniter-corpus-diff")
 
 
 def _contents(cfg) -> dict[str, str]:
@@ -172,6 +177,8 @@ def test_deployments_end_to_end(server, tmp_path):
             assert first["state"] == "Completed"
             md = _summary_markdown(server, first["flow_run"])
             assert md.count("| ran |") == 8 and "evaluate" in md and "report.html" in md
+            diff = _markdown_artifacts(server, first["flow_run"])["uniter-corpus-diff"]
+            assert "against the previous corpus none (first build)" in diff
             uninterrupted = _contents(cfg)
 
             again = _trigger(server, cfg_path)
