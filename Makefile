@@ -10,12 +10,13 @@ venv: $(STAMP)
 
 # NOTE: requirements.lock pins every package (transitive included), so two installs a month apart
 # resolve to the same set; the project itself is installed editable on top with --no-deps.
-$(STAMP): requirements.lock pyproject.toml scripts/install_detectron2.sh
+$(STAMP): requirements.lock pyproject.toml scripts/install_detectron2.sh scripts/warm_deepspeed_op.py
 	@start=$$(date +%s); \
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -qq --disable-pip-version-check -r requirements.lock && \
 	scripts/install_detectron2.sh $(VENV) && \
 	$(BIN)/python -m pip install -qq --disable-pip-version-check --no-deps --no-build-isolation -e . && \
+	$(BIN)/python scripts/warm_deepspeed_op.py && \
 	end=$$(date +%s); \
 	echo "[make] venv ready: install took $$((end-start)) s, venv size $$(du -sh $(VENV) | cut -f1)" >&2
 	@touch $(STAMP)

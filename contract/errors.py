@@ -15,3 +15,8 @@ class MissingInputError(UniterError):
 
 class InputDataError(UniterError):
     """An input file is malformed as a whole (not one bad record: those are rejected)."""
+
+
+class GuardError(UniterError):
+    """A stage stopped before publishing because its result looks wrong (e.g. dedup would remove
+    most of the corpus); the message says what it saw and how to override."""

@@ -118,7 +118,9 @@ def run_downstream(ctx: StageContext) -> None:
 
 DOWNSTREAM = Stage(
     name="downstream",
-    version=3,  # 2: task_features gained image_id; 3: each image runs alone through the detector
+    # 2: task_features gained image_id; 3: each image runs alone through the detector;
+    # 4: grid features projected by the fast Walsh–Hadamard transform
+    version=4,
     run=run_downstream,
     inputs=(),
     tables=("task_features",),

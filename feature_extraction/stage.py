@@ -98,7 +98,9 @@ def extract_shard_ids(ctx: StageContext) -> list[str]:
 
 EXTRACT = Stage(
     name="extract",
-    version=2,  # 2: the detector runs each image alone (its features no longer depend on its batchmates)
+    # 2: the detector runs each image alone (its features no longer depend on its batchmates);
+    # 3: grid cells from one whole-image resize, projected by the fast Walsh–Hadamard transform
+    version=3,
     run=run_extract,
     inputs=("crawl", "dedup"),
     tables=("features",),

@@ -20,6 +20,7 @@ from pipeline.runner import run_stage, storage_for
 from pipeline.stages import ancestors, dependents
 from uniter.finetune import report
 from uniter.finetune.evaluate import evaluate_run
+from uniter.finetune.stage import baseline_architecture
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,25 @@ def variant_config(cfg: PipelineConfig, variant) -> PipelineConfig:
         raise ConfigError(f"ablation variant {variant.name!r}: {problems}") from None
 
 
+def architecture(vcfg: PipelineConfig) -> tuple[str, dict]:
+    """The model a variant fine-tunes: the pretrained one's, or the baseline's it builds."""
+    if vcfg.finetune.init == "pretrained":
+        return vcfg.pretrain.model, {**vcfg.pretrain.model_overrides, **vcfg.finetune.model_overrides}
+    return baseline_architecture(vcfg.finetune, vcfg.pretrain)
+
+
+def check_same_architecture(cfg: PipelineConfig, variants) -> None:
+    """One table compares pretraining, not model sizes: every row must fine-tune the same model."""
+    seen = {v.name: architecture(variant_config(cfg, v)) for v in variants}
+    if len({sha256_json(list(a)) for a in seen.values()}) > 1:
+        rows = "; ".join(f"{name}: {size} {overrides or ''}".strip() for name, (size, overrides) in seen.items())
+        raise ConfigError(
+            f"ablation variants fine-tune different models ({rows}); a Meta-Sum table compares pretraining "
+            "only. Leave finetune.model unset (baselines then build the pretrained architecture) or make "
+            "the variants' pretrain.model and model_overrides agree"
+        )
+
+
 def shared_stages() -> list[str]:
     """What every variant fine-tunes on and no variant changes: fine-tuning's inputs but pretraining
     and what reads it."""
@@ -57,6 +77,7 @@ def run_ablation(cfg: PipelineConfig, progress=None) -> dict:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"ablation variant names must be unique: {names}")
+    check_same_architecture(cfg, variants)
     storage = storage_for(cfg)
     for stage in shared_stages():
         run_stage(stage, cfg, storage, progress=progress)

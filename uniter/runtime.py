@@ -113,12 +113,26 @@ def start_worker(rank: int, world: int, port: int, device: str, label: str, loca
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"[{label} {rank}/{world}] %(message)s"
     )
+    if device == "cpu" and rank == 0 and not shm_op_built():
+        logging.getLogger(__name__).warning(
+            "building DeepSpeed's shared-memory op before the first step: once per machine, a few minutes "
+            "on 2 cores (`make venv` builds it ahead)"
+        )
     import deepspeed  # noqa: PLC0415 -- slow to import; only worker processes need it
 
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl", verbose=False)
     if device == "cuda":
         torch.cuda.set_device(local_rank)
     return local_rank
+
+
+def shm_op_built() -> bool:
+    """Whether DeepSpeed's CPU shared-memory op is in the torch extensions cache (it compiles it
+    the first time a CPU process group starts)."""
+    from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC0415
+
+    folder = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+    return (folder / "deepspeed_shm_comm.so").exists()
 
 
 def mean_over_processes(value: float, world: int) -> float:

@@ -45,6 +45,8 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("sha256", pa.string(), nullable=False),  # of the original bytes
         pa.field("phash", pa.int64(), nullable=False),  # 64-bit pHash of the decoded image
         pa.field("phash_windows", pa.list_(pa.int64()), nullable=False),  # centre + 4 trimmed windows
+        # CIELAB 32×32: the colour check of pHash candidates (corpus/images/colour.py)
+        pa.field("thumb", pa.binary(), nullable=False),
     ]
 )
 
@@ -242,6 +244,7 @@ def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tup
             "sha256": [o.image.sha256 for o in ok],
             "phash": [o.image.phash for o in ok],
             "phash_windows": [o.image.phash_windows for o in ok],
+            "thumb": [o.image.thumb for o in ok],
         },
         schema=IMAGES_SCHEMA,
     )
@@ -302,11 +305,14 @@ def crawl_shard_ids(ctx: StageContext) -> list[str]:
 
 CRAWL = Stage(
     name="crawl",
-    version=1,
+    version=2,  # 2: the colour thumbnail beside the hashes
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),
-    description="every distinct image of pairs → validated, resized JPEG + sha256 + pHash; failures with reasons",
+    description=(
+        "every distinct image of pairs → validated, resized JPEG + sha256 + pHash + colour thumbnail; "
+        "failures with reasons"
+    ),
     summarize=summarize,
     compression={"images": "none"},  # JPEG bytes do not compress; the other columns are small
     shard_ids=crawl_shard_ids,

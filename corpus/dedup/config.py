@@ -59,11 +59,45 @@ class DedupConfig(SectionConfig):
     # other (see corpus/images/imagehash.py). 4 matches JPEG q40, 50 % resizes, 3–5 % crops and ±10 %
     # brightness in ≥ 99 % of cases while no two distinct fixture photos come closer than 12.
     phash_max_distance: int = Field(default=4, ge=0, le=16)
-    near_duplicates: bool = True  # merge near duplicates (exact ones are always merged)
-    identity: bool = True  # decontaminate by COCO / Flickr ids
-    appearance: bool = True  # decontaminate by pHash against the evaluation images
+    # A pHash candidate is the same picture only if its colour thumbnails are this close (largest
+    # ΔE after alignment, brightness matching and erosion; corpus/images/colour.py) and its aspect
+    # ratios agree. Measured: copies ≤ 11.6, flat shapes differing in colour, size or place ≥ 13.2.
+    colour_max_distance: float = Field(default=12.5, gt=0, le=100)
+    near_duplicates: bool = True  # merge verified near duplicates (exact ones are always merged)
+    # What counts as overlapping an evaluation set, each mode including the ones before it:
+    #   ids         a shared COCO id or Flickr photo id
+    #   exact       + a byte copy (sha256) of an evaluation image, which is fetched and hashed
+    #   appearance  + a verified near duplicate of an evaluation image
+    decontamination: Literal["none", "ids", "exact", "appearance"] = "appearance"
+    # Stop, publishing nothing, when merging or decontamination would take more than this fraction of
+    # the images: a hash that cannot tell the pictures apart looks like a corpus full of copies.
+    max_removed_fraction: float = Field(default=0.2, ge=0, le=1)
+    guard_min_images: int = Field(default=100, ge=0)  # below this, a few planted copies are no alarm
     eval_sets: list[EvalSet] = []
     eval_shard_images: int = Field(default=1000, ge=1)  # evaluation images hashed per shard
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and ({"identity", "appearance"} & set(data)):
+            raise ValueError(
+                "`identity` and `appearance` were replaced by `decontamination: none | ids | exact | appearance` "
+                "(each includes the ones before it)"
+            )
+        return data
+
+    @property
+    def by_ids(self) -> bool:
+        return self.decontamination != "none"
+
+    @property
+    def by_bytes(self) -> bool:
+        """Evaluation images are fetched and hashed (sha256, and pHash + thumbnail for appearance)."""
+        return self.decontamination in ("exact", "appearance")
+
+    @property
+    def by_appearance(self) -> bool:
+        return self.decontamination == "appearance"
 
     @model_validator(mode="after")
     def _unique(self) -> DedupConfig:

@@ -22,12 +22,15 @@ from typing import Protocol
 
 import pyarrow as pa
 
+from contract.errors import GuardError
 from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, batched, now, shard_id
 from corpus.dedup.config import DedupConfig
 from corpus.dedup.evalsets import EvalItem, read_eval_set
 from corpus.dedup.join import components, hamming_join
+from corpus.images.colour import aspect_ratio_close, colour_distances
 from corpus.images.fetch import Fetcher, FetchSettings, decide
+from corpus.images.imagehash import hamming
 from corpus.images.imaging import ImageOptions, ImageSettings, Processed, process_or_reject
 from storage.catalog import Catalog
 
@@ -50,6 +53,10 @@ EVAL_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("phash", pa.int64()),
         ("phash_windows", pa.list_(pa.int64())),
+        ("sha256", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("thumb", pa.binary()),
     ]
 )
 MAP_SCHEMA = pa.schema(
@@ -66,6 +73,7 @@ DUPLICATES_SCHEMA = pa.schema(
         ("kept_key", pa.string()),
         ("rule", pa.string()),
         ("distance", pa.int32()),
+        ("colour_distance", pa.float32()),  # near duplicates: corpus/images/colour.py
     ]
 )
 REMOVED_SCHEMA = pa.schema(
@@ -77,6 +85,29 @@ REMOVED_SCHEMA = pa.schema(
         ("eval_item", pa.string()),
         ("distance", pa.int32()),
         ("matched_key", pa.string()),
+        ("colour_distance", pa.float32()),  # appearance matches
+    ]
+)
+# pHash candidates the colour check turned down: auditable, and what a threshold change would add.
+REJECTED_SCHEMA = pa.schema(
+    [
+        ("image_key", pa.string()),
+        ("candidate_key", pa.string()),  # kind "near": the other corpus image
+        ("eval_set", pa.string()),  # kind "appearance": the evaluation image
+        ("eval_item", pa.string()),
+        ("kind", pa.string()),
+        ("distance", pa.int32()),
+        ("colour_distance", pa.float32()),
+    ]
+)
+# Every caption that moved to another image (its image is a verified duplicate of the kept one).
+REPOINTED_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("source", pa.string()),
+        ("original_image_key", pa.string()),
+        ("kept_key", pa.string()),
+        ("rule", pa.string()),  # exact | near
     ]
 )
 
@@ -116,7 +147,7 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
             started = now()
             tables, stats = build_map(catalog, cfg, ctx.reuse)
             ctx.write_shard("map-00000", tables, stats, started)
-        for table in ("image_map", "duplicates", "removed"):
+        for table in ("image_map", "duplicates", "removed", "rejected"):
             catalog.add_view(table, ctx.shard_files("map-00000", table))
         n_files = len(ctx.input_files("crawl", "images")) + len(ctx.input_files("ingest", "pairs"))
         with ctx.progress.task("dedup: clean corpus shards", total=n_files) as bar:
@@ -124,12 +155,12 @@ def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
             write_kept_pairs(ctx, catalog, bar)
         if not ctx.shard_done("report-00000"):
             started = now()
-            table, report, stats = build_report(catalog, cfg)
+            tables, report, stats = build_report(catalog, cfg)
             files = {
                 "report.json": json.dumps(report, indent=1).encode(),
                 "report.md": report_markdown(report).encode(),
             }
-            ctx.write_shard("report-00000", {"decontamination": table}, stats, started, extras=files)
+            ctx.write_shard("report-00000", tables, stats, started, extras=files)
     finally:
         catalog.close()
 
@@ -145,6 +176,10 @@ EVAL_INDEX_SCHEMA = pa.schema(
         pa.field("outcome", pa.string(), nullable=False),  # "ok" or the failure reason
         pa.field("phash", pa.int64()),
         pa.field("phash_windows", pa.list_(pa.int64())),
+        pa.field("sha256", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("thumb", pa.binary()),
         pa.field("etag", pa.string()),
         pa.field("last_modified", pa.string()),
         pa.field("checked_at", pa.float64(), nullable=False),
@@ -161,13 +196,13 @@ def hash_eval_images(
     re-checks its images. Returns the table, its stats and the shard's index rows."""
     eval_roots = [i.image_uri.rsplit("/", 1)[0] for i in items if i.image_uri and i.image_uri.startswith("/")]
     roots = sorted(set(crawl_cfg.file_roots) | set(eval_roots))
-    uris = sorted({i.image_uri for i in items if i.image_uri}) if cfg.appearance else []
+    uris = sorted({i.image_uri for i in items if i.image_uri}) if cfg.by_bytes else []
     hits = reuse.lookup(uris) if reuse is not None and uris else {}
     rows_by_uri = asyncio.run(_fetch_and_hash(uris, hits, crawl_cfg, roots)) if uris else {}
     rows = []
     for item in items:
         res = rows_by_uri.get(item.image_uri) if item.image_uri else None
-        if not cfg.appearance:
+        if not cfg.by_bytes:
             status = "skipped"
         elif not item.image_uri:
             status = "no_location"
@@ -183,8 +218,7 @@ def hash_eval_images(
                 "flickr_id": item.flickr_id,
                 "image_uri": item.image_uri,
                 "status": status,
-                "phash": res["phash"] if ok else None,
-                "phash_windows": res["phash_windows"] if ok else None,
+                **{k: res[k] if ok else None for k in _IMAGE_FIELDS},
             }
         )
     table = pa.Table.from_pylist(rows, schema=EVAL_SCHEMA)
@@ -202,6 +236,9 @@ def hash_eval_images(
     )
 
 
+_IMAGE_FIELDS = ("phash", "phash_windows", "sha256", "width", "height", "thumb")
+
+
 async def _fetch_and_hash(
     uris: list[str], hits: dict[str, Hit], crawl_cfg: CrawlSettings, file_roots: list[str]
 ) -> dict[str, dict]:
@@ -215,13 +252,13 @@ async def _fetch_and_hash(
 
             async def hashed(uri: str, fetched, action: str) -> dict:
                 row = {"item": uri, "url": uri, "etag": fetched.etag, "last_modified": fetched.last_modified,
-                       "checked_at": time.time(), "phash": None, "phash_windows": None, "action": action}  # fmt: skip
+                       "checked_at": time.time(), "action": action, **dict.fromkeys(_IMAGE_FIELDS)}  # fmt: skip
                 if fetched.body is None:
                     return {**row, "outcome": fetched.reason or "fetch_failed"}
                 result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
                 if not isinstance(result, Processed):
                     return {**row, "outcome": result[0]}
-                return {**row, "outcome": "ok", "phash": result.phash, "phash_windows": result.phash_windows}
+                return {**row, "outcome": "ok", **{k: getattr(result, k) for k in _IMAGE_FIELDS}}
 
             async def one(uri: str) -> dict:
                 hit = hits.get(uri)
@@ -310,7 +347,10 @@ def near_pairs(con, d: int, reuse: ItemIndex | None) -> tuple[dict[tuple[int, in
 
 def build_map(catalog: Catalog, cfg, reuse: ItemIndex | None = None) -> tuple[dict[str, pa.Table], dict]:
     """Clusters of duplicates and the removals. Python only holds edges and removals (small);
-    per-image tables stay in DuckDB."""
+    per-image tables stay in DuckDB. Every pHash candidate passes the colour check
+    (corpus/images/colour.py) before it merges or removes anything; the ones that fail are kept
+    in `rejected`. Raises GuardError, before anything is written, when merging or
+    decontamination would take more than `max_removed_fraction` of the images."""
     con = catalog.con
     d = cfg.phash_max_distance
     # Ids in order of preference: the largest original (then the smallest key) represents a cluster.
@@ -323,20 +363,32 @@ def build_map(catalog: Catalog, cfg, reuse: ItemIndex | None = None) -> tuple[di
         select *, min(id) over (partition by sha256) as exact_root from ranked""")
     exact = con.execute("select id, exact_root from img where id <> exact_root order by id").fetchall()
     edges = list(exact)
-    dups: list[tuple[int, int, str, int]] = [(a, b, "exact", 0) for a, b in exact]
+    dups: list[tuple[int, int, str, int, float | None]] = [(a, b, "exact", 0, None) for a, b in exact]
+    rejected: list[tuple] = []  # (id, other id or None, eval_set, eval item, kind, distance, colour)
     near_reused = 0
+    verified: set[tuple[int, int]] = set()
     if cfg.near_duplicates:
         best, near_reused = near_pairs(con, d, reuse)
-        for (a, b), dist in sorted(best.items()):
-            edges.append((b, a))
-            dups.append((b, a, "near", dist))
-    root = components(edges)
+        cands = sorted(best.items())
+        colour, ok = check_pairs(con, [(b, a) for (a, b), _ in cands], cfg)
+        for ((a, b), dist), c, good in zip(cands, colour, ok, strict=True):
+            if good:
+                verified.add((a, b))
+                edges.append((b, a))
+                dups.append((b, a, "near", dist, c))
+            else:
+                rejected.append((b, a, None, None, "near", dist, c))
+    root = keep_verified(con, components(edges), verified, cfg)
 
     removed_rows: list[tuple] = []
-    if cfg.identity:
+    if cfg.by_ids:
         removed_rows += con.execute(_IDENTITY_SQL).fetchall()
-    if cfg.appearance:
-        removed_rows += appearance_matches(con, d)
+    if cfg.by_bytes:
+        removed_rows += con.execute(_SHA256_SQL).fetchall()
+    if cfg.by_appearance:
+        matches, misses = appearance_matches(con, cfg)
+        removed_rows += matches
+        rejected += misses
     removed_rows.sort(key=lambda r: (r[0], r[1], r[2], r[4]))
     removed_ids = {r[0] for r in removed_rows}
     first_match: dict[int, tuple] = {}
@@ -349,7 +401,19 @@ def build_map(catalog: Catalog, cfg, reuse: ItemIndex | None = None) -> tuple[di
     for r, row in sorted(first_match.items()):
         for m in sorted(members.get(r, [r])):
             if m not in removed_ids:
-                removed_rows.append((m, "duplicate_of_removed", row[2], row[3], row[4], None, row[0]))
+                removed_rows.append((m, "duplicate_of_removed", row[2], row[3], row[4], None, row[0], None))
+
+    needed = sorted(
+        {i for a, b, *_ in dups for i in (a, b)}
+        | {r[0] for r in removed_rows}
+        | {r[6] for r in removed_rows if r[6] is not None}
+        | {i for r in rejected for i in (r[0], r[1]) if i is not None}
+    )
+    key_of = dict(
+        con.execute("select id, image_key from img where id in (select unnest($1::BIGINT[]))", [needed]).fetchall()
+    )
+    n_images = con.execute("select count(*) from img").fetchone()[0]
+    guard(cfg, n_images, root, removed_rows, dups, key_of)
 
     roots_t = pa.table({"id": pa.array(list(root), pa.int64()), "root": pa.array(list(root.values()), pa.int64())})
     con.register("roots_t", roots_t)
@@ -365,20 +429,13 @@ def build_map(catalog: Catalog, cfg, reuse: ItemIndex | None = None) -> tuple[di
         .read_all()
         .cast(MAP_SCHEMA)
     )
-    needed = sorted(
-        {i for a, b, *_ in dups for i in (a, b)}
-        | {r[0] for r in removed_rows}
-        | {r[6] for r in removed_rows if r[6] is not None}
-    )
-    key_of = dict(
-        con.execute("select id, image_key from img where id in (select unnest($1::BIGINT[]))", [needed]).fetchall()
-    )
     dup_table = pa.table(
         {
             "image_key": [key_of[a] for a, *_ in dups],
             "kept_key": [key_of.get(root.get(a, a)) for a, *_ in dups],
-            "rule": [r for _, _, r, _ in dups],
-            "distance": [dist for *_, dist in dups],
+            "rule": [r for _, _, r, _, _ in dups],
+            "distance": [dist for *_, dist, _ in dups],
+            "colour_distance": [c for *_, c in dups],
         },
         schema=DUPLICATES_SCHEMA,
     )
@@ -391,19 +448,156 @@ def build_map(catalog: Catalog, cfg, reuse: ItemIndex | None = None) -> tuple[di
             "eval_item": [r[4] for r in removed_rows],
             "distance": [r[5] for r in removed_rows],
             "matched_key": [key_of[r[6]] if r[6] is not None else None for r in removed_rows],
+            "colour_distance": [r[7] for r in removed_rows],
         },
         schema=REMOVED_SCHEMA,
+    )
+    rejected_table = pa.table(
+        {
+            "image_key": [key_of[r[0]] for r in rejected],
+            "candidate_key": [key_of[r[1]] if r[1] is not None else None for r in rejected],
+            "eval_set": [r[2] for r in rejected],
+            "eval_item": [r[3] for r in rejected],
+            "kind": [r[4] for r in rejected],
+            "distance": [r[5] for r in rejected],
+            "colour_distance": [r[6] for r in rejected],
+        },
+        schema=REJECTED_SCHEMA,
     )
     stats = {
         "images_in": image_map.num_rows,
         "exact_duplicates": len(exact),
         "near_duplicates": len(dups) - len(exact),
+        "candidates_rejected": dict(sorted(Counter(r[4] for r in rejected).items())),
         "images_removed": sum(image_map.column("removed").to_pylist()),
         "near_roots_reused": near_reused,  # roots a rebuild did not join again (an earlier dedup had)
     }
     mapped = zip(*(image_map.column(c).to_pylist() for c in ("image_key", "kept_key", "removed")), strict=True)
     stats["images_kept"] = sum(1 for k, kk, rm in mapped if k == kk and not rm)
-    return {"image_map": image_map, "duplicates": dup_table.sort_by("image_key"), "removed": removed}, stats
+    tables = {
+        "image_map": image_map,
+        "duplicates": dup_table.sort_by([("image_key", "ascending"), ("kept_key", "ascending")]),
+        "removed": removed,
+        "rejected": rejected_table.sort_by([("kind", "ascending"), ("image_key", "ascending")]),
+    }
+    return tables, stats
+
+
+def _thumbs(con, table: str, ids: list[int]) -> dict[int, tuple[bytes, int, int]]:
+    """id → (thumbnail, width, height) for the given ids of `img` (from `images`) or `ev_ok`
+    (from `eval_images`): thumbnails are fetched only for candidates, never for the whole corpus."""
+    if not ids:
+        return {}
+    source = (
+        "img i join images x on x.image_key = i.image_key"
+        if table == "img"
+        else "ev_ok i join eval_images x on x.eval_set = i.eval_set and x.item = i.item"
+    )
+    rows = con.execute(
+        f"select i.id, x.thumb, x.width, x.height from {source} where i.id in (select unnest($1::BIGINT[]))",
+        [sorted(set(ids))],
+    ).fetchall()
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def check_pairs(con, pairs: list[tuple[int, int]], cfg, other: str = "img") -> tuple[list[float], list[bool]]:
+    """The colour check of pHash candidates (a in `img`, b in `img` or `ev_ok`): (colour distance,
+    same picture?) per pair. Aspect ratios must agree too."""
+    if not pairs:
+        return [], []
+    left = _thumbs(con, "img", [a for a, _ in pairs])
+    right = left if other == "img" else _thumbs(con, other, [b for _, b in pairs])
+    if other == "img":
+        right = {**left, **_thumbs(con, "img", [b for _, b in pairs if b not in left])}
+    colour = colour_distances([left[a][0] for a, _ in pairs], [right[b][0] for _, b in pairs])
+    ok = [
+        float(c) <= cfg.colour_max_distance and aspect_ratio_close(*left[a][1:], *right[b][1:])
+        for (a, b), c in zip(pairs, colour, strict=True)
+    ]
+    return [round(float(c), 2) for c in colour], ok
+
+
+def keep_verified(con, root: dict[int, int], verified: set[tuple[int, int]], cfg) -> dict[int, int]:
+    """A caption moves to its cluster's kept image only if its own image is an exact copy of that
+    image or a verified near duplicate of it. Verified edges chain (a~b, b~c), so members whose
+    exact group was not checked against the kept image directly are checked now (pHash within
+    the distance and the colour check); an exact group that fails stays an image of its own."""
+    exact_root = dict(
+        con.execute(
+            "select id, exact_root from img where id in (select unnest($1::BIGINT[]))", [sorted(root)]
+        ).fetchall()
+    )
+    todo = sorted(
+        {(exact_root[m], r) for m, r in root.items() if exact_root[m] != r and (r, exact_root[m]) not in verified}
+    )
+    if not todo:
+        return root
+    hashes = dict(
+        con.execute(
+            "select id, [phash] || phash_windows from img where id in (select unnest($1::BIGINT[]))",
+            [sorted({i for p in todo for i in p})],
+        ).fetchall()
+    )
+
+    def phash_close(a: int, b: int) -> bool:
+        (fa, *wa), (fb, *wb) = hashes[a], hashes[b]
+        return (
+            min(hamming(fa, h) for h in (fb, *wb)) <= cfg.phash_max_distance
+            or min(hamming(fb, h) for h in wa) <= cfg.phash_max_distance
+        )
+
+    _, ok = check_pairs(con, todo, cfg)
+    failed = {er for (er, r), good in zip(todo, ok, strict=True) if not (good and phash_close(er, r))}
+    return {m: (exact_root[m] if exact_root[m] in failed else r) for m, r in root.items()}
+
+
+def guard(cfg, n_images: int, root: dict[int, int], removed_rows: list[tuple], dups: list[tuple], key_of) -> None:
+    """Stop before publishing when merging or decontamination would take more than the allowed
+    fraction of the images: one paragraph with the count, the rules and the closest pairs."""
+    limit = cfg.max_removed_fraction
+    merged = sum(1 for m, r in root.items() if m != r)
+    removed = {r[0] for r in removed_rows}
+    problems = []
+    if n_images < max(cfg.guard_min_images, 1):
+        return
+    if len(removed) > limit * n_images:
+        by_rule = Counter(r[1] for r in {r[0]: r for r in removed_rows}.values())
+        closest = sorted(
+            (r for r in removed_rows if r[1] != "duplicate_of_removed"),
+            key=lambda r: (r[5] if r[5] is not None else -1, r[7] if r[7] is not None else -1, r[0]),
+        )
+        examples = list({r[0]: r for r in reversed(closest)}.values())[::-1][:5]  # one per image
+        lines = [
+            f"{key_of[r[0]]} ~ {r[2]} {r[4]} ({r[1]}"
+            + (f", pHash {r[5]}, colour {r[7]}" if r[5] is not None else "")
+            + ")"
+            for r in examples
+        ]
+        problems.append(
+            f"decontamination would remove {len(removed):,} of {n_images:,} images ({len(removed) / n_images:.1%}; "
+            + ", ".join(f"{k} {v:,}" for k, v in sorted(by_rule.items()))
+            + "). Closest matches: "
+            + "; ".join(lines)
+        )
+    if merged > limit * n_images:
+        near = sorted((x for x in dups if x[2] == "near"), key=lambda x: (x[3], x[4] or 0, x[0]))[:5]
+        exact = sum(1 for x in dups if x[2] == "exact")
+        lines = [f"{key_of[a]} ~ {key_of[b]} (pHash {dist}, colour {c})" for a, b, _, dist, c in near]
+        problems.append(
+            f"duplicate merging would fold {merged:,} of {n_images:,} images into others ({merged / n_images:.1%}; "
+            f"exact {exact:,}, near {len(dups) - exact:,})"
+            + (". Closest near pairs: " + "; ".join(lines) if lines else "")
+        )
+    if problems:
+        raise GuardError(
+            "dedup stopped before publishing anything: "
+            + " Also, ".join(problems)
+            + f". That is more than dedup.max_removed_fraction = {limit}. Pictures a hash cannot tell apart "
+            "look like copies: check the pairs above. If they are not the same picture, lower "
+            "dedup.phash_max_distance or dedup.colour_max_distance, or set dedup.decontamination: exact "
+            "(ids and byte copies only) or dedup.near_duplicates: false; if they are, raise "
+            "dedup.max_removed_fraction (up to 1.0)."
+        )
 
 
 # Pretraining images sharing a COCO id or a Flickr photo id with an evaluation item. Evaluation
@@ -423,7 +617,8 @@ ev as (
     select e.eval_set, e.split, e.item, e.coco_id, coalesce(e.flickr_id, cf.flickr_id) as flickr_id
     from eval_images e left join coco_flickr cf on e.coco_id = cf.coco_id
 )
-select distinct i.id, rule, eval_set, split, item, null::INTEGER as distance, null::VARCHAR as matched_key
+select distinct i.id, rule, eval_set, split, item, null::INTEGER as distance, null::BIGINT as matched,
+       null::FLOAT as colour
 from (
     select p.image_key, 'coco_id' as rule, ev.eval_set, ev.split, ev.item
     from pimg p join ev on p.coco_id = ev.coco_id
@@ -434,9 +629,20 @@ from (
 order by i.id, rule, eval_set, item
 """
 
+# Byte copies of an evaluation image (the sha256 of the original bytes, as the crawl takes it).
+_SHA256_SQL = """
+select distinct i.id, 'sha256' as rule, e.eval_set, e.split, e.item, 0 as distance, null::BIGINT as matched,
+       null::FLOAT as colour
+from img i join eval_images e on e.sha256 = i.sha256
+where e.status = 'ok'
+order by i.id, e.eval_set, e.item
+"""
 
-def appearance_matches(con, d: int) -> list[tuple]:
-    """Pretraining images within pHash distance d of an evaluation image, in either direction."""
+
+def appearance_matches(con, cfg) -> tuple[list[tuple], list[tuple]]:
+    """Pretraining images within pHash distance d of an evaluation image, in either direction, that
+    pass the colour check; and the candidates that failed it."""
+    d = cfg.phash_max_distance
     con.execute("""
         create or replace temp table ev_ok as
         select (row_number() over (order by eval_set, item) - 1)::BIGINT as id,
@@ -454,7 +660,16 @@ def appearance_matches(con, d: int) -> list[tuple]:
     for ev_id, img_id, dist in zip(*(b.column(c).to_pylist() for c in ("qid", "iid", "distance")), strict=True):
         best[(img_id, ev_id)] = min(dist, best.get((img_id, ev_id), 99))
     evals = {r[0]: r[1:] for r in con.execute("select id, eval_set, split, item from ev_ok").fetchall()}
-    return sorted((img_id, "appearance", *evals[ev_id], dist, None) for (img_id, ev_id), dist in best.items())
+    cands = sorted(best.items())
+    colour, ok = check_pairs(con, [p for p, _ in cands], cfg, other="ev_ok")
+    matches, misses = [], []
+    for ((img_id, ev_id), dist), c, good in zip(cands, colour, ok, strict=True):
+        eval_set, split, item = evals[ev_id]
+        if good:
+            matches.append((img_id, "appearance", eval_set, split, item, dist, None, c))
+        else:
+            misses.append((img_id, None, eval_set, item, "appearance", dist, c))
+    return matches, misses
 
 
 # --- the clean corpus -------------------------------------------------------------------------
@@ -529,9 +744,23 @@ def build_report(catalog: Catalog, cfg) -> tuple[pa.Table, dict, dict]:
     evals = con.execute("""
         select eval_set, count(*), count(*) filter (where status = 'ok')
         from eval_images group by 1 order by 1""").fetchall()
+    repointed = (
+        con.execute("""
+        select p.pair_id, p.source, p.image_key as original_image_key, m.kept_key,
+               case when a.sha256 = b.sha256 then 'exact' else 'near' end as rule
+        from pairs p join image_map m on m.image_key = p.image_key
+        join images a on a.image_key = p.image_key join images b on b.image_key = m.kept_key
+        where m.kept_key <> m.image_key and not m.removed
+        order by p.pair_id""")
+        .arrow()
+        .read_all()
+        .cast(REPOINTED_SCHEMA)
+    )
+    rejected = dict(con.execute("select kind, count(*) from rejected group by 1 order by 1").fetchall())
     report = {
         "phash_max_distance": cfg.phash_max_distance,
-        "rules": {"identity": cfg.identity, "appearance": cfg.appearance, "near_duplicates": cfg.near_duplicates},
+        "colour_max_distance": cfg.colour_max_distance,
+        "rules": {"decontamination": cfg.decontamination, "near_duplicates": cfg.near_duplicates},
         "corpus": {
             "pairs_in": totals[0],
             "images_in": totals[1],
@@ -542,9 +771,15 @@ def build_report(catalog: Catalog, cfg) -> tuple[pa.Table, dict, dict]:
         "duplicates": {"exact": totals[5], "near": totals[6]},
         "images_removed": totals[7],
         "eval_sets": {name: {"items": n, "images_hashed": ok} for name, n, ok in evals},
+        "candidates_rejected": rejected,  # pHash candidates that failed the colour check (table `rejected`)
+        "repointed_captions": repointed.num_rows,  # every one is in the table `repointed`
+        "repointed_examples": repointed.slice(0, REPORT_EXAMPLES).to_pylist(),
         "removed": table.to_pylist(),
     }
-    return table, report, {"report_rows": table.num_rows}
+    return {"decontamination": table, "repointed": repointed}, report, {"report_rows": table.num_rows}
+
+
+REPORT_EXAMPLES = 50
 
 
 def report_markdown(report: dict) -> str:
@@ -552,8 +787,9 @@ def report_markdown(report: dict) -> str:
     lines = [
         "# Decontamination report",
         "",
-        f"pHash distance ≤ {report['phash_max_distance']}; rules: "
-        + ", ".join(k for k, on in report["rules"].items() if on),
+        f"pHash distance ≤ {report['phash_max_distance']}, confirmed by colour distance ≤ "
+        f"{report['colour_max_distance']}; decontamination: {report['rules']['decontamination']}; "
+        f"near duplicates merged: {'yes' if report['rules']['near_duplicates'] else 'no'}",
         "",
         "| | pairs | images |",
         "|---|---:|---:|",
@@ -561,8 +797,11 @@ def report_markdown(report: dict) -> str:
         f"| crawled | | {c['images_crawled']:,} |",
         f"| kept | {c['pairs_kept']:,} | {c['images_kept']:,} |",
         "",
-        f"Duplicates merged: {dup['exact']:,} exact (sha256), {dup['near']:,} near (pHash). "
-        f"Images removed for overlapping an evaluation set: {report['images_removed']:,}.",
+        f"Duplicates merged: {dup['exact']:,} exact (sha256), {dup['near']:,} near (pHash, colour-checked). "
+        f"Images removed for overlapping an evaluation set: {report['images_removed']:,}. "
+        "pHash candidates the colour check turned down (table `rejected`): "
+        + (", ".join(f"{k} {v:,}" for k, v in report["candidates_rejected"].items()) or "none")
+        + ".",
         "",
         "| evaluation set | items | images hashed |",
         "|---|---:|---:|",
@@ -576,7 +815,21 @@ def report_markdown(report: dict) -> str:
             f"| {r['source']} | {r['eval_set']} | {r['rule']} | {r['images']:,} | {r['pairs']:,} |"
             for r in report["removed"]
         ),
+        "",
+        f"Captions moved to their duplicate's kept image: {report['repointed_captions']:,}"
+        + (
+            f" (the first {len(report['repointed_examples'])} below; all in table `repointed`)"
+            if report["repointed_examples"]
+            else ""
+        )
+        + ".",
     ]
+    if report["repointed_examples"]:
+        lines += ["", "| pair | image | kept image | rule |", "|---|---|---|---|"]
+        lines += [
+            f"| {r['pair_id']} | {r['original_image_key']} | {r['kept_key']} | {r['rule']} |"
+            for r in report["repointed_examples"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -586,7 +839,9 @@ def _empty(schema: pa.Schema) -> str:
 
 
 def _duck_type(t: pa.DataType) -> str:
-    return {"string": "VARCHAR", "int64": "BIGINT", "list<item: int64>": "BIGINT[]"}[str(t)]
+    names = {"string": "VARCHAR", "int64": "BIGINT", "int32": "INTEGER", "binary": "BLOB"}
+    names["list<item: int64>"] = "BIGINT[]"
+    return names[str(t)]
 
 
 def _run(ctx: StageContext) -> None:
@@ -595,11 +850,25 @@ def _run(ctx: StageContext) -> None:
 
 DEDUP = Stage(
     name="dedup",
-    version=3,  # 2: corpus_images.crawl_file is a storage key (was a URL); 3: eval shards by image location
+    # 2: corpus_images.crawl_file is a storage key (was a URL); 3: eval shards by image location;
+    # 4: pHash candidates colour-checked, decontamination modes, rejected and repointed tables
+    version=4,
     run=_run,
     inputs=("ingest", "crawl"),
-    tables=("corpus_images", "corpus_pairs", "image_map", "duplicates", "removed", "eval_images", "decontamination"),
-    description="exact + near duplicates merged; evaluation-set overlap removed by id and by appearance",
+    tables=(
+        "corpus_images",
+        "corpus_pairs",
+        "image_map",
+        "duplicates",
+        "removed",
+        "rejected",
+        "eval_images",
+        "decontamination",
+        "repointed",
+    ),  # fmt: skip
+    description=(
+        "exact + colour-checked near duplicates merged; evaluation-set overlap removed by id, bytes and appearance"
+    ),
     extra_config=("crawl",),
     # Reused across keys (contract/reuse.py): evaluation images' hashes, and the near-duplicate join
     # among images an earlier dedup had. Neither depends on a dedup setting (the distance is checked

@@ -2,7 +2,7 @@
 
 Every body is decoded — a file that does not decode is not an image, whatever its Content-Type —
 oriented by EXIF, converted to 8-bit RGB, shrunk so its longer side is at most `max_side`, and
-re-encoded as JPEG. sha256 is taken over the original bytes; pHash over the decoded image.
+re-encoded as JPEG. sha256 is taken over the original bytes; pHash and the colour thumbnail over the decoded image.
 
 Shared by the crawl (the corpus images) and dedup (the evaluation images, hashed the same way).
 """
@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from corpus.images.colour import colour_thumbnail
 from corpus.images.imagehash import phash_windows
 
 
@@ -51,6 +52,7 @@ class Processed:
     sha256: str
     phash: int
     phash_windows: list[int]
+    thumb: bytes  # CIELAB 32×32: the colour check of pHash candidates (corpus/images/colour.py)
 
 
 class ImageRejected(Exception):
@@ -86,7 +88,8 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=opts.jpeg_quality)
     full, windows = phash_windows(image)
-    return Processed(out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, sha, full, windows)
+    thumb = colour_thumbnail(image)
+    return Processed(out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, sha, full, windows, thumb)
 
 
 def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, int], str]:

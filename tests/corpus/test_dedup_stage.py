@@ -3,13 +3,17 @@ stay, and decontamination removes by id and by appearance what it should — wit
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import subprocess
+import sys
 
 import pytest
 import yaml
+from PIL import Image
 
-from contract.errors import InputDataError
+from contract.errors import ConfigError, GuardError, InputDataError
 from corpus.dedup.evalsets import load_refs
 from pipeline.config import load_config
 from pipeline.runner import run_stage, storage_for
@@ -136,9 +140,9 @@ def corpus(tmp_path):
             protocol=2,
         )
 
-    def write(server: srv.ImageServer, storage: dict, **dedup) -> str:
+    def write(server: srv.ImageServer, storage: dict, web=WEB, **dedup) -> str:
         (tmp_path / "web.jsonl").write_text(
-            "".join(json.dumps({"image_url": server.url(p), "caption": f"web {p}"}) + "\n" for p in WEB)
+            "".join(json.dumps({"image_url": server.url(p), "caption": f"web {p}"}) + "\n" for p in web)
         )
         doc = {
             "storage": storage,
@@ -259,18 +263,200 @@ def test_duplicates_and_decontamination(corpus, storage_spec):
 
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
-def test_rules_can_be_switched_off(corpus, storage_spec):
-    with srv.ImageServer({p: srv.serve(b) for p, b in WEB.items()}) as server:
-        cfg = load_config(corpus(server, storage_spec, appearance=False, near_duplicates=False))
+def test_decontamination_modes(corpus, storage_spec):
+    """`ids` fetches no evaluation image; `exact` adds byte copies (sha256), here one without any id,
+    with near-duplicate merging off; `none` removes nothing."""
+    web = {**WEB, "/f30k-exact.jpg": fx.jpeg(P[8])}  # the very bytes of the Flickr30K test image
+    with srv.ImageServer({p: srv.serve(b) for p, b in web.items()}) as server:
+        cfg = load_config(corpus(server, storage_spec, web=web, decontamination="ids", near_duplicates=False))
         run_stage("ingest", cfg)
         run_stage("crawl", cfg)
         result = run_stage("dedup", cfg)
-        dups, removed = _tables(cfg, result, "duplicates", "removed")
+        dups, removed, evals = _tables(cfg, result, "duplicates", "removed", "eval_images")
         assert {d["rule"] for d in dups} == {"exact"}
         assert {r["rule"] for r in removed} == {"coco_id", "flickr_id"}
-        cfg2 = load_config(corpus(server, storage_spec, identity=False, appearance=False))
-        result2 = run_stage("dedup", cfg2)  # crawl stays cached: only dedup's key changed
-        assert _tables(cfg2, result2, "removed")[0] == []
+        assert {e["status"] for e in evals} == {"skipped"}  # ids need no pictures
+
+        key_of = {r["image_uri"].removeprefix(server.base): r["image_key"] for r in _pairs(cfg) if r["source"] == "web"}
+        exact = load_config(corpus(server, storage_spec, web=web, decontamination="exact", near_duplicates=False))
+        result = run_stage("dedup", exact)  # crawl stays cached: only dedup's key changed
+        dups, removed = _tables(exact, result, "duplicates", "removed")
+        assert {d["rule"] for d in dups} == {"exact"}
+        by_rule = {}
+        for r in removed:
+            by_rule.setdefault(r["rule"], set()).add((r["image_key"], r["eval_set"]))
+        assert set(by_rule) == {"coco_id", "flickr_id", "sha256"}
+        assert by_rule["sha256"] == {
+            (key_of["/f30k-exact.jpg"], "flickr30k"),
+            ("coco:2", "coco_test"),
+            ("coco:3", "refcoco"),
+        }
+        assert key_of["/f30k-copy.jpg"] not in {r["image_key"] for r in removed}  # resized: appearance only
+
+        none = load_config(corpus(server, storage_spec, web=web, decontamination="none"))
+        assert _tables(none, run_stage("dedup", none), "removed")[0] == []
+
+
+def _pairs(cfg):
+    return read_table(storage_for(cfg), run_stage("ingest", cfg).manifest, "pairs").to_pylist()
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_old_rule_switches_get_a_clear_error(corpus, storage_spec):
+    with srv.ImageServer({}) as server, pytest.raises(ConfigError, match="replaced by `decontamination"):
+        load_config(corpus(server, storage_spec, identity=False, appearance=False))
+
+
+@pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
+def test_guard_stops_a_dedup_that_removes_too_much(corpus, storage_spec):
+    """5 of the 20 images overlap the evaluation sets and 6 are duplicates: over a 20 % limit, dedup
+    exits 2 with the counts, the rules and the closest pairs, and publishes nothing."""
+    with srv.ImageServer({p: srv.serve(b) for p, b in WEB.items()}) as server:
+        cfg = load_config(corpus(server, storage_spec, guard_min_images=10))
+        run_stage("ingest", cfg)
+        run_stage("crawl", cfg)
+        with pytest.raises(GuardError) as err:
+            run_stage("dedup", cfg)
+        message = str(err.value)
+        assert "decontamination would remove 5 of 20 images (25.0%" in message
+        assert "duplicate merging would fold 6 of 20 images" in message and "(pHash 0, colour" in message
+        assert "dedup.max_removed_fraction = 0.2" in message and "coco:2 ~ coco_test" in message
+        written = list(storage_for(cfg).list("artifacts/dedup/"))
+        # nothing published: no manifest, no map; the hashed evaluation images stay for the next run
+        assert not [k for k in written if k.endswith("_manifest.json") or "/_shards/eval-" not in k and ".json" in k]
+        assert all("eval" in k for k in written)
+        cli = subprocess.run(
+            [sys.executable, "-m", "cli", "run", "dedup", "-c", corpus(server, storage_spec, guard_min_images=10)],
+            capture_output=True,
+            text=True,
+        )
+        assert cli.returncode == 2 and "dedup stopped before publishing anything" in cli.stderr
+        assert "Traceback" not in cli.stderr
+
+        relaxed = load_config(corpus(server, storage_spec, guard_min_images=10, max_removed_fraction=0.5))
+        assert run_stage("dedup", relaxed).manifest.counts["images_removed"] == 5
+
+
+# Flat shapes: which pairs pHash confuses, found by hashing (the fixture's difficulty is not chosen).
+def _confusable_shapes(limit: int) -> dict[str, list[tuple[tuple, tuple]]]:
+    from corpus.images.imagehash import hamming, phash_windows
+
+    combos = [
+        (shape, colour, size, (x, y), bg)
+        for shape in ("rectangle", "ellipse", "triangle")
+        for colour in fx.SHAPE_COLOURS
+        for size in fx.SHAPE_SIZES
+        for x in range(3)
+        for y in range(3)
+        for bg in range(3)
+        if fx.SHAPE_COLOURS[colour] != fx.SHAPE_BACKGROUNDS[bg]
+    ]
+    # hashed as the crawl hashes them: after the JPEG the test serves
+    hashes = {c: phash_windows(Image.open(io.BytesIO(fx.jpeg(fx.flat_shape(*c))))) for c in combos}
+
+    def candidates(a, b) -> bool:
+        (fa, wa), (fb, wb) = hashes[a], hashes[b]
+        return min(hamming(fa, h) for h in (fb, *wb)) <= 4 or min(hamming(fb, h) for h in wa) <= 4
+
+    # (a shape's place alone never brings pHash within 4 here; its place and size together do)
+    found: dict[str, list] = {"colour": [], "size": [], "size+place": []}
+    used: set = set()
+    for i, a in enumerate(combos):
+        for b in combos[i + 1 :]:
+            differ = "+".join(k for k, j in (("colour", 1), ("size", 2), ("place", 3)) if a[j] != b[j])
+            wanted = differ in found and len(found[differ]) < limit
+            if wanted and a[0] == b[0] and a[4] == b[4] and not {a, b} & used and candidates(a, b):
+                found[differ].append((a, b))
+                used |= {a, b}
+    return found
+
+
+def test_flat_shapes_are_checked_by_colour_and_copies_still_merge(tmp_path):
+    """Pictures pHash cannot tell apart (flat shapes differing only in colour, size or place) are
+    neither merged nor removed — each stays with its own caption, and the report lists them as
+    rejected candidates — while resized and re-encoded copies still merge or are removed, and every
+    moved caption is listed with both image keys."""
+    confusable = _confusable_shapes(limit=2)
+    assert all(len(v) == 2 for v in confusable.values()), confusable  # pHash does confuse each kind
+    images = tmp_path / "images"
+    images.mkdir()
+    rows, corpus_names, eval_names = [], [], []
+
+    def add(name: str, image, caption: str, where: list) -> None:
+        (images / name).write_bytes(fx.jpeg(image))
+        where.append(name)
+        if where is corpus_names:
+            rows.append({"image_path": f"images/{name}", "caption": caption})
+
+    for kind, pairs in confusable.items():
+        (a, b), (c, d) = pairs
+        add(f"{kind}-a.jpg", fx.flat_shape(*a), f"{a}", corpus_names)  # both in the corpus: not merged
+        add(f"{kind}-b.jpg", fx.flat_shape(*b), f"{b}", corpus_names)
+        add(f"{kind}-c.jpg", fx.flat_shape(*c), f"{c}", corpus_names)  # c in the corpus, d evaluated
+        add(f"eval-{kind}-d.jpg", fx.flat_shape(*d), "", eval_names)
+    # (copies of photos: pHash proposes them reliably; of a flat shape it often does not)
+    base = fx.synthetic_photo(77, (160, 120))
+    add("copy-src.jpg", base, "the original", corpus_names)
+    add("copy-half.jpg", fx.resized(base, 0.5), "its half-size copy", corpus_names)
+    add("copy-q40.jpg", fx.recompressed(base, 40), "its q40 copy", corpus_names)
+    evaluated = fx.synthetic_photo(78, (160, 120))
+    add("eval-e.jpg", evaluated, "", eval_names)
+    add("copy-of-eval.jpg", fx.resized(evaluated, 0.75), "a copy of an evaluation image", corpus_names)
+
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "f30k.json").write_text(
+        json.dumps({"images": [{"filename": n, "split": "test", "sentences": []} for n in eval_names]})
+    )
+    (tmp_path / "cfg.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"uri": str(tmp_path / "store")},
+                "ingest": {"sources": [{"format": "table", "name": "shapes", "path": "pairs.jsonl"}]},
+                "crawl": {"file_roots": [str(images)], "workers": 1},
+                "dedup": {
+                    "eval_sets": [
+                        {
+                            "name": "f30k",
+                            "format": "karpathy",
+                            "dataset": "flickr30k",
+                            "path": "f30k.json",
+                            "image_root": str(images),
+                        }
+                    ]
+                },
+            }
+        )
+    )
+    cfg = load_config(tmp_path / "cfg.yaml")
+    run_stage("ingest", cfg)
+    run_stage("crawl", cfg)
+    result = run_stage("dedup", cfg)
+    name_of = {r["image_key"]: r["image_uri"].rsplit("/", 1)[1] for r in _pairs(cfg)}
+    dups, removed, rejected, repointed = _tables(cfg, result, "duplicates", "removed", "rejected", "repointed")
+
+    # the three copies form one cluster, kept as the full-size original or its same-size q40 copy
+    kept = {name_of[d["kept_key"]] for d in dups}
+    assert len(kept) == 1 and kept <= {"copy-src.jpg", "copy-q40.jpg"}
+    copies = {"copy-src.jpg", "copy-half.jpg", "copy-q40.jpg"}
+    assert {name_of[d["image_key"]] for d in dups} == copies - kept
+    assert {name_of[r["image_key"]]: r["rule"] for r in removed} == {"copy-of-eval.jpg": "appearance"}
+    rejected_near = {
+        frozenset((name_of[r["image_key"]], name_of[r["candidate_key"]])) for r in rejected if r["kind"] == "near"
+    }
+    for kind in confusable:
+        assert frozenset((f"{kind}-a.jpg", f"{kind}-b.jpg")) in rejected_near, kind
+    rejected_eval = {(name_of[r["image_key"]], r["eval_item"]) for r in rejected if r["kind"] == "appearance"}
+    for kind in confusable:
+        assert any(img == f"{kind}-c.jpg" and item.endswith(f"eval-{kind}-d.jpg") for img, item in rejected_eval), kind
+    assert all(r["colour_distance"] > 12.5 for r in rejected)
+    moved = {(name_of[r["original_image_key"]], name_of[r["kept_key"]], r["rule"]) for r in repointed}
+    assert moved == {(name, *kept, "near") for name in copies - kept}
+    (corpus_pairs,) = _tables(cfg, result, "corpus_pairs")
+    for p in corpus_pairs:  # every other caption stays on its own picture
+        if not name_of[p["original_image_key"]].startswith("copy-"):
+            assert p["image_key"] == p["original_image_key"]
+    report = json.loads(storage_for(cfg).read_bytes(f"artifacts/dedup/{result.manifest.key}/files/report.json"))
+    assert report["repointed_captions"] == 2 and report["candidates_rejected"]["near"] >= len(confusable)
 
 
 def test_refs_pickles_load_only_builtins(tmp_path):

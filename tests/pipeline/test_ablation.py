@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from contract.errors import ConfigError
-from pipeline.ablation import variant_config
+from pipeline.ablation import architecture, check_same_architecture, variant_config
 from pipeline.config import load_config
 from pipeline.runner import storage_for
 from tests.uniter.finetune.test_finetune_stage import ROOT, setup
@@ -58,3 +58,21 @@ def test_bad_variant_is_a_config_error(tmp_path, vocab):
 
     with pytest.raises(ConfigError, match=r"ablation variant 'x': pretrain.tasks"):
         variant_config(cfg, AblationVariant(name="x", pretrain={"tasks": {"nope": 1}}))
+
+
+def test_variants_must_fine_tune_the_same_model(tmp_path, vocab):
+    """A baseline that builds another size than the pretrained model is no baseline: the L1 row
+    follows the pretrain section unless finetune.model says otherwise, and then the table refuses."""
+    from uniter.finetune.config import AblationVariant
+
+    path = setup(tmp_path, {"uri": str(tmp_path / "d")}, vocab)
+    variants = [AblationVariant(name="full"), AblationVariant(name="L1", pretrain="none")]
+    cfg = load_config(path)
+    assert architecture(variant_config(cfg, variants[1])) == architecture(variant_config(cfg, variants[0]))
+    assert architecture(variant_config(cfg, variants[1]))[0] == cfg.pretrain.model == "debug"
+    check_same_architecture(cfg, variants)
+    doc = yaml.safe_load(path.read_text())
+    doc["finetune"]["model"] = "base"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError, match=r"variants fine-tune different models \(full: debug .*L1: base"):
+        check_same_architecture(load_config(path), variants)

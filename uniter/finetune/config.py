@@ -91,8 +91,10 @@ class FinetuneConfig(SectionConfig):
 
     init: Literal["pretrained", "bert", "scratch"] = "pretrained"
     # For bert / scratch: the model size and the BERT checkpoint (HF folder or pkg://…); the
-    # tokenizer is always the pretrain section's, so the vocabularies agree.
-    model: Literal["debug", "base", "large"] = "base"
+    # tokenizer is always the pretrain section's, so the vocabularies agree. No size (the default):
+    # the pretrain section's `model` and `model_overrides`, so a baseline is the architecture that
+    # was pretrained and "pretrained vs scratch" compares like with like.
+    model: Literal["debug", "base", "large"] | None = None
     bert: str | None = "bert-base-cased"
     model_overrides: dict[str, Any] = {}
     vqa: VqaTask | None = None

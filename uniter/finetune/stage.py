@@ -99,20 +99,23 @@ def finetune_process(rank: int, world: int, job: FinetuneJob) -> None:
 # --- the loop ---------------------------------------------------------------------------------
 
 
+def baseline_architecture(cfg, pretrain) -> tuple[str, dict[str, Any]]:
+    """The model size and config overrides a `bert` / `scratch` run builds: its own when it names a
+    size, else the pretrain section's (with its own overrides on top)."""
+    if cfg.model is not None:
+        return cfg.model, dict(cfg.model_overrides)
+    return pretrain.model, {**pretrain.model_overrides, **cfg.model_overrides}
+
+
 def build_task_model(job: FinetuneJob, tokenizer, cls, config_kw: dict[str, Any]):
     """`cls` from the pretrained artifact's model, from BERT, or from random weights."""
     cfg = job.cfg
     if cfg.init == "bert" and not cfg.bert:
         raise InputDataError("finetune.init is 'bert' but finetune.bert names no checkpoint")
     if cfg.init != "pretrained":
+        size, overrides = baseline_architecture(cfg, job.pretrain)
         return build_model(
-            cls,
-            cfg.model,
-            tokenizer,
-            cfg.seed,
-            cfg.bert if cfg.init == "bert" else None,
-            **config_kw,
-            **cfg.model_overrides,
+            cls, size, tokenizer, cfg.seed, cfg.bert if cfg.init == "bert" else None, **config_kw, **overrides
         )
     if not job.model_files:
         raise InputDataError("finetune.init is 'pretrained' but the pretrain artifact holds no model files")

@@ -115,10 +115,10 @@ def train_process(rank: int, world: int, job: PretrainJob, local_rank: int | Non
     trainer = Trainer(cfg, corpus, Vocab.from_tokenizer(tokenizer), model, rank, world, tasks_off)
     resume(trainer.engine, trainer, art, job, rank, local_rank, CKPT)
     board = Board(job, art, len(trainer.history)) if rank == 0 else None
-    started, last_log = time.time(), time.time()
+    started, last_log, last_step = time.time(), time.time(), trainer.step
 
     def on_step(t: Trainer) -> None:
-        nonlocal last_log
+        nonlocal last_log, last_step
         if board is not None:
             board.write(t.history)
         if t.step % cfg.validate_every == 0 or t.step == cfg.steps:
@@ -128,11 +128,16 @@ def train_process(rank: int, world: int, job: PretrainJob, local_rank: int | Non
                     "step %d validation: %s", t.step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
                 )
         if rank == 0 and (t.step % cfg.log_every == 0 or t.step == cfg.steps):
-            last = next(r for r in reversed(t.history) if r["name"].startswith("loss/"))
-            log.info(
-                "step %d/%d %s %.4f (%.1f s)", t.step, cfg.steps, last["name"], last["value"], time.time() - last_log
-            )
-            last_log = time.time()
+            # every task's mean loss over the steps since the last line (a step trains one task)
+            since: dict[str, list[float]] = {}
+            for r in reversed(t.history):
+                if r["step"] <= last_step:
+                    break
+                if r["name"].startswith("loss/"):
+                    since.setdefault(r["name"][5:], []).append(r["value"])
+            losses = " ".join(f"{k} {sum(v) / len(v):.4f}" for k, v in sorted(since.items()))
+            log.info("step %d/%d %s (%.1f s)", t.step, cfg.steps, losses, time.time() - last_log)
+            last_log, last_step = time.time(), t.step
         if t.step % cfg.checkpoint_every == 0 and t.step < cfg.steps:
             save_checkpoint(t.engine, t, art, job, rank, local_rank, CKPT)
             if board is not None:

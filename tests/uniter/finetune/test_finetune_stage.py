@@ -133,7 +133,8 @@ def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):
     kw = {"steps": 40, "validate_every": 40}
     cfg_path = setup(tmp_path, storage_spec, vocab, **kw)
     doc = yaml.safe_load(cfg_path.read_text())
-    doc["finetune"].update(init="scratch", model="debug", checkpoint_every=5)
+    # no finetune.model: scratch builds the pretrained architecture (debug), as the clean run names it
+    doc["finetune"].update(init="scratch", checkpoint_every=5)
     cfg_path.write_text(yaml.safe_dump(doc))
     cfg = load_config(cfg_path)
     upstream(cfg)
