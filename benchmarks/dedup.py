@@ -105,7 +105,7 @@ def make_photos(folder: Path, n: int) -> set[tuple[str, str]]:
     return truth
 
 
-def make_shapes(folder: Path, seed: int = 0) -> set[tuple[str, str]]:
+def make_shapes(folder: Path, seed: int = 0) -> tuple[set[tuple[str, str]], dict[str, tuple]]:
     """Every flat shape of the fixture grid (3 shapes × 10 colours × 3 sizes × 9 places × 3
     backgrounds, where the shape's colour is not the background's), 64 px, and one copy of every
     fifth image: re-encoded, resized, cropped or brightened. Any two originals differ in colour,
@@ -134,17 +134,19 @@ def make_shapes(folder: Path, seed: int = 0) -> set[tuple[str, str]]:
         if fx.SHAPE_COLOURS[c[1]] != fx.SHAPE_BACKGROUNDS[c[4]]
     ]
     random.Random(seed).shuffle(combos)
-    truth = set()
+    truth, made = set(), {}
     for i, combo in enumerate(combos):
         im = fx.flat_shape(*combo)
         a = f"s{i:05d}.jpg"
+        made[a] = combo
         (folder / a).write_bytes(fx.jpeg(im))
         if i % 5 == 0:
             name, transform = transforms[(i // 5) % len(transforms)]
             b = f"s{i:05d}_{name}.jpg"
             (folder / b).write_bytes(fx.jpeg(transform(im)))
             truth.add((a, b))
-    return truth
+            made[b] = combo
+    return truth, made
 
 
 def ours(folder: Path) -> tuple[set[tuple[str, str]], set[tuple[str, str]], float, float]:
@@ -291,8 +293,8 @@ def quality(photos: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="uniter-bench-shapes-") as tmp:
         folder = Path(tmp)
-        truth = make_shapes(folder)
-        n_images = len(list(folder.glob("*.jpg")))
+        truth, made = make_shapes(folder)
+        n_images = len(made)
         phash_pairs, our_pairs, our_s, check_s = ours(folder)
     print(
         f"\nquality on {n_images:,} flat shapes (every shape × colour × size × place × background; "
@@ -309,9 +311,13 @@ def quality(photos: int) -> None:
     print(f"goal: precision 1.000 on flat shapes: {'met' if p == 1.0 else 'NOT met'}")
     kinds: dict[str, int] = {}
     for a, b in sorted(our_pairs - truth):
-        kinds[f"{a} ~ {b}"] = 1
-    if kinds:
-        print("false matches (first 10): " + "; ".join(list(kinds)[:10]))
+        what = [k for k, j in (("shape", 0), ("colour", 1), ("size", 2), ("place", 3), ("background", 4))
+                if made[a][j] != made[b][j]]  # fmt: skip
+        kinds[" + ".join(what)] = kinds.get(" + ".join(what), 0) + 1
+    print(
+        "false matches by what differs: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])) or "none")
+    )
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ class DedupConfig(SectionConfig):
     # brightness in ≥ 99 % of cases while no two distinct fixture photos come closer than 12.
     phash_max_distance: int = Field(default=4, ge=0, le=16)
     # A pHash candidate is the same picture only if its colour thumbnails are this close (largest
-    # ΔE after alignment, brightness matching and erosion; corpus/images/colour.py) and its aspect
-    # ratios agree. Measured: copies ≤ 11.6, flat shapes differing in colour, size or place ≥ 13.2.
-    colour_max_distance: float = Field(default=12.5, gt=0, le=100)
+    # ΔE after alignment and erosion; corpus/images/colour.py) and its aspect ratios agree.
+    # Measured in benchmarks/dedup.py: see docs/corpus.md.
+    colour_max_distance: float = Field(default=13.0, gt=0, le=100)
     near_duplicates: bool = True  # merge verified near duplicates (exact ones are always merged)
     # What counts as overlapping an evaluation set, each mode including the ones before it:
     #   ids         a shared COCO id or Flickr photo id

@@ -7,19 +7,19 @@ thumbnail before it counts. The thumbnail is stored at crawl time beside the has
 
 - The thumbnail is 32×32 CIELAB, area-averaged and stretched to a square. CIELAB because its
   Euclidean distance (ΔE) follows perceived colour difference: 2 is just noticeable; about 10 is
-  the brightness edits a near-duplicate has; 40 and more separates named colours. Aspect ratio
-  is compared apart.
+  a ±10 % brightness edit; 40 and more separates named colours. Aspect ratio is compared apart.
 - Two thumbnails are compared on a 16×16 grid, after aligning one to the other. The alignments
   are the crops a pHash candidate can be: 0–6 % off both sides, or off one side. This is the same
   family the pHash crop windows cover.
-- Brightness is matched by a global factor on (L+16, a, b), limited to ±25 %. It mirrors how a
-  brightness edit acts.
-- The distance is the largest ΔE left after a 2×2 erosion. A cell-wide line of difference is what
+- Brightness is not matched: a ±10 % edit leaves ΔE ≈ 10 everywhere, under the threshold, while
+  matching it also hid a background changed from white to light grey (measured: it tripled the
+  false matches on flat shapes).
+- The distance is the largest ΔE after a 2×2 erosion. A cell-wide line of difference is what
   JPEG and a sub-cell misalignment leave along edges, and the erosion removes it. A region of two
   cells or more is a real difference, and it stays: a shape moved, resized or recoloured.
-- `COLOUR_MAX_DISTANCE` (dedup.colour_max_distance) is the threshold. Measured (benchmarks/dedup.py)
-  on re-encoded, resized, cropped and brightened copies of photos and flat shapes, against flat
-  shapes that differ in colour, size or position.
+- The threshold is `dedup.colour_max_distance`, set from benchmarks/dedup.py. That benchmark uses
+  re-encoded, resized, cropped and brightened copies of photos and of flat shapes, and flat
+  shapes that differ in one attribute. Its figures are in docs/corpus.md.
 """
 
 from __future__ import annotations
@@ -95,30 +95,32 @@ def _resamplers() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _windows(lab: np.ndarray) -> np.ndarray:
-    """(n, windows, GRID, GRID, 3) grids of each thumbnail's windows."""
+    """(n, windows, GRID, GRID, 3) grids of each thumbnail's windows (two batched products)."""
     rx, ry = _resamplers()
-    return np.einsum("kgs,nstc,kht->nkghc", ry, lab, rx, optimize=True)
+    rows = np.matmul(ry[None, :, None], lab[:, None].transpose(0, 1, 4, 2, 3))  # (n, K, 3, G, S)
+    return np.matmul(rows, rx[None, :, None].transpose(0, 1, 2, 4, 3)).transpose(0, 1, 3, 4, 2)
 
 
-def colour_distances(a: list[bytes], b: list[bytes], chunk: int = 256) -> np.ndarray:
+def colour_distances(a: list[bytes], b: list[bytes], chunk: int = 2048) -> np.ndarray:
     """For each pair (a[i], b[i]) of stored thumbnails: the smallest, over the alignments of either
-    one to the other, of the largest ΔE left after brightness matching and a 2×2 erosion."""
+    one to the other, of the largest ΔE after a 2×2 erosion. Each
+    distinct thumbnail of a chunk is resampled once, however many pairs it is in."""
     out = np.empty(len(a), np.float32)
     for start in range(0, len(a), chunk):
-        wa = _windows(_unpack(a[start : start + chunk]))
-        wb = _windows(_unpack(b[start : start + chunk]))
-        out[start : start + chunk] = np.minimum(_aligned(wa[:, _FULL], wb), _aligned(wb[:, _FULL], wa))
+        left, right = a[start : start + chunk], b[start : start + chunk]
+        distinct = list(dict.fromkeys([*left, *right]))
+        where = {t: i for i, t in enumerate(distinct)}
+        windows = _windows(_unpack(distinct))
+        ia, ib = [where[t] for t in left], [where[t] for t in right]
+        for s in range(0, len(ia), 256):  # (256 pairs × both directions at a time: bounded memory)
+            wa, wb = windows[ia[s : s + 256]], windows[ib[s : s + 256]]
+            out[start + s : start + s + len(wa)] = np.minimum(_aligned(wa[:, _FULL], wb), _aligned(wb[:, _FULL], wa))
     return out
 
 
 def _aligned(full: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """full (n, G, G, 3) against every window (n, K, G, G, 3): the best alignment's distance."""
-    f = full[:, None]
-    # brightness: scale (L+16, a, b) of the window so its mean L+16 is the full view's
-    scale = np.clip((f[..., 0].mean(axis=(2, 3)) + 16) / (windows[..., 0].mean(axis=(2, 3)) + 16), 0.8, 1.25)
-    matched = windows * scale[..., None, None, None]
-    matched[..., 0] += 16 * (scale[..., None, None] - 1)
-    diff = np.linalg.norm(f - matched, axis=-1)  # (n, K, G, G)
+    diff = np.linalg.norm(full[:, None] - windows, axis=-1)  # (n, K, G, G)
     eroded = np.minimum(
         np.minimum(diff[..., :-1, :-1], diff[..., 1:, :-1]), np.minimum(diff[..., :-1, 1:], diff[..., 1:, 1:])
     )

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from contract.errors import ConfigError, GuardError, InputDataError
+from corpus.dedup.config import DedupConfig
 from corpus.dedup.evalsets import load_refs
 from pipeline.config import load_config
 from pipeline.runner import run_stage, storage_for
@@ -448,7 +449,7 @@ def test_flat_shapes_are_checked_by_colour_and_copies_still_merge(tmp_path):
     rejected_eval = {(name_of[r["image_key"]], r["eval_item"]) for r in rejected if r["kind"] == "appearance"}
     for kind in confusable:
         assert any(img == f"{kind}-c.jpg" and item.endswith(f"eval-{kind}-d.jpg") for img, item in rejected_eval), kind
-    assert all(r["colour_distance"] > 12.5 for r in rejected)
+    assert all(r["colour_distance"] > DedupConfig().colour_max_distance for r in rejected)
     moved = {(name_of[r["original_image_key"]], name_of[r["kept_key"]], r["rule"]) for r in repointed}
     assert moved == {(name, *kept, "near") for name in copies - kept}
     (corpus_pairs,) = _tables(cfg, result, "corpus_pairs")

@@ -88,3 +88,34 @@ def test_bomb_limit_is_configurable():
     with pytest.raises(ImageRejected, match="decompression_bomb"):
         process_image(data, ImageOptions(max_pixels=40_000))
     assert process_image(data, ImageOptions(max_pixels=90_000)).width == 300
+
+
+def test_colour_check_tells_flat_shapes_apart_and_keeps_copies():
+    """The second look at a pHash candidate: copies (re-encoded, resized, cropped, brighter) stay
+    close; the same shape in another colour, size or place does not; aspect ratios are compared."""
+    from corpus.dedup.config import DedupConfig
+    from corpus.images.colour import aspect_ratio_close, colour_distances, colour_thumbnail
+
+    limit = DedupConfig().colour_max_distance
+    shape = fx.flat_shape("rectangle", "yellow", "medium", (1, 1), 0, side=96)
+    others = [
+        fx.flat_shape("rectangle", "teal", "medium", (1, 1), 0, side=96),  # colour
+        fx.flat_shape("rectangle", "yellow", "large", (1, 1), 0, side=96),  # size
+        fx.flat_shape("rectangle", "yellow", "medium", (0, 1), 0, side=96),  # place
+    ]
+    copies = [
+        fx.recompressed(shape, 40),
+        fx.resized(shape, 0.5),
+        fx.cropped(shape, 0.05),
+        fx.brightened(shape, 1.1),
+        fx.recompressed(PHOTO, 40),
+        fx.cropped(PHOTO, 0.05),
+        fx.brightened(PHOTO, 0.9),
+    ]
+    originals = [shape] * 4 + [PHOTO] * 3
+    same = colour_distances([colour_thumbnail(a) for a in originals], [colour_thumbnail(b) for b in copies])
+    assert (same <= limit).all(), same
+    apart = colour_distances([colour_thumbnail(shape)] * 3, [colour_thumbnail(b) for b in others])
+    assert (apart > limit).all(), apart
+    assert len(colour_thumbnail(PHOTO)) == 32 * 32 * 3
+    assert aspect_ratio_close(320, 240, 304, 240) and not aspect_ratio_close(320, 240, 240, 240)

@@ -4,6 +4,7 @@ equal 1 process with twice the accumulation; SIGKILL + resume repeats an uninter
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def history(cfg, result) -> list[tuple]:
     return [(r["step"], r["name"], r["value"]) for r in rows]
 
 
-def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab):
+def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab, capfd):
     # NOTE: the validation images are drawn by a hash of their key, which holds the (temporary) path:
     # at 20 % of 16 images, 1 run in 36 drew none and logged no validation metric; at 50 %, 1 in 65,000
     cfg = load_config(make(tmp_path, storage_spec, vocab, val_percent=50))
@@ -76,6 +77,10 @@ def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab):
     }
     assert [s for s, n, _ in rows if n.startswith("loss/")] == list(range(12))  # one task per step
     assert [s for s, n, _ in rows if n == "lr"] == [0, 4, 8]
+    # every `log_every` steps one line with each task's mean loss since the last line
+    lines = re.findall(r"step (\d+)/12 ((?:\w+ \d+\.\d{4} ?)+) \(", capfd.readouterr().err)
+    assert [int(s) for s, _ in lines] == [4, 8, 12]
+    assert {t for _, losses in lines for t in re.findall(r"(\w+) \d", losses)} == {"itm", "mlm", "mrfr"}
     events = storage_for(cfg).list(Artifact(storage_for(cfg), "pretrain", result.manifest.key).file_key("tensorboard"))
     assert events and all("tfevents" in k for k in events)
     assert "model/config.json" in result.manifest.files and "model/model.safetensors" in result.manifest.files
