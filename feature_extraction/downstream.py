@@ -119,8 +119,8 @@ def run_downstream(ctx: StageContext) -> None:
 DOWNSTREAM = Stage(
     name="downstream",
     # 2: task_features gained image_id; 3: each image runs alone through the detector;
-    # 4: grid features projected by the fast Walsh–Hadamard transform
-    version=4,
+    # 4: grid features projected by the fast Walsh–Hadamard transform; 5: grid DCT terms rescaled
+    version=5,
     run=run_downstream,
     inputs=(),
     tables=("task_features",),

@@ -99,8 +99,9 @@ def extract_shard_ids(ctx: StageContext) -> list[str]:
 EXTRACT = Stage(
     name="extract",
     # 2: the detector runs each image alone (its features no longer depend on its batchmates);
-    # 3: grid cells from one whole-image resize, projected by the fast Walsh–Hadamard transform
-    version=3,
+    # 3: grid cells from one whole-image resize, projected by the fast Walsh–Hadamard transform;
+    # 4: grid DCT terms centred and averaged (the DC term no longer swamps a cell's statistics)
+    version=4,
     run=run_extract,
     inputs=("crawl", "dedup"),
     tables=("features",),
