@@ -505,10 +505,10 @@ def check_pairs(con, pairs: list[tuple[int, int]], cfg, other: str = "img") -> t
     same picture?) per pair. Aspect ratios must agree too."""
     if not pairs:
         return [], []
-    left = _thumbs(con, "img", [a for a, _ in pairs])
-    right = left if other == "img" else _thumbs(con, other, [b for _, b in pairs])
-    if other == "img":
-        right = {**left, **_thumbs(con, "img", [b for _, b in pairs if b not in left])}
+    if other == "img":  # one lookup for both sides
+        left = right = _thumbs(con, "img", [i for p in pairs for i in p])
+    else:
+        left, right = _thumbs(con, "img", [a for a, _ in pairs]), _thumbs(con, other, [b for _, b in pairs])
     colour = colour_distances([left[a][0] for a, _ in pairs], [right[b][0] for _, b in pairs])
     ok = [
         float(c) <= cfg.colour_max_distance and aspect_ratio_close(*left[a][1:], *right[b][1:])
@@ -566,7 +566,10 @@ def guard(cfg, n_images: int, root: dict[int, int], removed_rows: list[tuple], d
             (r for r in removed_rows if r[1] != "duplicate_of_removed"),
             key=lambda r: (r[5] if r[5] is not None else -1, r[7] if r[7] is not None else -1, r[0]),
         )
-        examples = list({r[0]: r for r in reversed(closest)}.values())[::-1][:5]  # one per image
+        firsts: dict[int, tuple] = {}
+        for r in closest:
+            firsts.setdefault(r[0], r)  # the closest match of each image
+        examples = list(firsts.values())[:5]
         lines = [
             f"{key_of[r[0]]} ~ {r[2]} {r[4]} ({r[1]}"
             + (f", pHash {r[5]}, colour {r[7]}" if r[5] is not None else "")
