@@ -7,6 +7,7 @@ pydantic as validation context ``base_dir``), so a config means the same from an
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -83,9 +84,52 @@ class InputFolder(str):
         return cls(str(path))
 
 
+# Folders no image root may be or lie in: the only files an "image" read there could return are
+# the system's own (the crawl records what it read, so a root of /etc leaks /etc/passwd).
+SYSTEM_FOLDERS = (
+    "/etc", "/proc", "/sys", "/dev", "/boot", "/run", "/var/run", "/var/lib", "/var/log",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/snap",
+)  # fmt: skip
+# Folders of credentials in the home folder.
+SECRET_FOLDERS = (".ssh", ".aws", ".gnupg", ".config", ".kube", ".docker", ".azure", ".netrc")
+
+
+def within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def root_problem(real: str) -> str | None:
+    """Why the resolved folder ``real`` may not be a root images are read from, or None."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    if any(within(real, f) for f in SYSTEM_FOLDERS):
+        return "a system folder"
+    if within(home, real):
+        return "the home folder or a folder above it"
+    if any(within(real, os.path.join(home, s)) for s in SECRET_FOLDERS):
+        return "a folder of credentials"
+    return None
+
+
+def credentials_in(url: str) -> bool:
+    """Whether a URL carries ``user:password@`` (or ``user@``) before its host."""
+    authority = url.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    return "@" in authority
+
+
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#\s@]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the credentials of every URL in it replaced by ``***``: for the messages and
+    tables that quote a refused record."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
 class Location(str):
-    """A folder or URL prefix (local path, http(s)://, s3://, file://). Local paths become absolute;
-    they are not required to exist yet (they are read by a later stage, possibly on another host)."""
+    """A folder or URL prefix (local path, http(s)://, s3://, file://) that images are read from.
+    Local paths become absolute with symlinks resolved, and may not be (or lie in) a system
+    folder, the home folder or its credentials; they are not required to exist yet (a later stage
+    reads them, possibly on another host). URLs may not carry credentials."""
 
     @classmethod
     def __get_pydantic_core_schema__(cls, _source: Any, _handler: Any) -> core_schema.CoreSchema:
@@ -93,13 +137,23 @@ class Location(str):
 
     @classmethod
     def _validate(cls, value: str, info: core_schema.ValidationInfo) -> Location:
-        if value.startswith(URL_SCHEMES):
+        if value.startswith("file://"):
+            value = value[len("file://") :] or "/"
+        elif value.startswith(URL_SCHEMES):
+            if credentials_in(value):
+                raise ValueError(
+                    "credentials in a URL are refused (they would be stored in every table that holds "
+                    "the URL): serve the images without them, or mirror them to a folder or bucket"
+                )
             return cls(value.rstrip("/"))
         if "://" in value:
             raise ValueError(
                 f"unsupported scheme in {value!r}: expected a local path or one of {', '.join(URL_SCHEMES)}"
             )
-        return cls(str(_resolve(value, info)))
+        real = os.path.realpath(_resolve(value, info))
+        if problem := root_problem(real):
+            raise ValueError(f"{value!r} resolves to {real}, {problem}: expected a folder of images")
+        return cls(real)
 
 
 class StorageUri(str):

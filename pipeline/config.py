@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from contract.configbase import StorageUri, StrictModel
+from contract.configbase import StorageUri, StrictModel, redact_credentials
 from contract.errors import ConfigError
 from corpus.crawl.config import CrawlConfig
 from corpus.dedup.config import DedupConfig
@@ -140,7 +140,7 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{key_path}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, (dict, list)) or got is None else redact_credentials(f" (got {got!r})")
     return f"{key_path or '(top level)'}: {msg}{shown}"
 
 

@@ -18,6 +18,8 @@ import ijson
 from contract.errors import InputDataError
 
 _BLOCK = 1 << 20
+# A UTF-8 byte order mark (Windows editors and Excel write one): not part of the first line or value.
+BOM = b"\xef\xbb\xbf"
 
 
 def read_line_chunks(path: str, n: int) -> Iterator[tuple[int, list[bytes], int]]:
@@ -25,7 +27,10 @@ def read_line_chunks(path: str, n: int) -> Iterator[tuple[int, list[bytes], int]
     with open(path, "rb") as f:
         line_no = 1
         while lines := list(itertools.islice(f, n)):
-            yield line_no, lines, sum(map(len, lines))
+            nbytes = sum(map(len, lines))
+            if line_no == 1 and lines[0].startswith(BOM):
+                lines[0] = lines[0][len(BOM) :]
+            yield line_no, lines, nbytes
             line_no += len(lines)
 
 
@@ -51,8 +56,11 @@ class CountingReader:
 
     def read(self, n: int = -1) -> bytes:
         data = self.f.read(n)
-        self.last_start, self.last = self.pos, data
+        start = self.pos
         self.pos += len(data)
+        if start == 0 and data.startswith(BOM):
+            data, start = data[len(BOM) :], len(BOM)  # not JSON: the parser would stop at it
+        self.last_start, self.last = start, data
         return data
 
 

@@ -7,6 +7,7 @@ COCO id, Flickr photo id and image location.
 
 from __future__ import annotations
 
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,13 @@ def as_int(value: Any) -> int | None:
     return None
 
 
-def join_location(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts if p)])
+def join_location(root: str, *parts: str) -> str | None:
+    """``root`` (a folder or URL prefix) joined with a record's relative ``parts``; None when the
+    parts climb out of ``root`` (``..``): a record names an image under its root, never elsewhere."""
+    rel = posixpath.normpath("/".join(p.strip("/") for p in parts if p))
+    if rel == ".." or rel.startswith("../"):
+        return None
+    return "/".join([root.rstrip("/"), rel]) if rel != "." else root.rstrip("/")
 
 
 def flickr_id_from_url(url: str | None) -> int | None:
@@ -59,9 +65,9 @@ def coco_images(path: str) -> dict[int, CocoImage]:
 def karpathy_image_uri(img: dict, dataset: str, image_root: str | None) -> str | None:
     """Where an image of a Karpathy split file is. COCO: ``filepath``/``filename`` under ``image_root``
     (default: images.cocodataset.org). Flickr30K: ``filename`` under ``image_root``; None without a
-    root, as Flickr30K images have no public URL."""
+    root, as Flickr30K images have no public URL, and None for a name that climbs out of the root."""
     if dataset == "coco":
-        return join_location(image_root or COCO_IMAGES_URL, img.get("filepath", ""), img["filename"])
+        return join_location(image_root or COCO_IMAGES_URL, str(img.get("filepath", "")), img["filename"])
     return join_location(image_root, img["filename"]) if image_root else None
 
 

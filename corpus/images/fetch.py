@@ -31,6 +31,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import ThreadedResolver
 
+from contract.configbase import redact_credentials
+
 REDIRECTS = (301, 302, 303, 307, 308)
 RETRYABLE_STATUS = {429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
 
@@ -270,12 +272,16 @@ class Fetcher:
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    async def _fetch_http(self, url: str, validators: dict[str, str]) -> Fetched:
-        attempts = 0
+    async def _fetch_http(self, original: str, validators: dict[str, str]) -> Fetched:
+        """``url`` of the result is ``original``, ``final_url`` the one that answered."""
+        url, attempts = original, 0
         for _hop in range(self.cfg.max_redirects + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise Refused("bad_redirect" if attempts else "bad_url", url[:200])
+                raise Refused("bad_redirect" if attempts else "bad_url", redact_credentials(url[:200]))
+            if parts.username is not None or parts.password is not None:
+                # Ingest refuses such URLs; a redirect must not bring them back into our tables.
+                raise Refused("credentials_in_url", redact_credentials(url[:200]), attempts=attempts)
             self._check_literal_host(parts.hostname)
             try:
                 status, location, body, headers, tries = await self._get_with_retries(url, parts.hostname, validators)
@@ -291,16 +297,16 @@ class Fetcher:
                     # A 304 may omit validators that did not change: keep the ones we sent.
                     etag = etag or validators.get("If-None-Match")
                     modified = modified or validators.get("If-Modified-Since")
-                    return Fetched(url, http_status=304, attempts=attempts, final_url=url, etag=etag,
+                    return Fetched(original, http_status=304, attempts=attempts, final_url=url, etag=etag,
                                    last_modified=modified, not_modified=True)  # fmt: skip
                 return Fetched(
-                    url, body=body, http_status=status, attempts=attempts, final_url=url, etag=etag,
+                    original, body=body, http_status=status, attempts=attempts, final_url=url, etag=etag,
                     last_modified=modified,
                 )  # fmt: skip
             url = urljoin(url, location)
-        raise Refused(
-            "too_many_redirects", f"more than {self.cfg.max_redirects} redirects, last {url[:200]}", attempts=attempts
-        )
+        last = redact_credentials(url[:200])
+        detail = f"more than {self.cfg.max_redirects} redirects, last {last}"
+        raise Refused("too_many_redirects", detail, attempts=attempts)
 
     def _check_literal_host(self, host: str) -> None:
         """aiohttp connects to IP literals without asking the resolver: check them here."""
@@ -386,11 +392,12 @@ class Fetcher:
             aiohttp.ClientOSError,
             ConnectionResetError,
         ) as exc:
-            raise _Retry("connection_reset", str(exc)[:200] or type(exc).__name__) from None
-        except aiohttp.InvalidURL as exc:
-            raise Refused("bad_url", str(exc)[:200]) from None
+            # The type only: aiohttp's parser messages can quote what the server sent.
+            raise _Retry("connection_reset", type(exc).__name__) from None
+        except aiohttp.InvalidURL:
+            raise Refused("bad_url", redact_credentials(url[:200])) from None
         except aiohttp.ClientResponseError as exc:
-            raise _Retry("bad_response", str(exc)[:200], exc.status) from None
+            raise _Retry("bad_response", f"malformed HTTP response ({type(exc).__name__})", exc.status) from None
 
 
 class _Retry(Exception):

@@ -96,6 +96,9 @@ def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, in
     # NOTE: Pillow's limit is a module global; set it for this decode and put it back, so the rest
     # of the process (the downstream images, the report charts) keeps Pillow's default.
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, opts.max_pixels
+    # NOTE: the details below are ours, never Pillow's message or the data: both can quote bytes of
+    # a hostile file (PNG chunk names, a text "image" such as /etc/passwd), and failures are stored.
+    fmt = "image"
     try:
         with warnings.catch_warnings():
             # Pillow only warns between 1× and 2× the limit; for untrusted input that is a bomb too.
@@ -107,13 +110,13 @@ def _decode(data: bytes, opts: ImageOptions) -> tuple[Image.Image, tuple[int, in
                 image.draft("RGB", (opts.max_side, opts.max_side))
             image.load()
             return image, size, fmt
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("decompression_bomb", str(exc)[:200]) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected("decompression_bomb", f"more pixels than max_pixels ({opts.max_pixels})") from None
     except UnidentifiedImageError:
         raise ImageRejected("not_an_image", _sniff(data)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated or corrupt data as OSError ("image file is truncated", …).
-        raise ImageRejected("corrupt_image", str(exc)[:200]) from None
+        raise ImageRejected("corrupt_image", f"{fmt} data truncated or corrupt ({type(exc).__name__})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous
 
@@ -140,9 +143,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _sniff(data: bytes) -> str:
+    """What the body looks like, in words of ours (never its bytes)."""
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         return "HTML document"
     if not data:
         return "empty body"
-    return f"unrecognized bytes {data[:16]!r}"
+    try:
+        data[:4096].decode("utf-8")
+        return f"text, not an image ({len(data)} bytes)"
+    except UnicodeDecodeError:
+        return f"unrecognized binary format ({len(data)} bytes)"

@@ -115,6 +115,10 @@ class IngestConfig(SectionConfig):
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"workers"})
 
     sources: list[Source] = Field(min_length=1)
+    # Longer captions (characters, after whitespace is collapsed) are rejected as caption_too_long:
+    # real captions are a sentence or two; longer ones are scraped page text. Pretraining still cuts
+    # each caption to its token budget.
+    max_caption_chars: int = Field(default=1000, ge=1)
     # Input records per shard (lines, annotations, regions, images). Changing it re-shards the output.
     shard_rows: int = Field(default=100_000, ge=1)
     # Processes normalizing shards of the big line formats (CC, SBU) in parallel; 1 = in-process,

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from contract.configbase import credentials_in
 from contract.errors import InputDataError
 from contract.stage import batched
 from corpus.annotations.reader import JsonArrayStream, count_lines, file_size, read_line_chunks
@@ -60,7 +62,10 @@ class Chunk:
 # The JSON formats normalize row by row in Python; the line formats (CC, SBU: the big ones) do the
 # same with Arrow kernels over a whole chunk. Both follow these rules (tests check they agree):
 # - a caption has every whitespace run (Python's str.split set) collapsed to one space, ends trimmed;
-# - a usable URL is http(s)://host[/…] with no whitespace or control characters, at most 2048 chars.
+#   then it is rejected if empty, if it holds a control character (below), or if it is longer than
+#   `ingest.max_caption_chars` characters;
+# - a usable URL is http(s)://host[/…] with no whitespace or control characters, at most 2048 chars,
+#   and no credentials (user:password@host): every table that holds the URL would hold them too.
 
 # Exactly the characters Python's str.split() splits on, as a class both `re` and RE2 accept.
 _WHITESPACE = (
@@ -79,6 +84,13 @@ WHITESPACE_RUN = _regex_class(_WHITESPACE) + "+"
 NEEDS_CLEANING = _regex_class(_WHITESPACE.replace(" ", "")) + "|  |^ | $"
 URL_PATTERN = r"https?://[^\x00-\x20\x7f/?#]+(?:[/?#][^\x00-\x20\x7f]*)?"
 _URL = re.compile(URL_PATTERN)
+CREDENTIALS_PATTERN = r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/?#]*@"
+# Control characters that are not whitespace to str.split (which cleaning collapses): C0 (NUL…),
+# DEL, and C1 but NEL. In a caption they are binary debris or mis-decoded text, never language.
+_CONTROLS = "".join(map(chr, [*range(0x00, 0x09), *range(0x0E, 0x1C), *range(0x7F, 0x85), *range(0x86, 0xA0)]))
+CONTROL_CHAR = _regex_class(_CONTROLS)
+_CONTROL = re.compile(CONTROL_CHAR)
+DEFAULT_MAX_CAPTION_CHARS = 1000
 
 
 def clean_caption(text: Any) -> str | None:
@@ -88,12 +100,23 @@ def clean_caption(text: Any) -> str | None:
     return " ".join(text.split()) or None
 
 
+def caption_problem(caption: str, max_chars: int) -> str | None:
+    """Why a cleaned, non-empty caption is rejected, or None."""
+    if _CONTROL.search(caption):
+        return "control_characters"
+    if len(caption) > max_chars:
+        return "caption_too_long"
+    return None
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be fetched, or None when it is a usable http(s) URL."""
     if not url:
         return "missing_url"
     if len(url) > MAX_URL_CHARS or not _URL.fullmatch(url):
         return "bad_url"
+    if credentials_in(url):
+        return "credentials_in_url"
     return None
 
 
@@ -134,26 +157,39 @@ def add_url_pairs(
     urls: list[str],
     caption_file: str,
     url_file: str,
+    max_caption_chars: int,
 ) -> None:
-    """Vectorized normalization of (line, caption, url) rows; bad rows go to rejects one by one."""
+    """Vectorized normalization of (line, caption, url) rows; bad rows go to rejects one by one
+    (with the reason `url_problem` / `caption_problem` gives: the rules are written once)."""
     if not line_numbers:
         return
     caps = clean_captions(pa.array(captions, pa.string()))
     url_arr = pc.utf8_trim_whitespace(pa.array(urls, pa.string()))
-    url_len = pc.utf8_length(url_arr)
-    url_ok = pc.and_(pc.match_substring_regex(url_arr, f"^{URL_PATTERN}$"), pc.less_equal(url_len, MAX_URL_CHARS))
-    good = pc.and_(url_ok, pc.greater(pc.utf8_length(caps), 0))
+    url_ok = pc.and_(
+        pc.and_(
+            pc.match_substring_regex(url_arr, f"^{URL_PATTERN}$"),
+            pc.less_equal(pc.utf8_length(url_arr), MAX_URL_CHARS),
+        ),
+        pc.invert(pc.match_substring_regex(url_arr, CREDENTIALS_PATTERN)),
+    )
+    cap_len = pc.utf8_length(caps)
+    cap_ok = pc.and_(
+        pc.and_(pc.greater(cap_len, 0), pc.less_equal(cap_len, max_caption_chars)),
+        pc.invert(pc.match_substring_regex(caps, CONTROL_CHAR)),
+    )
+    good = pc.and_(url_ok, cap_ok)
     if not pc.all(good).as_py():
         bad = np.flatnonzero(~good.to_numpy(zero_copy_only=False))
         ok_url = url_ok.to_numpy(zero_copy_only=False)
-        lens = url_len.to_numpy(zero_copy_only=False)
         for i in bad:
             where = f"line {line_numbers[i]}"
             detail = f"{captions[i].strip()}\t{urls[i].strip()}"
             if not ok_url[i]:
-                out.reject(url_file, where, "missing_url" if lens[i] == 0 else "bad_url", detail)
+                out.reject(url_file, where, url_problem(urls[i].strip()) or "bad_url", detail)
             else:
-                out.reject(caption_file, where, "empty_caption", detail)
+                caption = clean_caption(captions[i])
+                reason = caption_problem(caption, max_caption_chars) if caption else "empty_caption"
+                out.reject(caption_file, where, reason or "bad_caption", detail)
         caps, url_arr = caps.filter(good), url_arr.filter(good)
         line_numbers = pa.array(line_numbers, pa.int64()).filter(good)
     if isinstance(line_numbers, list):
@@ -172,10 +208,28 @@ def add_url_pairs(
     )
 
 
+class Format:
+    """What every format shares: the caption rule, and the configured caption length."""
+
+    max_caption_chars = DEFAULT_MAX_CAPTION_CHARS  # `open_format` sets the configured value
+
+    def caption(self, out: ShardBuilder, file: str, where: str, raw: Any, record: Any) -> str | None:
+        """The cleaned caption, or None after rejecting ``record`` with the reason."""
+        caption = clean_caption(raw)
+        if caption is None:
+            reason = "empty_caption" if isinstance(raw, str) else "missing_caption"
+        else:
+            reason = caption_problem(caption, self.max_caption_chars)
+        if reason:
+            out.reject(file, where, reason, record)
+            return None
+        return caption
+
+
 # --- line formats -----------------------------------------------------------------------------
 
 
-class ConceptualCaptions:
+class ConceptualCaptions(Format):
     """``caption<TAB>url`` per line. Pair id: the 1-based line number."""
 
     def __init__(self, source: ConceptualCaptionsSource):
@@ -208,10 +262,10 @@ class ConceptualCaptions:
                 out.reject(path, f"line {line_no}", "bad_record", f"expected caption<TAB>url: {text.strip()}")
             else:
                 out.blank_lines += 1
-        add_url_pairs(out, self.name, self.source.split, nums, caps, urls, path, path)
+        add_url_pairs(out, self.name, self.source.split, nums, caps, urls, path, path, self.max_caption_chars)
 
 
-class Sbu:
+class Sbu(Format):
     """Parallel files: line i of ``urls`` ↔ line i of ``captions``. Pair id: the line number."""
 
     def __init__(self, source: SbuSource):
@@ -254,7 +308,7 @@ class Sbu:
                 urls.append(url)
             else:
                 out.blank_lines += 1
-        add_url_pairs(out, self.name, src.split, nums, caps, urls, src.captions, src.urls)
+        add_url_pairs(out, self.name, src.split, nums, caps, urls, src.captions, src.urls, self.max_caption_chars)
 
 
 # --- JSON formats -----------------------------------------------------------------------------
@@ -267,7 +321,7 @@ def _json_chunks(stream: JsonArrayStream, n: int) -> Iterator[Chunk]:
         last = stream.pos
 
 
-class Coco:
+class Coco(Format):
     """COCO captions: ``images`` (id → file, URLs) then ``annotations``. Pair id: annotation id.
 
     Memory: the image table (~120k small tuples for train2014) plus one chunk of annotations."""
@@ -292,29 +346,37 @@ class Coco:
             if not isinstance(ann, dict):
                 out.reject(path, where, "bad_record", ann)
                 continue
-            ann_id, image_id = as_int(ann.get("id")), as_int(ann.get("image_id"))
-            if ann_id is None or image_id is None:
-                out.reject(path, where, "bad_record", f"expected integer 'id' and 'image_id': {ann}")
+            image_id = as_int(ann.get("image_id"))
+            if image_id is None or ("id" in ann and as_int(ann["id"]) is None):
+                out.reject(path, where, "bad_record", f"expected an integer 'image_id' (and 'id', if any): {ann}")
                 continue
+            # COCO's caption files give every annotation an id, but nothing that reads captions needs
+            # one (a caption belongs to its image): without it the pair is named by its position.
+            ann_id = as_int(ann["id"]) if "id" in ann else f"#{i}"
             image = self.images.get(image_id)
             if image is None:
                 out.reject(path, where, "unknown_image", f"image_id {image_id} is not in 'images'")
                 continue
-            caption = clean_caption(ann.get("caption"))
+            caption = self.caption(out, path, where, ann.get("caption"), ann)
             if caption is None:
-                reason = "empty_caption" if isinstance(ann.get("caption"), str) else "missing_caption"
-                out.reject(path, where, reason, ann)
                 continue
             file_name, coco_url, flickr_id = image
-            uri = join_location(root, file_name) if root and file_name else coco_url
-            if not uri or (not root and url_problem(uri)):
-                detail = f"image {image_id}: no file_name with image_root, no usable coco_url"
-                out.reject(path, where, "no_image_location", detail)
+            if root and file_name:
+                uri = join_location(root, str(file_name))
+                if uri is None:
+                    out.reject(path, where, "path_outside_root", f"image {image_id}: file_name {file_name!r}")
+                    continue
+            elif problem := url_problem(coco_url if isinstance(coco_url, str) else ""):
+                detail = f"image {image_id}: no file_name with image_root, no usable coco_url ({problem}): {coco_url}"
+                reason = problem if problem == "credentials_in_url" else "no_image_location"
+                out.reject(path, where, reason, detail)
                 continue
+            else:
+                uri = coco_url
             out.pair(f"{name}:{ann_id}", f"coco:{image_id}", uri, caption, split, image_id, flickr_id)
 
 
-class VisualGenome:
+class VisualGenome(Format):
     """VG dense captions: every region phrase is a pair, with its box. Pair id: region id."""
 
     def __init__(self, source: VisualGenomeSource):
@@ -361,17 +423,23 @@ class VisualGenome:
             if image is None:
                 out.reject(path, where, "unknown_image", f"image_id {image_id} is not in {self.source.image_data}")
                 continue
-            caption = clean_caption(region.get("phrase"))
+            caption = self.caption(out, path, where, region.get("phrase"), region)
             if caption is None:
-                reason = "empty_caption" if isinstance(region.get("phrase"), str) else "missing_caption"
-                out.reject(path, where, reason, region)
                 continue
             url, coco_id, flickr_id = image
-            # Local copies keep the zip layout: <root>/VG_100K[_2]/<id>.jpg, the URL's last two parts.
-            uri = join_location(root, *url.split("/")[-2:]) if root and url else url
-            if not uri or (not root and url_problem(uri)):
-                out.reject(path, where, "no_image_location", f"image {image_id} has no usable url")
+            url = url if isinstance(url, str) else ""
+            if root and url:
+                # Local copies keep the zip layout: <root>/VG_100K[_2]/<id>.jpg, the URL's last two parts.
+                uri = join_location(root, *url.split("/")[-2:])
+                if uri is None:
+                    out.reject(path, where, "path_outside_root", f"image {image_id}: url {url!r}")
+                    continue
+            elif problem := url_problem(url):
+                reason = problem if problem == "credentials_in_url" else "no_image_location"
+                out.reject(path, where, reason, f"image {image_id} has no usable url ({problem}): {url}")
                 continue
+            else:
+                uri = url
             out.pair(
                 f"{name}:{region_id}",
                 f"vg:{image_id}",
@@ -385,7 +453,7 @@ class VisualGenome:
             )
 
 
-class Karpathy:
+class Karpathy(Format):
     """Karpathy splits: each image keeps its split (train/restval/val/test). Pair id: sentence id."""
 
     def __init__(self, source: KarpathySource):
@@ -423,18 +491,20 @@ class Karpathy:
                 coco_id = None
                 flickr_id = flickr30k_photo_id(filename)
                 image_key = f"flickr30k:{Path(filename).stem}"
-            # Flickr30K sources have an image_root (the config requires it): the location is never None.
+            # Flickr30K sources have an image_root (the config requires it): None only for a name
+            # that climbs out of the root.
             uri = karpathy_image_uri(img, src.dataset, src.image_root)
+            if uri is None:
+                out.reject(path, where, "path_outside_root", f"filepath/filename {img.get('filepath', '')}/{filename}")
+                continue
             for j, sent in enumerate(img["sentences"]):
                 sent_id = as_int(sent.get("sentid")) if isinstance(sent, dict) else None
                 if sent_id is None:
                     detail = f"expected a sentence with integer 'sentid': {sent}"
                     out.reject(path, f"{where}.sentences[{j}]", "bad_record", detail)
                     continue
-                caption = clean_caption(sent.get("raw"))
+                caption = self.caption(out, path, f"{where}.sentences[{j}]", sent.get("raw"), sent)
                 if caption is None:
-                    reason = "empty_caption" if isinstance(sent.get("raw"), str) else "missing_caption"
-                    out.reject(path, f"{where}.sentences[{j}]", reason, sent)
                     continue
                 out.pair(f"{self.name}:{sent_id}", image_key, uri, caption, split, coco_id, flickr_id)
 
@@ -442,7 +512,7 @@ class Karpathy:
 # --- generic tables ---------------------------------------------------------------------------
 
 
-class Table:
+class Table(Format):
     """Parquet / CSV / TSV / JSONL rows with ``image_url`` or ``image_path`` and ``caption``
     (optional ``split``, ``id``). Pair id: ``id`` when given, else the row number."""
 
@@ -488,7 +558,11 @@ class Table:
                     yield f"line {line_no}", rec, len(raw)
         else:
             with open(path, "rb") as fb:
-                text = io.TextIOWrapper(fb, encoding="utf-8", errors="surrogateescape", newline="")
+                # utf-8-sig: a leading byte order mark (Excel writes one) is not part of the header.
+                text = io.TextIOWrapper(fb, encoding="utf-8-sig", errors="surrogateescape", newline="")
+                # A field over csv's 128 KiB default would stop the whole file; the caption rule
+                # rejects that one row instead.
+                csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
                 reader = csv.DictReader(text, delimiter="\t" if self.kind == "tsv" else ",")
                 names = reader.fieldnames or []
                 if "caption" not in names or not {"image_url", "image_path"} & set(names):
@@ -528,15 +602,18 @@ class Table:
                 image_key = url_key(uri)
             elif rel:
                 rel = str(rel).strip()
-                uri = rel if rel.startswith("/") else join_location(self.root, rel)
+                # An absolute path is kept as written (normalized): crawl.file_roots decides whether
+                # it may be read. A relative one must stay under its root.
+                uri = os.path.normpath(rel) if rel.startswith("/") else join_location(self.root, rel)
+                if uri is None:
+                    out.reject(path, where, "path_outside_root", f"image_path {rel!r} climbs out of {self.root}")
+                    continue
                 image_key = "file:" + hashlib.sha1(uri.encode("utf-8")).hexdigest()[:20]
             else:
                 out.reject(path, where, "missing_url", rec)
                 continue
-            caption = clean_caption(rec.get("caption"))
+            caption = self.caption(out, path, where, rec.get("caption"), rec)
             if caption is None:
-                reason = "empty_caption" if isinstance(rec.get("caption"), str) else "missing_caption"
-                out.reject(path, where, reason, rec)
                 continue
             pair_id = rec.get("id")
             pair_id = f"{name}:{pair_id}" if pair_id not in (None, "") else f"{name}:{where.split()[-1]}"
@@ -562,5 +639,7 @@ FORMATS = {
 }
 
 
-def open_format(source: Any):
-    return FORMATS[source.format](source)
+def open_format(source: Any, max_caption_chars: int = DEFAULT_MAX_CAPTION_CHARS) -> Format:
+    fmt = FORMATS[source.format](source)
+    fmt.max_caption_chars = max_caption_chars
+    return fmt

@@ -37,7 +37,7 @@ def run_ingest(ctx: StageContext) -> None:
     cfg = ctx.config
     with tempfile.TemporaryDirectory(prefix="uniter-ingest-") as scratch:
         for source in cfg.sources:
-            fmt = open_format(source)
+            fmt = open_format(source, cfg.max_caption_chars)
             workers = _workers(cfg.workers, source.format, fmt.total_bytes)
             with ctx.progress.task(f"ingest {fmt.name}", total=fmt.total_bytes, unit="B") as bar:
                 todo = _pending(ctx, fmt, cfg.shard_rows, bar)
@@ -94,7 +94,7 @@ def _process(fmt, chunks: Iterator[Chunk], workers: int, scratch: Path):
 
 INGEST = Stage(
     name="ingest",
-    version=1,
+    version=2,  # 2: byte order marks, control characters, caption length, credentials, paths out of roots
     run=run_ingest,
     inputs=(),
     tables=("pairs", "rejects"),

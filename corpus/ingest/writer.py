@@ -8,6 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from contract.configbase import redact_credentials
+
 PAIRS_SCHEMA = pa.schema(
     [
         pa.field("pair_id", pa.string(), nullable=False),  # "<source name>:<id in the source>", stable
@@ -103,7 +105,7 @@ class ShardBuilder:
         r["record"].append(record)
         r["reason"].append(reason)
         text = detail if isinstance(detail, str) else json.dumps(detail, ensure_ascii=False, default=str)
-        r["detail"].append(text[:DETAIL_CHARS])
+        r["detail"].append(redact_credentials(text[: 2 * DETAIL_CHARS])[:DETAIL_CHARS])
         self.reasons[reason] += 1
 
     @property

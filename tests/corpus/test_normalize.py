@@ -11,8 +11,11 @@ import pytest
 
 from corpus.annotations.records import flickr_id_from_url
 from corpus.ingest.formats import (
+    CONTROL_CHAR,
+    CREDENTIALS_PATTERN,
     MAX_URL_CHARS,
     URL_PATTERN,
+    caption_problem,
     clean_caption,
     clean_captions,
     url_key,
@@ -56,6 +59,14 @@ def test_caption_cleaning_agrees_on_random_text():
     assert clean_captions(pa.array(texts)).to_pylist() == [clean_caption(t) or "" for t in texts]
 
 
+def test_control_character_rule_agrees():
+    """Every code point below U+00A0 and a few above, through Python's re and Arrow's RE2."""
+    texts = [f"a{chr(c)}b" for c in [*range(0xA0), 0x2028, 0xFEFF, 0x1F408]]
+    scalar = [caption_problem(t, 1000) == "control_characters" for t in texts]
+    assert pc.match_substring_regex(pa.array(texts), CONTROL_CHAR).to_pylist() == scalar
+    assert sum(scalar) == 9 + 14 + 1 + 31  # C0 but whitespace, DEL, C1 but NEL
+
+
 @pytest.mark.parametrize(
     "url, ok",
     [
@@ -70,13 +81,17 @@ def test_caption_cleaning_agrees_on_random_text():
         ("javascript:alert(1)", False),
         ("//example.org/a.jpg", False),
         ("http://h/" + "a" * MAX_URL_CHARS, False),
+        ("http://user:pw@h/a.jpg", False),
+        ("https://token@h/a.jpg", False),
+        ("http://h/a@2x.jpg?by=me@x", True),
     ],
 )
 def test_url_rule_agrees(url, ok):
     assert (url_problem(url) is None) == ok
     arr = pa.array([url])
     vector_ok = pc.and_(
-        pc.match_substring_regex(arr, f"^{URL_PATTERN}$"), pc.less_equal(pc.utf8_length(arr), MAX_URL_CHARS)
+        pc.and_(pc.match_substring_regex(arr, f"^{URL_PATTERN}$"), pc.less_equal(pc.utf8_length(arr), MAX_URL_CHARS)),
+        pc.invert(pc.match_substring_regex(arr, CREDENTIALS_PATTERN)),
     )
     assert vector_ok.to_pylist() == [ok]
 

@@ -67,7 +67,7 @@ def test_second_run_is_cached_and_does_no_work(tmp_path, storage_spec, cc_file):
     assert _markers(storage, second.manifest) == before  # no shard was rewritten
     # The manifest carries provenance, and no credentials.
     m = second.manifest
-    assert m.stage == "ingest" and m.stage_version == 1 and m.config_sha256 and m.code_version
+    assert m.stage == "ingest" and m.stage_version == 2 and m.config_sha256 and m.code_version
     assert m.inputs == {f"file:{cc_file}": m.inputs[f"file:{cc_file}"]} and len(m.inputs[f"file:{cc_file}"]) == 64
     assert all(f.bytes > 0 and len(f.sha256) == 64 for f in m.tables["pairs"])
     raw = storage.read_bytes(f"{Artifact(storage, 'ingest', m.key).prefix}/_manifest.json").decode()
