@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from cli.main import main
 from contract.errors import ConfigError
 from pipeline.config import load_config
 from pipeline.runner import run_stage, storage_for
@@ -200,7 +201,7 @@ def test_roots_that_resolve_to_system_or_secret_folders_are_refused(tmp_path):
     assert SECRET not in message
 
 
-def test_a_crawl_keeps_no_credential_and_no_byte_of_what_failed(tmp_path):
+def test_a_crawl_keeps_no_credential_and_no_byte_of_what_failed(tmp_path, capsys, caplog):
     """One run with a credential in a URL, a redirect to one, a redirect to a good image, and a
     "photo" that is /etc/passwd-like text: then every table, manifest and report is searched."""
     photo = fx.jpeg(fx.synthetic_photo(3, (120, 90)))
@@ -225,9 +226,14 @@ def test_a_crawl_keeps_no_credential_and_no_byte_of_what_failed(tmp_path):
             "crawl": {"allow_private_networks": True, "retries": 0, "file_roots": ["imgs"], "workers": 1},
         }
         (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(doc))
+        caplog.set_level("DEBUG")
+        for stage in ("ingest", "crawl"):  # as a user runs them, verbose: the logs are searched too
+            assert main(["-v", "run", stage, "-c", str(tmp_path / "cfg.yaml")]) == 0
+            assert main(["run", stage, "-c", str(tmp_path / "cfg.yaml"), "--json"]) == 0
+        said = capsys.readouterr()
         cfg = load_config(tmp_path / "cfg.yaml")
-        run_stage("ingest", cfg)
         result = run_stage("crawl", cfg)
+        assert result.status == "cached"
 
     store = storage_for(cfg)
     images = read_table(store, result.manifest, "images").to_pylist()
@@ -238,6 +244,9 @@ def test_a_crawl_keeps_no_credential_and_no_byte_of_what_failed(tmp_path):
     assert failures["passwd.jpg"] == ("not_an_image", "text, not an image (96 bytes)")
     assert failures["binary.jpg"] == ("not_an_image", "unrecognized binary format (300 bytes)")
 
+    assert "credentials_in_url" in said.out + said.err
+    for text in (said.out, said.err, caplog.text):
+        assert SECRET not in text and "root:x:0" not in text
     searched = 0
     for path in Path(tmp_path / "data").rglob("*"):
         if not path.is_file():
