@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
+from rich.text import Text
 
 from contract.artifact import Artifact
 from contract.errors import MissingInputError, UniterError
@@ -291,9 +292,13 @@ def cmd_sql(args) -> int:
     if args.json:
         _emit({"columns": result.columns, "rows": [dict(zip(result.columns, r, strict=True)) for r in result.rows]})
         return 0
-    table = Table(*result.columns)
+    # Text, not str: Rich reads strings as markup and emoji codes, so `http://[fd00::1]/x.jpg` would
+    # print as `http:///x.jpg` and `:cat:` as a cat; query results must print as they are.
+    table = Table()
+    for column in result.columns:
+        table.add_column(Text(column))
     for row in result.rows:
-        table.add_row(*("NULL" if v is None else str(v) for v in row))
+        table.add_row(*(Text("NULL" if v is None else str(v)) for v in row))
     Console().print(table)
     return 0
 

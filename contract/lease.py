@@ -138,5 +138,11 @@ class Lease:
         if self._beat is not None:
             self._beat.join()
         if self.generation is not None and not self.lost:
-            self.storage.put(self._file(self.generation), self._body(released=True))
+            try:
+                self.storage.put(self._file(self.generation), self._body(released=True))
+            except StorageError as exc:
+                # NOTE: not raised: it would hide the error that ended the run (often the same outage),
+                # and an unreleased lease only makes the next run wait until it lapses (not at all on
+                # this host once this process is gone).
+                log.warning("%s: could not release the lease (it lapses within %.0f s): %s", self.stage, self.ttl, exc)
         self.generation = None

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
 from contract.artifact import Artifact, Manifest
-from contract.configbase import InputFile, InputFolder, SectionConfig
+from contract.configbase import InputFile, InputFolder, SectionConfig, redact_credentials
 from contract.errors import MissingInputError
 from contract.fingerprint import file_fingerprint, folder_fingerprint, sha256_json
 from contract.lease import Lease
@@ -25,13 +25,22 @@ from contract.reuse import ItemIndex
 from contract.stage import Stage, StageContext
 from pipeline.config import PipelineConfig
 from pipeline.stages import STAGES, get_stage
-from storage import Storage, open_storage
+from storage import Storage, StorageError, open_storage
 
 log = logging.getLogger(__name__)
 
 
 def storage_for(cfg: PipelineConfig) -> Storage:
-    return open_storage(cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    """The configured storage, checked before any work: one that cannot be used stops the command
+    with a message naming the config key, not a traceback from the first write."""
+    storage = open_storage(cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    try:
+        storage.check()
+    except StorageError as exc:
+        endpoint = f" (storage.endpoint_url {cfg.storage.endpoint_url!r})" if cfg.storage.endpoint_url else ""
+        message = f"storage.uri {cfg.storage.uri!r}{endpoint} cannot be used: {exc}"
+        raise StorageError(redact_credentials(message)) from None  # an endpoint URL may hold user:password
+    return storage
 
 
 @functools.lru_cache(maxsize=1)
@@ -216,6 +225,11 @@ def run_stage(
         if force:
             art.clear()
         return _build(name, plan, cfg, storage, art, progress, force, started)
+    except StorageError as exc:
+        message = redact_credentials(str(exc).rstrip("."))
+        raise StorageError(
+            f"{name} stopped: {message}. Finished shards are kept; the next run resumes from them."
+        ) from exc
     finally:
         lease.release()
 

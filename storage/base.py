@@ -18,12 +18,19 @@ class Storage(Protocol):
     Contract shared by every implementation:
     - ``put`` / ``put_file`` are atomic: a reader sees the old object (or none) or the whole new one.
     - ``list`` never returns an object that is still being written.
+    - Every failure of the medium (a disk error, an unreachable or refusing server) is a
+      `StorageError` naming the object, never the backend's own exception.
     """
 
     uri: str  # the root: an absolute local directory or ``s3://bucket/prefix``
 
     def url(self, key: str) -> str:
         """Full address of ``key`` as DuckDB and users see it (absolute path or ``s3://…``)."""
+
+    def check(self) -> None:
+        """Fail fast, once at start-up: the root can be used (a local folder is created and written
+        in; on S3 one listing tries the endpoint, the bucket and the credentials). Raises
+        `StorageError` saying what failed and what to do."""
 
     def open(self, key: str) -> BinaryIO:
         """A seekable, buffered binary reader over the object."""

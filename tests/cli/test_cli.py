@@ -177,3 +177,18 @@ def test_a_temporary_server_that_does_not_start_is_an_environment_error(tmp_path
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "temporary server did not start within 0 s" in done.stderr and "PREFECT_API_URL" in done.stderr
+
+
+def test_sql_prints_values_as_they_are(tmp_path, capsys):
+    """Rich reads `[...]` in a string as markup and `:name:` as an emoji code; query results are
+    data, printed verbatim (an IPv6 URL lost its host: `http://[fd00::1]/x.jpg` → `http:///x.jpg`)."""
+    from cli.main import main
+
+    (tmp_path / "cc.tsv").write_text("a router\thttp://[fd00::1]/x.jpg\n")
+    cfg = write_config(tmp_path / "cfg.yaml", {"uri": str(tmp_path / "data")}, [{"format": "cc", "path": "cc.tsv"}])
+    assert main(["run", "ingest", "-c", str(cfg), "-q"]) == 0
+    capsys.readouterr()
+    query = """select image_uri as "[bold]uri", '[red]:cat: x[/red]' as note from pairs"""
+    assert main(["sql", "-c", str(cfg), query]) == 0
+    out = capsys.readouterr().out
+    assert "http://[fd00::1]/x.jpg" in out and "[red]:cat: x[/red]" in out and "[bold]uri" in out

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import threading
+import time
+import uuid
+from urllib.parse import urlparse
 
 import pytest
 
 from storage import StorageError
 from storage.local import LocalStorage
+from storage.s3 import S3Storage
+from tests.conftest import free_port, make_bucket
+from tests.fixtures.proxy import TcpProxy
 
 
 def test_put_read_exists_list_remove(storage):
@@ -107,3 +114,59 @@ def test_create_has_exactly_one_winner(storage):
     assert storage.read_bytes("leases/x/00000001.json") == f"writer {wins[0]}".encode()
     assert storage.create("leases/x/00000001.json", b"late") is False
     assert storage.list("leases/x") == ["leases/x/00000001.json"]  # no temporary left behind
+
+
+def test_local_failures_are_storage_errors_naming_the_object(tmp_path):
+    """An OSError is a StorageError naming the object (`uniter` exits 2 with it, not 1)."""
+    store = LocalStorage(tmp_path)
+    store.put("x", b"a file")
+    for write in (store.put, store.create):
+        with pytest.raises(StorageError, match=f"^{re.escape(str(tmp_path / 'x' / 'y'))}: File exists"):
+            write("x/y", b"its folder would be the file x")  # create must not answer "already there"
+    store.put("d/e", b"1")
+    with pytest.raises(StorageError, match=f"^{re.escape(str(tmp_path / 'd'))}: Is a directory"):
+        store.read_bytes("d")
+
+
+def test_s3_failures_are_storage_errors_naming_the_object(s3_endpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    down = S3Storage("s3://uniter-bucket/p", endpoint_url=f"http://127.0.0.1:{free_port()}")
+    (tmp_path / "f").write_bytes(b"x")
+    calls = {
+        "put": lambda: down.put("a/b", b"x"),
+        "put_file": lambda: down.put_file("a/b", tmp_path / "f"),
+        "create": lambda: down.create("a/b", b"x"),
+        "read_bytes": lambda: down.read_bytes("a/b"),
+        "open": lambda: down.open("a/b"),
+        "exists": lambda: down.exists("a/b"),
+        "list": lambda: down.list("a"),
+        "remove": lambda: down.remove("a"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(StorageError, match=r"^s3://uniter-bucket/p/a\S*: no answer from .* after 2 attempts"):
+            call()
+            pytest.fail(f"{name} did not fail")
+    missing = S3Storage(f"s3://uniter-missing-{uuid.uuid4().hex[:8]}/p", endpoint_url=s3_endpoint)
+    with pytest.raises(StorageError, match="NoSuchBucket"):
+        missing.put("a/b", b"x")
+
+
+def test_s3_retries_an_endpoint_that_comes_back_and_reports_one_that_does_not(s3_endpoint, monkeypatch):
+    """Connection errors are retried with backoff (10 attempts, at most ~26 s of waiting): an endpoint
+    back within a fraction of a second loses nothing; a read whose endpoint stays away fails cleanly."""
+    bucket = make_bucket(s3_endpoint)
+    with TcpProxy(urlparse(s3_endpoint).port) as proxy:
+        store = S3Storage(f"s3://{bucket}/p", endpoint_url=proxy.url)
+        proxy.stop()
+        threading.Timer(0.3, proxy.start).start()
+        started = time.time()
+        store.put("a/b", b"written once the endpoint is back")
+        assert time.time() - started >= 0.3
+        assert store.read_bytes("a/b") == b"written once the endpoint is back"
+
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        store = S3Storage(f"s3://{bucket}/p", endpoint_url=proxy.url)
+        reader = store.open("a/b")  # a HEAD now; the bytes come with the first read
+        proxy.stop()
+        with pytest.raises(StorageError, match=f"^s3://{bucket}/p/a/b: no answer from {re.escape(proxy.url)}"):
+            reader.read()
