@@ -38,6 +38,9 @@ class ExtractConfig(SectionConfig):
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: backbone and res5 under autocast
     grid_rows: int = Field(default=6, ge=1, le=64)
     grid_cols: int = Field(default=6, ge=1, le=64)
+    # Up to this many regions of one colour (objects, largest first) and the whole image before
+    # the grid's cells; 0 (the default): the cells alone (feature_extraction/grid.py).
+    grid_objects: int = Field(default=0, ge=0, le=100)
     shard_images: int = Field(default=256, ge=1)
 
     batch_size: int = Field(default=4, ge=1)

@@ -119,8 +119,9 @@ def run_downstream(ctx: StageContext) -> None:
 DOWNSTREAM = Stage(
     name="downstream",
     # 2: task_features gained image_id; 3: each image runs alone through the detector;
-    # 4: grid features projected by the fast Walsh–Hadamard transform; 5: grid DCT terms rescaled
-    version=5,
+    # 4: grid features projected by the fast Walsh–Hadamard transform; 5: grid DCT terms rescaled;
+    # 6: grid object and whole-image regions
+    version=6,
     run=run_downstream,
     inputs=(),
     tables=("task_features",),

@@ -101,7 +101,7 @@ class ImageDataset(Dataset):
             if item.gt_boxes is not None:
                 result = box_features(item.key, image, np.array(item.gt_boxes, np.float32))
             else:
-                result = grid_features(item.key, image, self.cfg.grid_rows, self.cfg.grid_cols)
+                result = grid_features(item.key, image, self.cfg.grid_rows, self.cfg.grid_cols, self.cfg.grid_objects)
             return {"item": item, "result": result}
         w, h, scale = test_scale(image.width, image.height, self.cfg.min_size, self.cfg.max_size)
         resized = image.resize((w, h), Image.Resampling.BILINEAR)

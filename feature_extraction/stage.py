@@ -100,8 +100,9 @@ EXTRACT = Stage(
     name="extract",
     # 2: the detector runs each image alone (its features no longer depend on its batchmates);
     # 3: grid cells from one whole-image resize, projected by the fast Walsh–Hadamard transform;
-    # 4: grid DCT terms centred and averaged (the DC term no longer swamps a cell's statistics)
-    version=4,
+    # 4: grid DCT terms centred and averaged (the DC term no longer swamps a cell's statistics);
+    # 5: the grid backend's object regions and whole-image region before the cells
+    version=5,
     run=run_extract,
     inputs=("crawl", "dedup"),
     tables=("features",),

@@ -84,6 +84,16 @@ def test_grid_backend(tmp_path, storage_spec):
     forced = run_stage("extract", cfg, force=True)
     assert forced.manifest.content_sha256 == result.manifest.content_sha256  # deterministic
 
+    # objects by colour and the whole image before the same cells (a new key, same upstream)
+    extract = {"grid_rows": 4, "grid_cols": 5, "grid_objects": 3, "shard_images": 5, "loader_workers": 0}
+    with_objects = load_config(corpus(tmp_path, storage_spec, 12, extract, name="objects.yaml"))
+    more = {r.image_key: r for r in features(with_objects, run_stage("extract", with_objects))}
+    for r in rows:
+        m = more[r.image_key]
+        assert 21 <= m.num_boxes <= 24 and m.boxes[-21].tolist() == [0, 0, r.image_w, r.image_h]
+        assert np.array_equal(m.boxes[-20:], r.boxes) and np.array_equal(m.features[-20:], r.features)
+    assert sum(m.num_boxes - 21 for m in more.values()) >= 12  # the synthetic photos' blobs were found
+
 
 def test_grid_features_are_a_function_of_the_pixels():
     a = fx.synthetic_photo(1, (200, 150))
