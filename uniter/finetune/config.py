@@ -13,6 +13,11 @@ class TaskConfig(SectionConfig):
     """A fine-tuning task's section: `FinetuneConfig.tasks()` lists the fields of this type, whose names
     are the tasks' names in `uniter.finetune.tasks.FINETUNE_TASKS`."""
 
+    # "zeroed": the model gets as many regions as usual, each with a zero feature and a zero box, at
+    # fine-tuning and at evaluation: the question-only (image-blind) baseline that a model which
+    # looks at the picture must beat (issue 13). Targets (RefCOCO+'s boxes) still come from the real ones.
+    image_features: Literal["real", "zeroed"] = "real"
+
 
 class VqaFiles(StrictModel):
     questions: InputFile  # v2_OpenEnded_mscoco_<split>_questions.json

@@ -153,6 +153,19 @@ def test_vqa_from_scratch_and_sigkill_resume(tmp_path, storage_spec, vocab):
     upstream(clean)
     assert metrics(cfg, resumed) == metrics(clean, run_stage("finetune", clean))
 
+    # the image-blind baseline: one answer per question text, whatever the picture
+    doc["finetune"]["vqa"]["image_features"] = "zeroed"
+    clean_path.write_text(yaml.safe_dump(doc))
+    blind = run_stage("finetune", load_config(clean_path))
+    storage = storage_for(clean)
+    results = json.loads(
+        storage.read_bytes(Artifact(storage, "finetune", blind.manifest.key).file_key("files/vqa/results.json"))
+    )
+    by_question = {}
+    for r in results:
+        by_question.setdefault(r["question_id"] % 10, set()).add(r["answer"])
+    assert len(results) == 8 and all(len(answers) == 1 for answers in by_question.values()), by_question
+
 
 @pytest.mark.parametrize("storage_spec", ["local"], indirect=True)
 def test_two_processes_equal_one_with_double_accumulation(tmp_path, storage_spec, vocab):

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from contract.errors import InputDataError
 from uniter.batch import Vocab
-from uniter.data import Corpus, _write_ipc, token_bucket_batches
+from uniter.data import Corpus, Region, _write_ipc, token_bucket_batches
 
 
 def text_corpus(rows: list[tuple[str, list[int]]], path: Path, feature_paths: list[Path], pretrain) -> Corpus:
@@ -68,6 +68,17 @@ def eval_batches(ids: np.ndarray, lengths: np.ndarray, budget: int, seed: int) -
     return token_bucket_batches(ids, lengths, budget, 8192, np.random.default_rng([seed, 8]))
 
 
-def texts_with_regions(corpus: Corpus, ids, vocab: Vocab) -> tuple[list[np.ndarray], list]:
+def regions(corpus: Corpus, ids, image_features: str = "real") -> list[Region]:
+    """The model's regions of examples ``ids``; with ``image_features`` "zeroed" (the image-blind
+    baseline) as many regions, with nothing of the picture in them: zero features, zero boxes."""
+    found = [corpus.example_region(int(i)) for i in ids]
+    if image_features == "zeroed":
+        return [Region(np.zeros_like(r.feat), np.zeros_like(r.pos), None) for r in found]
+    return found
+
+
+def texts_with_regions(
+    corpus: Corpus, ids, vocab: Vocab, image_features: str = "real"
+) -> tuple[list[np.ndarray], list]:
     texts = [np.concatenate([[vocab.cls], corpus.text(int(i)), [vocab.sep]]) for i in ids]
-    return texts, [corpus.example_region(int(i)) for i in ids]
+    return texts, regions(corpus, ids, image_features)

@@ -137,7 +137,7 @@ class Nlvr2Data(TaskData):
 
     def _batch(self, corpus, rows: np.ndarray) -> dict:
         ids = rows[:, 1:].reshape(-1)  # left, right, left, right…
-        batch = pack(*texts_with_regions(corpus, ids, self.vocab), self.vocab)
+        batch = pack(*texts_with_regions(corpus, ids, self.vocab, self.task.image_features), self.vocab)
         types = torch.ones(batch["img_feat"].shape[:2], dtype=torch.long)
         types[1::2] = 2
         batch["img_type_ids"] = types

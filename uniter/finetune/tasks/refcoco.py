@@ -273,7 +273,7 @@ class RefcocoData(TaskData):
         return UniterForReferringExpression, {}
 
     def _batch(self, corpus: Corpus, ids) -> dict:
-        batch = pack(*texts_with_regions(corpus, ids, self.vocab), self.vocab, with_ot=True)
+        batch = pack(*texts_with_regions(corpus, ids, self.vocab, self.task.image_features), self.vocab, with_ot=True)
         batch["region_index"], batch["region_pad"] = batch.pop("ot_img_index"), batch.pop("ot_img_pad")
         for k in ("ot_txt_index", "ot_txt_pad"):
             batch.pop(k)

@@ -20,7 +20,7 @@ from uniter.batch import Vocab, pack
 from uniter.data import Corpus
 from uniter.finetune.config import RetrievalTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
-from uniter.finetune.tasks.common import text_corpus, tokenize
+from uniter.finetune.tasks.common import regions, text_corpus, tokenize
 
 SCORES = "retrieval/scores.npy"  # the (texts, images) score matrix of the evaluation split
 EVAL = "retrieval/eval.json"  # each text's image (txt2img) and the recall curve
@@ -151,7 +151,7 @@ class RetrievalData(TaskData):
     def _pairs(self, corpus: Corpus, text_ids, image_examples) -> dict:
         """Batch of (text of example t, regions of example i's image) pairs."""
         texts = [np.concatenate([[self.vocab.cls], corpus.text(int(t)), [self.vocab.sep]]) for t in text_ids]
-        return pack(texts, [corpus.example_region(int(i)) for i in image_examples], self.vocab)
+        return pack(texts, regions(corpus, image_examples, self.task.image_features), self.vocab)
 
     def _scores(self, score: Score, corpus, text_ids, image_examples) -> np.ndarray:
         out, step = [], self.task.score_batch

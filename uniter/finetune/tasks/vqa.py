@@ -294,7 +294,7 @@ class VqaData(TaskData):
 
     def train_batch(self, j: int, score: Score) -> dict:
         ids = endless(np.arange(len(self.train)), self.train.lengths, self.task.batch_tokens, self.seed, j)
-        batch = pack(*texts_with_regions(self.train, ids, self.vocab), self.vocab)
+        batch = pack(*texts_with_regions(self.train, ids, self.vocab, self.task.image_features), self.vocab)
         t = torch.zeros(len(ids), len(self.labels))
         for row, i in enumerate(ids):
             for label, value in self.targets[int(i)].items():
@@ -305,7 +305,8 @@ class VqaData(TaskData):
     def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
         predictions: dict[int, str] = {}
         for ids in eval_batches(np.arange(len(self.val)), self.val.lengths, self.task.batch_tokens, self.seed):
-            logits = score(pack(*texts_with_regions(self.val, ids, self.vocab), self.vocab)).logits
+            inputs = texts_with_regions(self.val, ids, self.vocab, self.task.image_features)
+            logits = score(pack(*inputs, self.vocab)).logits
             for i, label in zip(ids, logits.float().argmax(-1).tolist(), strict=True):
                 predictions[self.val_q[int(self.val.text_row[i])].question_id] = self.labels[label]
         results = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
