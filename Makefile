@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-peers clean
+.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-grounding bench-peers clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,9 @@ bench-pretrain: $(STAMP)
 
 bench-ipot: $(STAMP)
 	$(BIN)/python benchmarks/ipot.py
+
+bench-grounding: $(STAMP)
+	$(BIN)/python benchmarks/grounding.py
 
 bench-peers: .venv-bench/.installed
 
