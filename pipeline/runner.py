@@ -30,12 +30,20 @@ from storage import Storage, StorageError, open_storage
 log = logging.getLogger(__name__)
 
 
+# Storages that passed their start-up check in this process (a failure is checked again next time).
+_CHECKED: set[tuple[str, str | None]] = set()
+
+
 def storage_for(cfg: PipelineConfig) -> Storage:
     """The configured storage, checked before any work: one that cannot be used stops the command
     with a message naming the config key, not a traceback from the first write."""
     storage = open_storage(cfg.storage.uri, endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
+    where = (cfg.storage.uri, cfg.storage.endpoint_url)
+    if where in _CHECKED:  # once per process: callers ask for the storage per stage and per table
+        return storage
     try:
         storage.check()
+        _CHECKED.add(where)
     except StorageError as exc:
         endpoint = f" (storage.endpoint_url {cfg.storage.endpoint_url!r})" if cfg.storage.endpoint_url else ""
         message = f"storage.uri {cfg.storage.uri!r}{endpoint} cannot be used: {exc}"

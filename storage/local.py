@@ -22,6 +22,14 @@ def _raise(exc: OSError) -> None:
     raise exc
 
 
+def _write_synced(path: Path, data: bytes) -> None:
+    """Write and fsync: a file published by rename or link is whole even after a power cut."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class LocalStorage:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -83,10 +91,7 @@ class LocalStorage:
         with self._errors(key):
             tmp = self._tmp_for(path)
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_synced(tmp, data)
                 os.replace(tmp, path)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -114,10 +119,7 @@ class LocalStorage:
         with self._errors(key):
             tmp = self._tmp_for(path)
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_synced(tmp, data)
                 # NOTE: link() fails if the name exists, and the file it publishes is already whole.
                 os.link(tmp, path)
                 return True
