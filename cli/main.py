@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from contract.artifact import Artifact
+from contract.configbase import redact_credentials
 from contract.errors import MissingInputError, UniterError
 from contract.progress import NullProgress, RichProgress
 from pipeline.config import PipelineConfig, config_document, load_config
@@ -123,11 +124,15 @@ def _run_deployment(args, cfg) -> int:
         "state": state.name if state else None,
         "seconds": round(time.time() - started, 3),
     }
+    if not ok:  # why it did not complete (Prefect's message: the exception, or why the run crashed)
+        summary["message"] = redact_credentials(state.message or "") if state is not None else "no final state"
     if args.json:
         _emit(summary)
     else:
         _stderr_console().print(
-            f"[bold]{name}[/] (flow run {run.name}): {summary['state']} in {summary['seconds']:.1f} s"
+            f"[bold]{name}[/] (flow run {run.name}): {summary['state']} in {summary['seconds']:.1f} s",
+            Text(f": {summary['message']}") if not ok else "",
+            sep="",
         )
     return 0 if ok else 1
 

@@ -72,6 +72,9 @@ def server(tmp_path_factory):
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="5",
         PREFECT_UI_ENABLED="false",
+        # SQLite serialises writers: ten flow runs at once on a loaded 2-core machine can wait longer
+        # than the default 10 s for the lock (docker compose runs the server on PostgreSQL)
+        PREFECT_SERVER_DATABASE_TIMEOUT="60",
     )
     env.pop("PREFECT_API_URL", None)
     log = open(home / "server.log", "wb")
@@ -98,6 +101,11 @@ def server(tmp_path_factory):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
+
+
+def _tail(path: Path, chars: int = 6000) -> str:
+    """The end of a log, for a failure's message (why a served flow run did not complete)."""
+    return path.read_text(errors="replace")[-chars:] if path.exists() else f"{path}: no log"
 
 
 def _serve(server, cfg_path: Path, log_path: Path) -> subprocess.Popen:
@@ -213,7 +221,7 @@ def test_deployments_end_to_end(server, tmp_path):
             ]
             for stage, run in zip(stages, runs, strict=True):
                 out, err = run.communicate(timeout=600)
-                assert run.returncode == 0, (stage, err[-3000:])
+                assert run.returncode == 0, (stage, out, err[-3000:], _tail(tmp_path / "serve.log"))
                 assert json.loads(out)["flow"] == f"stage-{stage}"
                 assert f"| {stage} | cached |" in _summary_markdown(server, json.loads(out)["flow_run"])
             for name, run in group_runs.items():
