@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -14,6 +15,19 @@ from contract.artifact import Artifact, EncodedTable, Manifest, ShardRecord
 from contract.progress import NullProgress, Progress
 from contract.reuse import ItemIndex
 from storage import Storage
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A function named `module:function`, imported at its first call: a stage's declaration
+    (which every command reads) need not import what its work needs (torch for the detector and
+    the trainer). Plain data, so a declaration still pickles."""
+
+    target: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from PIL import Image
 
 from contract.errors import InputDataError
 from contract.fingerprint import file_fingerprint, folder_files, sha256_json
-from contract.stage import Stage, StageContext, now
+from contract.stage import StageContext, now
 from feature_extraction.config import DownstreamConfig, ExtractConfig
-from feature_extraction.featurize import Item, reusing_shards, storage_spec, summarize
+from feature_extraction.featurize import Item, reusing_shards, storage_spec
 from feature_extraction.schema import TASK_FEATURES_SCHEMA, task_features_table
 
 log = logging.getLogger(__name__)
@@ -114,22 +114,3 @@ def run_downstream(ctx: StageContext) -> None:
         ):  # fmt: skip
             ctx.write_shard(names[index], tables, stats, now())
             bar.advance(stats["images"])
-
-
-DOWNSTREAM = Stage(
-    name="downstream",
-    # 2: task_features gained image_id; 3: each image runs alone through the detector;
-    # 4: grid features projected by the fast Walsh–Hadamard transform; 5: grid DCT terms rescaled;
-    # 6: grid object and whole-image regions
-    version=6,
-    run=run_downstream,
-    inputs=(),
-    tables=("task_features",),
-    description="the downstream tasks' images → region features (the extract section's detector)",
-    summarize=summarize,
-    compression={"task_features": "none"},
-    extra_config=("extract",),
-    # Features of an unchanged file (and boxes) are reused across keys; which sets are configured
-    # does not shape one item's features, the extract section's detector settings do.
-    reuse_ignores=(*DownstreamConfig.model_fields, "shard_images"),
-)

@@ -18,10 +18,11 @@ import torch
 
 from contract.artifact import Artifact
 from contract.reuse import ItemIndex
-from contract.stage import Stage, StageContext, now, shard_id
+from contract.stage import StageContext, now, shard_id
 from feature_extraction.config import ExtractConfig
-from feature_extraction.featurize import Item, StorageSpec, reusing_shards, storage_spec, summarize
+from feature_extraction.featurize import Item, StorageSpec, reusing_shards, storage_spec
 from feature_extraction.schema import FEATURES_SCHEMA, features_table
+from feature_extraction.stages import EXTRACT
 from storage.catalog import Catalog
 
 log = logging.getLogger(__name__)
@@ -94,24 +95,6 @@ def _rank_main(
 
 def extract_shard_ids(ctx: StageContext) -> list[str]:
     return [shard_id("feat", i) for i in range(len(plan(ctx)))]
-
-
-EXTRACT = Stage(
-    name="extract",
-    # 2: the detector runs each image alone (its features no longer depend on its batchmates);
-    # 3: grid cells from one whole-image resize, projected by the fast Walsh–Hadamard transform;
-    # 4: grid DCT terms centred and averaged (the DC term no longer swamps a cell's statistics);
-    # 5: the grid backend's object regions and whole-image region before the cells
-    version=5,
-    run=run_extract,
-    inputs=("crawl", "dedup"),
-    tables=("features",),
-    description="kept images → BUTD region features (Detectron2) or grid features, to Parquet",
-    summarize=summarize,
-    compression={"features": "none"},  # float16 features barely compress; don't pay zstd for it
-    shard_ids=extract_shard_ids,
-    reuse_ignores=("shard_images",),
-)
 
 
 def extract_shards(

@@ -13,11 +13,8 @@ from contract.stage import Stage
 from corpus.crawl.stage import CRAWL
 from corpus.dedup.stage import DEDUP
 from corpus.ingest.stage import INGEST
-from feature_extraction.downstream import DOWNSTREAM
-from feature_extraction.stage import EXTRACT
-from uniter.finetune.evaluate import EVALUATE
-from uniter.finetune.stage import FINETUNE
-from uniter.pretrain.stage import PRETRAIN
+from feature_extraction.stages import DOWNSTREAM, EXTRACT
+from uniter.stages import EVALUATE, FINETUNE, PRETRAIN
 
 
 @dataclass(frozen=True)

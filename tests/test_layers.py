@@ -154,3 +154,39 @@ def test_the_checks_catch_what_they_forbid():
     assert stage_of("corpus.images") is None and stage_of("uniter.runtime") is None
     assert stage_of("uniter.finetune.evaluate") == "evaluate" and stage_of("uniter.finetune.tasks.vqa") is None
     assert imports(Path(__file__)) >= {"ast", "collections", "pathlib"} and is_module("contract.stage")
+
+
+# Libraries a command that only reads the DAG must not import: each costs seconds and hundreds of
+# MB at start-up (issue 15: `uniter status`, `uniter sql`, a corpus stage start in about 2 s).
+HEAVY = ("torch", "deepspeed", "detectron2", "transformers", "prefect")
+
+
+def test_the_cli_and_the_corpus_stages_start_without_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, cli.main, pipeline.runner, pipeline.stages, pipeline.gc, "
+        "corpus.ingest.stage, corpus.crawl.stage, corpus.dedup.stage; "
+        f"print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [], f"imported at start-up: {done.stdout}"
+
+
+def test_every_deferred_stage_function_exists():
+    """A stage's work is named by a string (contract.stage.Deferred): a typo must fail here, not
+    when the stage first runs."""
+    import importlib
+    from dataclasses import fields
+
+    from contract.stage import Deferred
+    from pipeline.stages import STAGES
+
+    named = [(s.name, getattr(s, f.name)) for s in STAGES.values() for f in fields(s)]
+    deferred = [(stage, d.target) for stage, d in named if isinstance(d, Deferred)]
+    assert {stage for stage, _ in deferred} >= {"extract", "downstream", "pretrain", "finetune", "evaluate"}
+    for stage, target in deferred:
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name, None)), (stage, target)

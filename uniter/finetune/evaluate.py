@@ -13,7 +13,7 @@ import logging
 import pyarrow as pa
 
 from contract.artifact import Artifact
-from contract.stage import Stage, StageContext, now
+from contract.stage import StageContext, now
 from uniter.finetune import report
 from uniter.finetune.config import FinetuneConfig
 from uniter.finetune.tasks import FINETUNE_TASKS
@@ -69,14 +69,3 @@ def write_report(ctx: StageContext, runs: list[report.Run]) -> None:
 def run_evaluate(ctx: StageContext) -> None:
     cfg: FinetuneConfig = ctx.extra["finetune"]
     write_report(ctx, [evaluate_run(ctx.storage, ctx.inputs["finetune"].key, cfg, "this config")])
-
-
-EVALUATE = Stage(
-    name="evaluate",
-    version=1,
-    run=run_evaluate,
-    inputs=("finetune",),
-    tables=("evaluation",),
-    description="score the fine-tuned tasks with the official metrics; the Meta-Sum report",
-    extra_config=("finetune",),
-)

@@ -27,7 +27,7 @@ import torch
 from contract.artifact import Artifact
 from contract.configbase import SectionConfig
 from contract.errors import InputDataError
-from contract.stage import Stage, StageContext
+from contract.stage import StageContext
 from uniter.data import build_features, load_tokenizer
 from uniter.finetune.config import FinetuneConfig
 from uniter.finetune.tasks import FINETUNE_TASKS
@@ -222,14 +222,3 @@ def publish_task(
     }
     stats = {name: {"steps": state.step, "val": final, "skipped": skipped, "seconds": round(time.time() - started, 1)}}
     art.write_shard(f"{name}-final", {"finetune_metrics": metrics}, stats, job.run_id, started, extras=extras)
-
-
-FINETUNE = Stage(
-    name="finetune",
-    version=1,
-    run=run_finetune,
-    inputs=("downstream", "pretrain"),
-    tables=("finetune_metrics",),
-    description="fine-tune on the downstream tasks (VQA, NLVR2, retrieval) from the pretrained model, BERT or scratch",
-    extra_config=("pretrain",),
-)

@@ -23,7 +23,7 @@ import torch
 
 from contract.artifact import Artifact
 from contract.errors import UniterError
-from contract.stage import Stage, StageContext
+from contract.stage import StageContext
 from uniter.batch import Vocab
 from uniter.data import Corpus, build_features, build_texts, load_tokenizer
 from uniter.pretrain.config import PretrainConfig
@@ -200,13 +200,3 @@ def publish_final(
         "seconds_training": round(time.time() - started, 1),
     }
     art.write_shard("final-00000", {"metrics": metrics}, stats, job.run_id, started, extras=extras)
-
-
-PRETRAIN = Stage(
-    name="pretrain",
-    version=1,
-    run=run_pretrain,
-    inputs=("dedup", "extract"),
-    tables=("metrics",),
-    description="UNITER pretraining on DeepSpeed: MLM, MRFR, MRC(-kl), ITM + WRA with conditional masking",
-)
