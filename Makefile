@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-grounding bench-peers clean
+.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-grounding bench-startup bench-peers clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot
+bench: bench-startup bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot
+
+bench-startup: $(STAMP)
+	$(BIN)/python benchmarks/startup.py
 
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
