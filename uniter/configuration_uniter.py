@@ -27,6 +27,7 @@ class UniterConfig(PretrainedConfig):
         img_label_dim: int = 1601,  # detector classes incl. background (column 0)
         pad_token_id: int = 0,
         num_answers: int = 3129,  # VQA head
+        vqa_loss: str = "bce",  # VQA loss: bce (the reference's) or softmax (soft-target cross-entropy)
         nlvr2_head: str = "pair-biattn",  # NLVR2 head: pair or pair-biattn
         tie_word_embeddings: bool = True,  # MLM decoder = word embeddings; MRFR output = image input Linear
         **kwargs,
@@ -56,7 +57,10 @@ class UniterConfig(PretrainedConfig):
         self.img_dim = img_dim
         self.img_pos_dim = img_pos_dim
         self.img_label_dim = img_label_dim
+        if vqa_loss not in ("bce", "softmax"):
+            raise ValueError(f"vqa_loss {vqa_loss!r}: expected bce or softmax")
         self.num_answers = num_answers
+        self.vqa_loss = vqa_loss
         self.nlvr2_head = nlvr2_head
 
 

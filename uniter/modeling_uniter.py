@@ -418,7 +418,8 @@ class UniterDownstreamOutput(ModelOutput):
 
 
 class UniterForVqa(UniterPreTrainedModel):
-    """Pooled [CLS] → Linear(H, 2H) → GELU → LN → Linear(2H, answers); BCE on soft scores × answers."""
+    """Pooled [CLS] → Linear(H, 2H) → GELU → LN → Linear(2H, answers); BCE on soft scores × answers,
+    or (config.vqa_loss "softmax") cross-entropy against the scores normalized to a distribution."""
 
     def __init__(self, config: UniterConfig):
         super().__init__(config)
@@ -435,7 +436,12 @@ class UniterForVqa(UniterPreTrainedModel):
     def forward(self, batch: dict) -> UniterDownstreamOutput:
         logits = self.vqa_output(self.uniter.encode(batch).pooler_output)  # (B, answers)
         loss = None
-        if "targets" in batch:  # (B, answers) soft scores; the reference's instance-level scale
+        if "targets" in batch and self.config.vqa_loss == "softmax":  # the scores as a distribution
+            targets = batch["targets"]
+            total = targets.sum(-1, keepdim=True)
+            per_row = -(targets / total.clamp(min=1e-6) * F.log_softmax(logits.float(), -1)).sum(-1)
+            loss = per_row.sum() / (total.squeeze(-1) > 0).sum().clamp(min=1)  # rows without an answer add 0
+        elif "targets" in batch:  # (B, answers) soft scores; the reference's instance-level scale
             loss = F.binary_cross_entropy_with_logits(logits, batch["targets"]) * logits.size(1)
         return UniterDownstreamOutput(loss, logits)
 

@@ -60,6 +60,21 @@ def test_vqa_head_overfits():
     assert model(batch).logits.argmax(1).tolist() == list(range(6))
 
 
+def test_vqa_softmax_loss_is_cross_entropy_against_the_normalized_scores():
+    torch.manual_seed(0)
+    model = UniterForVqa(_config(num_answers=5, vqa_loss="softmax")).eval()
+    batch = _batch(3)
+    targets = torch.tensor([[0, 1.0, 0, 0, 0], [0, 0.3, 0.6, 0, 0], [0, 0, 0, 0, 0]])  # row 2: no answer in vocab
+    batch["targets"] = targets
+    out = model(batch)
+    logp = torch.log_softmax(out.logits, -1)
+    expected = -(logp[0, 1] + (logp[1, 1] / 3 + logp[1, 2] * 2 / 3)) / 2  # the answerless row adds nothing
+    assert torch.allclose(out.loss, expected, atol=1e-5), (out.loss, expected)
+    first, last = _overfit(UniterForVqa(_config(num_answers=5, vqa_loss="softmax")), batch)
+    floor = -(1 / 3 * np.log(1 / 3) + 2 / 3 * np.log(2 / 3)) / 2  # row 1's scores are a real distribution
+    assert first > 1.0 and last < floor + 0.02, (first, last, floor)
+
+
 def test_nlvr2_heads_overfit():
     for head in ("pair", "pair-biattn"):
         torch.manual_seed(0)

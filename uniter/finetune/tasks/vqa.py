@@ -290,7 +290,7 @@ class VqaData(TaskData):
         # transformers loads only where a model is built: the evaluate stage and the report import this module
         from uniter.modeling_uniter import UniterForVqa  # noqa: PLC0415
 
-        return UniterForVqa, {"num_answers": len(self.labels)}
+        return UniterForVqa, {"num_answers": len(self.labels), "vqa_loss": self.task.loss}
 
     def train_batch(self, j: int, score: Score) -> dict:
         ids = endless(np.arange(len(self.train)), self.train.lengths, self.task.batch_tokens, self.seed, j)
