@@ -109,8 +109,9 @@ def run_ingest(tmp_path: Path, *sources: dict, storage: dict | None = None, **in
     return pairs, rejects, result
 
 
-def demo_config(tmp_path: Path, storage_uri: str | None = None) -> tuple[Path, dict]:
-    """configs/demo.yaml with its paths made absolute and its storage under tmp_path."""
+def demo_config(tmp_path: Path, storage_uri: str | None = None, quick: bool = False) -> tuple[Path, dict]:
+    """configs/demo.yaml with its paths made absolute and its storage under tmp_path; `quick`: a few
+    training steps (for tests of orchestration, not of what the model learns)."""
     import yaml
 
     configs = Path(__file__).resolve().parents[1] / "configs"
@@ -131,6 +132,9 @@ def demo_config(tmp_path: Path, storage_uri: str | None = None) -> tuple[Path, d
     for files in [*doc["finetune"]["vqa"]["train"], doc["finetune"]["vqa"]["val"]]:
         for k in ("questions", "annotations"):
             files[k] = str((configs / files[k]).resolve())
+    if quick:
+        doc["pretrain"].update(steps=20, warmup=2, validate_every=10, checkpoint_every=10, log_every=10)
+        doc["finetune"]["vqa"].update(steps=10, warmup=1, validate_every=10)
     cfg = tmp_path / "demo.yaml"
     cfg.write_text(yaml.safe_dump(doc))
     return cfg, doc

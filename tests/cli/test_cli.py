@@ -52,6 +52,8 @@ def test_run_twice_json_then_cached(cfg_path):
     assert S3_SECRET not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
+# S3 only: DuckDB reads the tables over the S3 protocol there (local paths are the simpler case)
+@pytest.mark.parametrize("storage_spec", ["s3"], indirect=True)
 def test_status_and_sql(cfg_path):
     status = json.loads(uniter("status", "-c", str(cfg_path), "--json").stdout)
     assert status["stages"][0]["status"] == "missing"

@@ -171,7 +171,7 @@ def _contents(cfg) -> dict[str, str]:
 
 
 def test_deployments_end_to_end(server, tmp_path):
-    cfg_path, _ = demo_config(tmp_path)
+    cfg_path, _ = demo_config(tmp_path, quick=True)
     cfg = load_config(cfg_path)
     with serve_sample():
         serving = _serve(server, cfg_path, tmp_path / "serve.log")
@@ -325,7 +325,7 @@ def test_deploy_to_a_work_pool_from_a_clean_copy_and_run_on_a_worker(server, tmp
     """`uniter deploy --pool P` from a copy of the repository as a worker would pull it (`git archive`),
     then a process worker (`prefect worker start --run-once`) runs a triggered deployment to Completed."""
     src = _clean_copy(tmp_path)
-    cfg_path, doc = demo_config(tmp_path)
+    cfg_path, doc = demo_config(tmp_path, quick=True)
     doc["orchestration"] = {"deployment_name": "pool"}
     cfg_path.write_text(yaml.safe_dump(doc))
     env = server["env"]
@@ -364,7 +364,7 @@ def test_prefect_deploy_all_from_a_clean_copy_and_run_on_a_worker(server, tmp_pa
     )
     assert deployed.returncode == 0, (deployed.stdout[-3000:], deployed.stderr[-3000:])
 
-    cfg_path, _ = demo_config(tmp_path)
+    cfg_path, _ = demo_config(tmp_path, quick=True)
     document = config_document(load_config(cfg_path))
     _run_on_worker(server, env, "stage-ingest/uniter", "uniter", tmp_path, {"config": document})
     again = subprocess.run(

@@ -56,6 +56,8 @@ def history(cfg, result) -> list[tuple]:
     return [(r["step"], r["name"], r["value"]) for r in rows]
 
 
+# S3 only: checkpoints and the model go through the object store; the resume tests run local
+@pytest.mark.parametrize("storage_spec", ["s3"], indirect=True)
 def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab, capfd):
     # NOTE: the validation images are drawn by a hash of their key, which holds the (temporary) path:
     # at 20 % of 16 images, 1 run in 36 drew none and logged no validation metric; at 50 %, 1 in 65,000

@@ -94,6 +94,8 @@ def metrics(cfg, result) -> list[tuple]:
     ]
 
 
+# S3 only: the model files and checkpoints go through the object store; the scratch test runs local
+@pytest.mark.parametrize("storage_spec", ["s3"], indirect=True)
 def test_vqa_from_the_pretrained_model(tmp_path, storage_spec, vocab):
     cfg = load_config(setup(tmp_path, storage_spec, vocab))
     upstream(cfg)
