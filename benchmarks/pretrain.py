@@ -13,6 +13,7 @@ confidences) is written as the pretrain stage's cache files (Arrow IPC, memory-m
   fastest training step consumes (goal ≥ 5×).
 
     .venv/bin/python benchmarks/pretrain.py [--model base] [--batch-tokens 2048] [--steps 4]
+    .venv/bin/python benchmarks/pretrain.py --model debug --steps 30   (the step overhead of a tiny model)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 def make_corpus(folder: Path, images: int, captions_per_image: int, seed: int = 0):
     """Texts and features files in the layout `uniter.data.Corpus` reads."""
-    from feature_extraction.schema import RegionFeatures, pack
+    from feature_extraction.schema import RegionFeatures, features_table
     from uniter.data import Corpus, _write_ipc
 
     rng = np.random.default_rng(seed)
@@ -60,7 +61,7 @@ def make_corpus(folder: Path, images: int, captions_per_image: int, seed: int = 
             )
         )
     feats = folder / "features.arrow"
-    _write_ipc(pack(rows), feats)
+    _write_ipc(features_table(rows), feats)
     keys = [f"img{i // captions_per_image:06d}" for i in range(images * captions_per_image)]
     ids = [rng.integers(1000, 28000, int(rng.integers(6, 41))).astype(np.int32) for _ in keys]
     texts = folder / "texts.arrow"
@@ -167,17 +168,26 @@ def main() -> None:
             model = UniterForPretraining(PRESETS[args.model](vocab_size=vocab.size))
             trainer = Trainer(cfg, corpus, vocab, model, rank=0, world=1)
             data = MicroBatches(trainer.plan, corpus, vocab, rank=0)
+            t0 = time.perf_counter()
             items = [data[i] for i in range(args.steps + 1)]
+            collate = (time.perf_counter() - t0) / len(items)  # building one micro-batch, in this process
             examples = real = flops = 0.0
             elapsed = 0.0
+            parts = np.zeros(4)  # to device, forward, backward, optimizer step
             for k, item in enumerate(items):
-                start = time.perf_counter()
-                out = trainer.engine(trainer._device_batch(item["batch"]), task=item["task"], ot_lambda=cfg.ot_lambda)
+                marks = [time.perf_counter()]
+                batch_on = trainer._device_batch(item["batch"])
+                marks.append(time.perf_counter())
+                out = trainer.engine(batch_on, task=item["task"], ot_lambda=cfg.ot_lambda)
+                marks.append(time.perf_counter())
                 trainer.engine.backward(out.loss)
+                marks.append(time.perf_counter())
                 trainer.engine.step()
-                took = time.perf_counter() - start
+                marks.append(time.perf_counter())
+                took = marks[-1] - marks[0]
                 if k == 0:
                     continue  # warm-up
+                parts += np.diff(marks)
                 batch = item["batch"]
                 elapsed += took
                 examples += batch["attn_masks"].shape[0]
@@ -190,6 +200,13 @@ def main() -> None:
                 f"{flops / elapsed / 1e9:7.1f} GFLOP/s = {flops / elapsed / peaks[precision]:.0%} "
                 f"of the {precision} matmul peak"
                 f"  ({elapsed / args.steps:.2f} s/step)"
+            )
+            step = elapsed / args.steps + collate  # what a step costs with its batch built in-process
+            share = parts / args.steps / step
+            print(
+                f"  {1 / step:.2f} steps/s with the batch built in-process: forward {share[1]:.0%}, "
+                f"backward {share[2]:.0%}, optimizer {share[3]:.0%} (together {share[1:].sum():.0%}; "
+                f"goal ≥ 80 %), to device {share[0]:.0%}, building the batch {collate / step:.0%}"
             )
             del trainer, model
 
