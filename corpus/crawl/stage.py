@@ -305,7 +305,9 @@ def crawl_shard_ids(ctx: StageContext) -> list[str]:
 
 CRAWL = Stage(
     name="crawl",
-    version=2,  # 2: the colour thumbnail beside the hashes
+    # 2: the colour thumbnail beside the hashes; 3: JPEGs decoded at the scale of the real target
+    # size (libjpeg's reduction applies to more photos; the resized pixels change slightly)
+    version=3,
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),
