@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,33 +42,46 @@ def _memo_path() -> Path:
 
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of the file's content, memoized while the file's stat is unchanged."""
-    path = Path(path)
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return file_fingerprints([path])[0]
+
+
+def file_fingerprints(paths: Sequence[str | Path]) -> list[str]:
+    """sha256 of each file's content, memoized while its stat is unchanged: one read of the memo and
+    at most one write for the whole list (per file, the memo's parse made a set of N images cost
+    N × the memo's size: 24 ms an image with 7,500 entries)."""
+    files = [Path(p) for p in paths]
+    stamps = [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (f.stat() for f in files)]
     memo_file = _memo_path()
     with _lock:
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
+        memo = _read_memo(memo_file)
+    digests: list[str] = []
+    fresh: dict[str, list] = {}
+    for path, stamp in zip(files, stamps, strict=True):
         hit = memo.get(str(path))
         if hit and hit[:3] == stamp:
-            return hit[3]
-    digest = sha256_file(path)
-    with _lock:
-        try:
-            memo = json.loads(memo_file.read_text())
-        except (OSError, ValueError):
-            memo = {}
-        memo[str(path)] = [*stamp, digest]
-        try:
-            memo_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo))
-            os.replace(tmp, memo_file)
-        except OSError:
-            pass  # the memo is an optimization: a read-only home only costs re-hashing
-    return digest
+            digests.append(hit[3])
+        else:
+            digests.append(sha256_file(path))
+            fresh[str(path)] = [*stamp, digests[-1]]
+    if fresh:
+        with _lock:
+            memo = _read_memo(memo_file)  # what other processes added meanwhile is kept
+            memo.update(fresh)
+            try:
+                memo_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(memo))
+                os.replace(tmp, memo_file)
+            except OSError:
+                pass  # the memo is an optimization: a read-only home only costs re-hashing
+    return digests
+
+
+def _read_memo(memo_file: Path) -> dict[str, list]:
+    try:
+        return json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

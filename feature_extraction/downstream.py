@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from contract.errors import InputDataError
-from contract.fingerprint import file_fingerprint, folder_files, sha256_json
+from contract.fingerprint import file_fingerprints, folder_files, sha256_json
 from contract.stage import StageContext, now
 from feature_extraction.config import DownstreamConfig, ExtractConfig
 from feature_extraction.featurize import Item, reusing_shards, storage_spec
@@ -56,7 +56,7 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
     shards = []
     for name in sorted(cfg.images):
         folder = cfg.images[name]
-        items, seen = [], {}
+        found, seen = [], {}
         for path in folder_files(folder):
             key = f"{name}/{path.stem}"
             if key in seen:
@@ -70,8 +70,13 @@ def plan(cfg: DownstreamConfig) -> list[tuple[str, list[Item]]]:
                     width, height = im.size
             except OSError as exc:
                 raise InputDataError(f"{path}: not a readable image ({exc})") from None
-            # (the file's digest: a rebuild reuses the features of an unchanged file)
-            items.append(Item(key, None, 0, width, height, str(path), sha256=file_fingerprint(path)))
+            found.append((key, path, width, height))
+        # (each file's digest: a rebuild reuses the features of an unchanged file)
+        digests = file_fingerprints([path for _, path, _, _ in found])
+        items = [
+            Item(key, None, 0, width, height, str(path), sha256=digest)
+            for (key, path, width, height), digest in zip(found, digests, strict=True)
+        ]
         if not items:
             log.warning("downstream: no images (.jpg, .jpeg, .png) under %s for set %r", folder, name)
         n = cfg.shard_images
