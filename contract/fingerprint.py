@@ -98,10 +98,7 @@ def folder_fingerprint(folder: str | Path, suffixes: tuple[str, ...] = IMAGE_SUF
     memoized in one file per folder (a folder of 100k images must not rewrite a memo 100k times)."""
     folder = Path(folder)
     memo_file = _memo_path().with_name(f"folder-{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json")
-    try:
-        memo = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
+    memo = _read_memo(memo_file)
     fresh, h = {}, hashlib.sha256()
     for path in folder_files(folder, suffixes):
         rel = path.relative_to(folder).as_posix()
