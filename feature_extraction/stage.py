@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -65,10 +66,18 @@ def run_extract(ctx: StageContext) -> None:
         ctx.done.update(art.done_shards())
         return
     total = sum(len(chunks[i]) for i in todo)
-    with ctx.progress.task("extract", total=total) as bar:
+    # NOTE: each shard is encoded, hashed and written by a thread while the next one is made (the
+    # Parquet writer, hashing and fsync release the GIL): in a rebuild, copying earlier features
+    # is most of the work, and it no longer waits on the disk. One write in flight bounds memory.
+    with ctx.progress.task("extract", total=total) as bar, ThreadPoolExecutor(1) as writer:
+        pending: Future | None = None
         for index, tables, stats in extract_shards(cfg, cfg.device, spec, chunks, todo, ctx.reuse):
-            ctx.write_shard(shard_id("feat", index), tables, stats, now())
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(ctx.write_shard, shard_id("feat", index), tables, stats, now())
             bar.advance(stats["images"])
+        if pending is not None:
+            pending.result()
 
 
 def _rank_main(

@@ -187,6 +187,23 @@ def test_sigkill_then_resume(tmp_path, storage_spec):
     assert run_stage("extract", clean).manifest.content_sha256 == resumed.manifest.content_sha256
 
 
+def test_loader_worker_and_threads_give_the_same_features(tmp_path, monkeypatch):
+    """Small jobs decode in threads of the stage's process, large ones in loader workers: the
+    artifact must not depend on which (the threshold only moves the cost)."""
+    from feature_extraction import featurize
+
+    extract = {"shard_images": 5, "loader_workers": 1, "grid_rows": 3, "grid_cols": 3}
+    threaded = load_config(corpus(tmp_path, {"uri": str(tmp_path / "threads")}, 12, extract, "threads.yaml"))
+    build_upstream(threaded)
+    by_threads = run_stage("extract", threaded).manifest
+    monkeypatch.setattr(featurize, "ITEMS_PER_WORKER", {"grid": 1, "detectron2": 1})
+    worker = load_config(corpus(tmp_path, {"uri": str(tmp_path / "worker")}, 12, extract, "worker.yaml"))
+    build_upstream(worker)
+    by_worker = run_stage("extract", worker).manifest
+    assert by_worker.counts["images"] == by_threads.counts["images"] == 12
+    assert by_worker.content_sha256 == by_threads.content_sha256
+
+
 def test_detector_without_weights_is_a_config_error(tmp_path):
     path = corpus(tmp_path, {"uri": str(tmp_path / "d")}, 1, {"backend": "detectron2"})
     with pytest.raises(ConfigError, match="backend 'detectron2' needs weights"):
