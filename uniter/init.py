@@ -1,7 +1,8 @@
 """Initialise UNITER's text side from a BERT checkpoint (the reference starts from bert-base-cased).
 
 BERT's weights map one to one: `bert.X` → `uniter.X` (embeddings, encoder, pooler) and the MLM
-head `cls.predictions.*` as is. The image side and the other heads keep their fresh init.
+head `cls.predictions.*` as is; the original format's LayerNorm `gamma`/`beta` are read as
+`weight`/`bias`. The image side and the other heads keep their fresh init.
 Checkpoints are read from a local folder (model.safetensors, or pytorch_model.bin with
 `weights_only=True`) — or a hub name already in the local cache; nothing is downloaded.
 """
@@ -37,6 +38,19 @@ def read_bert_state_dict(spec: str) -> dict[str, torch.Tensor]:
     return read_bert_state_dict(folder)
 
 
+def modern_name(name: str) -> str:
+    """A weight's name as transformers writes it. Checkpoints converted from the original
+    TensorFlow BERT (and the UNITER release's own BERT files) call LayerNorm's scale and shift
+    `gamma` and `beta`; transformers calls them `weight` and `bias`."""
+    head, _, last = name.rpartition(".")
+    if head.endswith("LayerNorm") and last in _OLD_LAYERNORM:
+        return f"{head}.{_OLD_LAYERNORM[last]}"
+    return name
+
+
+_OLD_LAYERNORM = {"gamma": "weight", "beta": "bias"}
+
+
 def load_bert(model: nn.Module, spec: str) -> list[str]:
     """Copy BERT weights into `model` (a UniterModel or a model with `.uniter`); returns the names
     loaded. Every text-side weight of the model must be in the checkpoint, with the same shape."""
@@ -44,7 +58,7 @@ def load_bert(model: nn.Module, spec: str) -> list[str]:
     prefix = "uniter." if hasattr(model, "uniter") else ""
     mapped = {}
     for name, value in state.items():
-        key = name.removeprefix("bert.")
+        key = modern_name(name).removeprefix("bert.")
         if key.startswith(("embeddings.", "encoder.", "pooler.")):
             mapped[prefix + key] = value
         elif key.startswith("cls.predictions.") and prefix and not key.endswith("decoder.weight"):

@@ -54,6 +54,31 @@ def test_bert_checkpoint_loads_one_to_one():
     assert model.cls.predictions.decoder.weight is model.uniter.embeddings.word_embeddings.weight  # still tied
 
 
+def test_original_format_bert_checkpoint_loads(tmp_path):
+    """The original BERT format names LayerNorm's parameters gamma/beta: the same checkpoint saved
+    that way loads to the same weights."""
+    from safetensors.torch import load_file
+
+    from uniter.data import resolve
+    from uniter.init import load_bert
+
+    state = load_file(f"{resolve(MINILM)}/model.safetensors")
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
+    assert sum(".gamma" in k for k in renamed) == 13  # embeddings + 2 per layer × 6
+    (tmp_path / "old").mkdir()
+    torch.save(renamed, tmp_path / "old" / "pytorch_model.bin")
+    cfg = UniterConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                       intermediate_size=1536, max_position_embeddings=512)  # fmt: skip
+    modern, original = UniterModel(cfg), UniterModel(cfg)
+    loaded = load_bert(modern, MINILM)
+    assert len(loaded) > 100 and load_bert(original, str(tmp_path / "old")) == loaded
+    ours, theirs = modern.state_dict(), original.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in loaded)
+
+
 def _regions(rng, n, soft=True):
     return Region(
         rng.standard_normal((n, 2048)).astype(np.float16),

@@ -31,6 +31,10 @@ class VqaTask(TaskConfig):
     val: VqaFiles
     images: str = "coco"  # the downstream image set (downstream.images) holding the question's images
     answers: int = Field(default=3129, ge=1)  # vocabulary: the most frequent training answers
+    # a given vocabulary instead (the reference ships its 3,129 answers as ans2label.json)
+    answers_file: InputFile | None = None
+    # soft target of an answer n humans gave: "butd" 0.3/0.6/0.9/1 (the reference), "thirds" min(1, n/3)
+    target_score: Literal["butd", "thirds"] = "butd"
     steps: int = Field(default=6000, ge=1)
     warmup: int = Field(default=600, ge=0)
     lr: float = Field(default=8e-5, gt=0)

@@ -11,6 +11,7 @@ from uniter.finetune.tasks.vqa import (
     answer_vocab,
     normalize_answer,
     official_scores,
+    read_answer_vocab,
     read_vqa,
     soft_targets,
     vqa_accuracy,
@@ -48,9 +49,32 @@ def test_accuracy_is_the_mean_over_ten_choose_nine():
 
 
 def test_soft_targets():
-    vocab = {"yes": 0, "no": 1, "2": 2}
-    targets = soft_targets(["yes", "Yes", "no", "two", "two", "two", "two", "maybe", "no", "yes"], vocab)
-    assert targets == {0: 1.0, 1: pytest.approx(2 / 3), 2: 1.0}  # "maybe" is not in the vocabulary
+    vocab = {"yes": 0, "no": 1, "2": 2, "red": 3}
+    answers = ["yes", "Yes", "no", "two", "two", "two", "two", "maybe", "no", "yes", "red"]
+    # the reference's (bottom-up attention) scores: 1, 2, 3 humans → 0.3, 0.6, 0.9; 4 or more → 1
+    assert soft_targets(answers, vocab) == {0: 0.9, 1: 0.6, 2: 1.0, 3: 0.3}  # "maybe" is not in the vocabulary
+    thirds = soft_targets(answers, vocab, "thirds")
+    assert thirds == {0: 1.0, 1: pytest.approx(2 / 3), 2: 1.0, 3: pytest.approx(1 / 3)}
+
+
+def test_given_answer_vocabulary(tmp_path):
+    ans2label = tmp_path / "ans2label.json"
+    ans2label.write_text(json.dumps({"no": 1, "yes": 0, "Two": 2}))
+    assert read_answer_vocab(ans2label) == ["yes", "no", "2"]  # label order, normalized
+    listed = tmp_path / "answers.json"
+    listed.write_text(json.dumps(["yes", "no"]))
+    assert read_answer_vocab(listed) == ["yes", "no"]
+    for bad, message in (
+        ({"yes": 0, "no": 2}, "labels 0..1, each once"),
+        ({"yes": 0, "no": "1"}, "labels 0..1, each once"),
+        (["two", "2"], "several answers normalize to '2'"),
+        ({"answers": 3}, "labels 0..0"),
+        (3, "expected an answer → label object"),
+    ):
+        ans2label.write_text(json.dumps(bad))
+        with pytest.raises(InputDataError, match=message) as err:
+            read_answer_vocab(ans2label)
+        assert str(ans2label) in str(err.value)
 
 
 def _files(tmp_path, questions, annotations):

@@ -151,10 +151,19 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     return sum(scores) / len(scores)
 
 
-def soft_targets(answers: list[str], vocab: dict[str, int]) -> dict[int, float]:
-    """Training targets: min(1, #humans who gave the answer / 3), for answers in the vocabulary."""
+# The soft score of an answer given by n humans. "butd": the bottom-up-attention VQA code's
+# (0.3, 0.6, 0.9, then 1), which the reference's preprocessed targets use; "thirds": min(1, n/3),
+# the evaluation metric's own shape.
+SCORES = {
+    "butd": lambda n: (0.0, 0.3, 0.6, 0.9)[n] if n < 4 else 1.0,
+    "thirds": lambda n: min(1.0, n / 3),
+}
+
+
+def soft_targets(answers: list[str], vocab: dict[str, int], score: str = "butd") -> dict[int, float]:
+    """Training targets: each answer's soft score (`SCORES`), for answers in the vocabulary."""
     counts = Counter(normalize_answer(a) for a in answers)
-    return {vocab[a]: min(1.0, c / 3) for a, c in counts.items() if a in vocab}
+    return {vocab[a]: SCORES[score](c) for a, c in counts.items() if a in vocab}
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,27 @@ def answer_vocab(questions: list[Question], size: int = 3129) -> list[str]:
     return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:size]]
 
 
+def read_answer_vocab(path: str | Path) -> list[str]:
+    """A given answer vocabulary, in label order: the reference's `ans2label.json` (answer → label)
+    or a JSON list. Answers are normalized as training answers are; two that normalize alike, or
+    labels that are not 0..n-1, are an error naming the file."""
+    doc = _load_json(Path(path), "answer vocabulary")
+    if isinstance(doc, dict):
+        labels = sorted(doc.values()) if all(isinstance(v, int) for v in doc.values()) else None
+        if labels != list(range(len(doc))):
+            raise InputDataError(f"{path}: expected answer → label with the labels 0..{len(doc) - 1}, each once")
+        answers = [a for a, _ in sorted(doc.items(), key=lambda kv: kv[1])]
+    elif isinstance(doc, list) and all(isinstance(a, str) for a in doc):
+        answers = doc
+    else:
+        raise InputDataError(f"{path}: expected an answer → label object (ans2label.json) or a list of answers")
+    normalized = [normalize_answer(a) for a in answers]
+    if len(set(normalized)) != len(normalized):
+        same = next(a for a in normalized if normalized.count(a) > 1)
+        raise InputDataError(f"{path}: several answers normalize to {same!r}")
+    return normalized
+
+
 def write_results(predictions: dict[int, str], path: str | Path) -> None:
     """The official results file: [{"question_id": …, "answer": …}, …] in question order."""
     rows = [{"question_id": qid, "answer": ans} for qid, ans in sorted(predictions.items())]
@@ -268,7 +298,7 @@ class VqaData(TaskData):
         self.task, self.seed, self.vocab = task, seed, Vocab.from_tokenizer(tokenizer)
         train_q = [q for files in task.train for q in read_vqa(files.questions, files.annotations)]
         self.val_q = read_vqa(task.val.questions, task.val.annotations)
-        self.labels = answer_vocab(train_q, task.answers)
+        self.labels = read_answer_vocab(task.answers_file) if task.answers_file else answer_vocab(train_q, task.answers)
         keys = feature_ids(feature_paths, task.images)
 
         def corpus(questions: list[Question], split: str):
@@ -284,7 +314,9 @@ class VqaData(TaskData):
                 f"downstream set {task.images!r} (configure downstream.images.{task.images})"
             )
         label_of = {a: i for i, a in enumerate(self.labels)}
-        self.targets = [soft_targets(list(train_q[int(r)].answers), label_of) for r in self.train.text_row]
+        self.targets = [
+            soft_targets(list(train_q[int(r)].answers), label_of, task.target_score) for r in self.train.text_row
+        ]
 
     def model_class(self):
         # transformers loads only where a model is built: the evaluate stage and the report import this module
