@@ -446,29 +446,41 @@ class UniterForVqa(UniterPreTrainedModel):
         return UniterDownstreamOutput(loss, logits)
 
 
+class AttentionPool(nn.Module):
+    """Attention pooling over a sequence, as the reference's NLVR2 head: a ReLU'd score per
+    position (Linear(H, 1) → ReLU), padding pushed to -1e4, softmax, dropout on the weights."""
+
+    def __init__(self, hidden_size: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(hidden_size, 1), nn.ReLU())
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        score = self.fc(hidden).squeeze(-1) + (~mask).to(hidden.dtype) * -1e4  # (S, L)
+        weights = self.dropout(score.softmax(-1))
+        return torch.einsum("sl,slh->sh", weights, hidden)  # (S, H)
+
+
 class UniterForNlvr2(UniterPreTrainedModel):
     """Rows 2i and 2i+1 of the batch are statement i's text with its left and right image (type
-    ids 1 and 2). `pair`: the two [CLS] outputs concatenated → MLP → 2. `pair-biattn` (the
-    reference's): each sequence attends to the other, FC(2H → H) + ReLU, attention pooling → 2."""
+    ids 1 and 2). Both heads are the reference's (model/nlvr2.py), layer for layer:
+    `pair`: the two [CLS] outputs concatenated → Linear(2H, 2). `pair-biattn`: the left sequence
+    attends to the right (attn1) and the right to the left (attn2); each side's [attention output;
+    own output] → fc (Linear(2H, H), ReLU, dropout) → attention pooling; both pooled → Linear(2H, 2)."""
 
     def __init__(self, config: UniterConfig):
         super().__init__(config)
         self.uniter = UniterModel(config)
         h = config.hidden_size
-        self.nlvr2_output: nn.Module
-        if config.nlvr2_head == "pair":
-            self.nlvr2_output = nn.Sequential(
-                nn.Linear(2 * h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h, eps=config.layer_norm_eps), nn.Linear(2 * h, 2)
-            )
-        elif config.nlvr2_head == "pair-biattn":
-            self.attention = nn.MultiheadAttention(
-                h, config.num_attention_heads, dropout=config.attention_probs_dropout_prob, batch_first=True
-            )
-            self.fuse = nn.Sequential(nn.Linear(2 * h, h), nn.ReLU())
-            self.attn_pool = nn.Linear(h, 1)
-            self.nlvr2_output = nn.Linear(2 * h, 2)
-        else:
+        if config.nlvr2_head == "pair-biattn":
+            heads, drop = config.num_attention_heads, config.attention_probs_dropout_prob
+            self.attn1 = nn.MultiheadAttention(h, heads, dropout=drop, batch_first=True)
+            self.attn2 = nn.MultiheadAttention(h, heads, dropout=drop, batch_first=True)
+            self.fc = nn.Sequential(nn.Linear(2 * h, h), nn.ReLU(), nn.Dropout(config.hidden_dropout_prob))
+            self.attn_pool = AttentionPool(h, drop)
+        elif config.nlvr2_head != "pair":
             raise ValueError(f"nlvr2_head {config.nlvr2_head!r}: expected pair or pair-biattn")
+        self.nlvr2_output = nn.Linear(2 * h, 2)
         self.post_init()
 
     def grow_type_embeddings(self) -> None:
@@ -493,14 +505,11 @@ class UniterForNlvr2(UniterPreTrainedModel):
             mask = batch["attn_masks"].bool()
             left, right = hidden[0::2], hidden[1::2]
             lmask, rmask = mask[0::2], mask[1::2]
-            l2r, _ = self.attention(left, right, right, key_padding_mask=~rmask, need_weights=False)
-            r2l, _ = self.attention(right, left, left, key_padding_mask=~lmask, need_weights=False)
-            sides = []
-            for seq, ctx, m in ((left, l2r, lmask), (right, r2l, rmask)):
-                fused = self.fuse(torch.cat([seq, ctx], dim=-1))  # (S, L, H)
-                weights = self.attn_pool(fused).squeeze(-1).masked_fill(~m, float("-inf")).softmax(-1)  # (S, L)
-                sides.append(torch.einsum("sl,slh->sh", weights, fused))  # (S, H)
-            logits = self.nlvr2_output(torch.cat(sides, dim=-1))  # (S, 2)
+            l2r, _ = self.attn1(left, right, right, key_padding_mask=~rmask, need_weights=False)
+            r2l, _ = self.attn2(right, left, left, key_padding_mask=~lmask, need_weights=False)
+            left = self.attn_pool(self.fc(torch.cat([l2r, left], dim=-1)), lmask)  # (S, H)
+            right = self.attn_pool(self.fc(torch.cat([r2l, right], dim=-1)), rmask)
+            logits = self.nlvr2_output(torch.cat([left, right], dim=-1))  # (S, 2)
         loss = F.cross_entropy(logits, batch["targets"]) if "targets" in batch else None
         return UniterDownstreamOutput(loss, logits)
 

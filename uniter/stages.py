@@ -17,7 +17,7 @@ PRETRAIN = Stage(
 
 FINETUNE = Stage(
     name="finetune",
-    version=1,
+    version=2,  # 2: the reference's NLVR2 heads and VQA soft scores
     run=Deferred("uniter.finetune.stage:run_finetune"),
     inputs=("downstream", "pretrain"),
     tables=("finetune_metrics",),

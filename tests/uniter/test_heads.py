@@ -90,6 +90,18 @@ def test_nlvr2_heads_overfit():
         assert model.uniter.embeddings.token_type_embeddings.num_embeddings == 3
 
 
+def test_nlvr2_heads_are_the_references():
+    """Parameter counts by the reference's layers (model/nlvr2.py): `pair` Linear(2H, 2); `pair-biattn`
+    two attention modules (4H² + 4H each), fc Linear(2H, H), pooling Linear(H, 1), output Linear(2H, 2)."""
+    for head, formula in (("pair", lambda h: 4 * h + 2), ("pair-biattn", lambda h: 10 * h * h + 14 * h + 3)):
+        model = UniterForNlvr2(_config(nlvr2_head=head))
+        h = model.config.hidden_size
+        own = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("uniter."))
+        assert own == formula(h), (head, own, formula(h))
+    assert model.attn1 is not model.attn2 and isinstance(model.fc[2], torch.nn.Dropout)
+    assert isinstance(model.attn_pool.fc[1], torch.nn.ReLU)
+
+
 def test_retrieval_head_starts_from_itm_and_overfits(tmp_path):
     torch.manual_seed(0)
     pretrained = UniterForPretraining(_config())
