@@ -25,7 +25,7 @@ from rich.text import Text
 
 from contract.artifact import Artifact
 from contract.configbase import redact_credentials
-from contract.errors import MissingInputError, UniterError
+from contract.errors import ConfigError, MissingInputError, UniterError
 from contract.progress import NullProgress, RichProgress
 from pipeline.config import PipelineConfig, config_document, load_config
 from pipeline.demo import serve_sample
@@ -391,6 +391,34 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_check_weights(args) -> int:
+    """Does a detector weights file fit the BUTD model, name by name and shape by shape? Before any
+    extraction starts (exit 2 if a weight is missing or misshapen)."""
+    from feature_extraction.butd import build_butd, butd_config  # noqa: PLC0415
+    from feature_extraction.weights import check_weights, expected_weights  # noqa: PLC0415
+
+    model = build_butd(butd_config())
+    if args.list:
+        for name, shape in expected_weights(model).items():
+            print(f"{name} {list(shape)}")
+        return 0
+    if not args.file:
+        raise ConfigError("check-weights: give a weights FILE (or --list for the names the model expects)")
+    report = check_weights(model, args.file)
+    if args.json:
+        _emit(report)
+    else:
+        # (plain print: Rich would fold a long path and the names in the middle)
+        print(f"{args.file}: {report['matched']} of {report['expected']} weights match", file=sys.stderr)
+        for key, what in (("missing", "missing from the file"), ("unexpected", "in the file, unused by the model")):
+            if report[key]:
+                print(f"{len(report[key])} {what}, e.g. {', '.join(report[key][:5])}", file=sys.stderr)
+        for name, shapes in list(report["wrong_shape"].items())[:5]:
+            says = f"wrong shape: {name} is {shapes['file']} in the file, the model expects {shapes['model']}"
+            print(says, file=sys.stderr)
+    return 0 if report["ok"] else 2
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -487,6 +515,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.set_defaults(func=cmd_gc, quiet=True)
+
+    p = sub.add_parser("check-weights", help="does a detector weights file fit the BUTD model? (names and shapes)")
+    p.add_argument("file", nargs="?", help="the weights: a Detectron2 pickle (.pkl) or a torch state dict")
+    p.add_argument("--list", action="store_true", help="print every weight the model expects, with its shape")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(func=cmd_check_weights, quiet=True, verbose=False)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     common(p, config_required=False)

@@ -62,15 +62,44 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
+def _needed(name: str) -> bool:
+    """Whether a model entry must come from the file: not the normalization constants (set by the
+    config) nor BatchNorm's step counter. FrozenBN's statistics (running_mean/var) must."""
+    return not name.endswith("num_batches_tracked") and name not in ("pixel_mean", "pixel_std")
+
+
+def expected_weights(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Every weight the file must hold, by Detectron2 name, with its shape."""
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if _needed(k)}
+
+
+def check_weights(model: nn.Module, path: str | Path) -> dict:
+    """What `uniter check-weights` reports before any extraction: the weights ``model`` needs that
+    the file lacks, those the file has that the model does not use, and shape mismatches."""
+    state = read_state_dict(path)
+    own = expected_weights(model)
+    wrong = {
+        k: {"file": list(state[k].shape), "model": list(shape)}
+        for k, shape in own.items()
+        if k in state and tuple(state[k].shape) != shape
+    }
+    missing = sorted(k for k in own if k not in state)
+    return {
+        "file": str(path),
+        "expected": len(own),
+        "matched": len(own) - len(missing) - len(wrong),
+        "missing": missing,
+        "wrong_shape": wrong,
+        "unexpected": sorted(k for k in state if k not in own and _needed(k)),
+        "ok": not missing and not wrong,
+    }
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Copy weights into ``model`` by Detectron2 name; every model weight must be present."""
     state = read_state_dict(path)
     own = model.state_dict()
-    missing = [
-        k
-        for k in own
-        if k not in state and not k.endswith(("num_batches_tracked",)) and k not in ("pixel_mean", "pixel_std")
-    ]
+    missing = [k for k in own if k not in state and _needed(k)]
     if missing:
         raise InputDataError(f"{path}: {len(missing)} weights missing, e.g. {', '.join(missing[:5])}")
     bad = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -153,6 +153,37 @@ def test_bad_weight_files_are_refused(tmp_path):
         load_weights(fresh, tmp_path / "absent.pkl")
 
 
+def test_check_weights_names_what_does_not_fit(model, tmp_path, capsys):
+    """`uniter check-weights`: a file with a FrozenBN statistic missing, one weight misshapen and one
+    extra is reported name by name (exit 2); the model's own weights check clean (exit 0)."""
+    import json
+
+    from cli.main import main
+
+    arrays = {k: v.numpy() for k, v in model.state_dict().items()}
+    good = tmp_path / "good.pkl"
+    good.write_bytes(pickle.dumps({"model": arrays}))
+    del arrays["backbone.res3.1.conv2.norm.running_var"]
+    arrays["roi_heads.box_predictor.attr_score.weight"] = np.zeros((400, 512), np.float32)
+    arrays["roi_heads.box_predictor.extra.weight"] = np.zeros(3, np.float32)
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps({"model": arrays}))
+    capsys.readouterr()
+
+    assert main(["check-weights", str(bad), "--json"]) == 2
+    report = json.loads(capsys.readouterr().out)
+    assert report["missing"] == ["backbone.res3.1.conv2.norm.running_var"]
+    attr = {"file": [400, 512], "model": [401, 512]}
+    assert report["wrong_shape"] == {"roi_heads.box_predictor.attr_score.weight": attr}
+    assert report["unexpected"] == ["roi_heads.box_predictor.extra.weight"]
+    assert report["matched"] == report["expected"] - 2 and not report["ok"]
+    assert main(["check-weights", str(good)]) == 0
+    assert f"{report['expected']} of {report['expected']} weights match" in capsys.readouterr().err
+    assert main(["check-weights", "--list"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert len(listed) == report["expected"] and "backbone.stem.conv1.norm.running_mean [64]" in listed
+
+
 def test_inference_optimizations_change_nothing(model, images):
     ref = detect(model, images[:1])[0]
     opt = detect(optimize_for_inference(copy.deepcopy(model)), images[:1])[0]
