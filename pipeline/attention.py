@@ -31,7 +31,9 @@ def attention_report(cfg: PipelineConfig, checkpoint: str | None, n: int, out: P
         build_features(storage, Artifact(storage, "extract", extract.key).file_key(f.path), f.sha256)
         for f in extract.tables.get("features", [])
     ]
-    corpus = Corpus(text_path, feats, p.conf_thresh, p.min_bb, p.max_bb, p.val_percent)
+    corpus = Corpus(
+        text_path, feats, p.conf_thresh, p.min_bb, p.max_bb, p.val_percent, tuple(p.train_splits), tuple(p.val_splits)
+    )
     with tempfile.TemporaryDirectory(prefix="uniter-attn-") as tmp:
         folder = Path(checkpoint) if checkpoint else Path(tmp)
         if checkpoint is None:

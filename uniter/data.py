@@ -87,42 +87,47 @@ def _mmap(path: Path) -> pa.Table:
 # --- texts ------------------------------------------------------------------------------------
 
 
+TEXTS_VERSION = 2  # 2: the split column; (image, caption, split) duplicates dropped
+
+
 def build_texts(storage: Storage, keys: list[str], content_sha: str, tokenizer, max_txt_len: int) -> Path:
     """Tokenize `corpus_pairs` once into <cache>/texts-<digest>.arrow (ids without CLS/SEP).
-    Texts longer than max_txt_len word pieces are dropped, as the reference does."""
+    Texts longer than max_txt_len word pieces are dropped, as the reference does. So is every
+    repeat of an (image, caption, split) already seen: the same COCO caption ingested twice (from
+    the captions file and from the Karpathy file) would otherwise be trained on twice as often."""
     ident = hashlib.sha256(
-        f"{content_sha}|{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.do_lower_case}|{max_txt_len}".encode()
+        f"{content_sha}|{tokenizer.name_or_path}|{len(tokenizer)}|{tokenizer.do_lower_case}|{max_txt_len}|"
+        f"{TEXTS_VERSION}".encode()
     ).hexdigest()[:24]
     path = cache_dir() / f"texts-{ident}.arrow"
     if path.exists():
         return path
-    parts, dropped = [], 0
+    parts, dropped, repeats, seen = [], 0, 0, set()
     for key in keys:
         with storage.open(key) as f:
-            table = pq.read_table(f, columns=["pair_id", "source", "image_key", "caption"])
+            table = pq.read_table(f, columns=["pair_id", "source", "split", "image_key", "caption"])
         if not table.num_rows:  # a shard whose pairs were all removed upstream
             continue
+        # (8-byte digests: a set of them for the paper's 9.6 M pairs is a few hundred MB, not the captions)
+        digests = [
+            hashlib.blake2b(f"{i}\0{c}\0{s}".encode(), digest_size=8).digest()
+            for i, c, s in zip(*(table.column(n).to_pylist() for n in ("image_key", "caption", "split")), strict=True)
+        ]
+        first = np.array([not (d in seen or seen.add(d)) for d in digests], dtype=bool)
+        repeats += int((~first).sum())
+        table = table.filter(pa.array(first))
         ids = tokenizer(table.column("caption").to_pylist(), add_special_tokens=False)["input_ids"]
         keep = np.array([len(x) <= max_txt_len for x in ids], dtype=bool)
         dropped += int((~keep).sum())
         kept_ids = [x for x, k in zip(ids, keep, strict=True) if k]
-        parts.append(
-            pa.table(
-                {
-                    "pair_id": table.column("pair_id").filter(pa.array(keep)),
-                    "source": table.column("source").filter(pa.array(keep)),
-                    "image_key": table.column("image_key").filter(pa.array(keep)),
-                    "input_ids": pa.array(kept_ids, pa.list_(pa.int32())),
-                }
-            )
-        )
-    table = (
-        pa.concat_tables(parts)
-        if parts
-        else pa.table({"pair_id": [], "source": [], "image_key": [], "input_ids": pa.array([], pa.list_(pa.int32()))})
-    )
+        columns = {n: table.column(n).filter(pa.array(keep)) for n in ("pair_id", "source", "split", "image_key")}
+        parts.append(pa.table({**columns, "input_ids": pa.array(kept_ids, pa.list_(pa.int32()))}))
+    empty = {n: pa.array([], pa.string()) for n in ("pair_id", "source", "split", "image_key")}
+    table = pa.concat_tables(parts) if parts else pa.table({**empty, "input_ids": pa.array([], pa.list_(pa.int32()))})
     if dropped:
         log.info("pretrain: dropped %d texts longer than %d word pieces", dropped, max_txt_len)
+    if repeats:
+        log.info("pretrain: dropped %d repeats of an (image, caption, split) pair", repeats)
     _write_ipc(table, path)
     return path
 
@@ -163,9 +168,12 @@ class Corpus:
         min_bb: int,
         max_bb: int,
         val_percent: float,
+        train_splits: tuple[str, ...] = ("train", "restval"),
+        val_splits: tuple[str, ...] = ("val",),
     ):
         self.text_path, self.feature_paths = text_path, feature_paths
         self.conf_thresh, self.min_bb, self.max_bb, self.val_percent = conf_thresh, min_bb, max_bb, val_percent
+        self.train_splits, self.val_splits = tuple(train_splits), tuple(val_splits)
         self._build_index()
 
     def __getstate__(self):
@@ -217,10 +225,23 @@ class Corpus:
         self.sources = sorted({names[c] for c in np.unique(codes)})
         remap = np.array([self.sources.index(n) if n in self.sources else -1 for n in names], dtype=np.int32)
         self.source = remap[codes] if len(codes) else np.zeros(0, np.int32)
-        # Validation: whole images (never a caption of a training image), chosen by key hash.
-        image_keys = all_keys.to_pylist()
-        image_val = np.array([_bucket(k) < self.val_percent for k in image_keys], dtype=bool)
-        self.is_val = image_val[image] if len(image) else np.zeros(0, bool)
+        # Splits: a text trains only if its split is a train split, validates only if a val split;
+        # any other (test) does neither. Texts without a split (fine-tuning's) count as train.
+        if "split" in texts.column_names:
+            split = texts.column("split").to_numpy(zero_copy_only=False)[rows_]
+        else:
+            split = np.full(len(rows_), "train", dtype=object)
+        in_train, in_val = np.isin(split, self.train_splits), np.isin(split, self.val_splits)
+        # Validation holds whole images (never a caption of a training image): the images of the
+        # named val splits when there are any; otherwise a val_percent share of images by key hash.
+        val_image = np.zeros(len(all_keys), dtype=bool)
+        if in_val.any():
+            val_image[image[in_val]] = True
+            self.is_val = in_val
+        else:
+            val_image = np.array([_bucket(k) < self.val_percent for k in all_keys.to_pylist()], dtype=bool)
+            self.is_val = in_train & val_image[image] if len(image) else np.zeros(0, bool)
+        self.is_train = in_train & ~val_image[image] if len(image) else np.zeros(0, bool)
 
     def __len__(self) -> int:
         return len(self.text_row)

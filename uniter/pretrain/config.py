@@ -48,6 +48,11 @@ class PretrainConfig(SectionConfig):
     warmup: int = Field(default=10_000, ge=0)
     lr: float = Field(default=5e-5, gt=0)
     seed: int = 42
+    # Which pairs' `split` values train and which validate; a pair in neither (test) does neither, and
+    # an image with a validation caption never trains. With no pair in a val split, val_percent of
+    # the training images (by key hash) are held out instead.
+    train_splits: list[str] = Field(default=["train", "restval"], min_length=1)
+    val_splits: list[str] = ["val"]
     val_percent: float = Field(default=1.0, ge=0, lt=100)  # images held out for validation
     validate_every: int = Field(default=5000, ge=1)
     checkpoint_every: int = Field(default=1000, ge=1)

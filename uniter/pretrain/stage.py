@@ -105,7 +105,10 @@ def train_process(rank: int, world: int, job: PretrainJob, local_rank: int | Non
     art = job.artifact()
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.lowercase)
     text_path, feature_paths = job.local_inputs(tokenizer)
-    corpus = Corpus(text_path, feature_paths, cfg.conf_thresh, cfg.min_bb, cfg.max_bb, cfg.val_percent)
+    corpus = Corpus(
+        text_path, feature_paths, cfg.conf_thresh, cfg.min_bb, cfg.max_bb, cfg.val_percent,
+        tuple(cfg.train_splits), tuple(cfg.val_splits),
+    )  # fmt: skip
     tasks_off = ()
     if not corpus.has_soft_labels and any(cfg.tasks.get(t, 0) > 0 for t in ("mrc", "mrckl")):
         tasks_off = ("mrc", "mrckl")

@@ -32,7 +32,7 @@ class BatchPlan:
     def __init__(self, cfg: PretrainConfig, corpus: Corpus, world: int, tasks_off: tuple[str, ...] = ()):
         self.cfg, self.world = cfg, world
         self.accum = cfg.accumulation()
-        train = ~corpus.is_val
+        train = corpus.is_train
         self.ids = [np.flatnonzero(train & (corpus.source == d)) for d in range(len(corpus.sources))]
         self.lengths = corpus.lengths
         self.datasets = [d for d in range(len(corpus.sources)) if len(self.ids[d])]
