@@ -1,8 +1,10 @@
-"""The token-bucket sampler: every example once per epoch, budget respected, little padding."""
+"""The token-bucket sampler: every example once per epoch, budget respected, little padding; the
+datasets' sampling shares."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from uniter.data import token_bucket_batches
 from uniter.runtime import warmup_linear
@@ -30,3 +32,37 @@ def test_warmup_linear_schedule():
         warmup_linear(10, 10, 100) == 1.0 and warmup_linear(55, 10, 100) == 0.5 and warmup_linear(100, 10, 100) == 0.0
     )
     assert warmup_linear(0, 0, 100) == 1.0
+
+
+def test_dataset_families_give_the_reference_shares():
+    """COCO 20 / VG 30 / CC 30 / SBU 20 by family (COCO from two files) over 10,000 updates: each
+    family's share within 2 points; within COCO, each file by its examples."""
+    from types import SimpleNamespace
+
+    from uniter.pretrain.config import PretrainConfig
+    from uniter.pretrain.trainer import BatchPlan
+
+    sizes = {"coco_train": 1000, "karpathy_coco": 500, "vg": 2000, "cc": 3000, "sbu": 800}
+    sources = sorted(sizes)
+    source = np.concatenate([np.full(n, sources.index(s)) for s, n in sizes.items()])
+    corpus = SimpleNamespace(
+        sources=sources, source=source, is_train=np.ones(len(source), bool), lengths=np.full(len(source), 40)
+    )
+    cfg = PretrainConfig(
+        tasks={"mlm": 1.0, "itm": 1.0},
+        steps=10_000,
+        dataset_weights={"coco": 20.0, "vg": 30.0, "cc": 30.0, "sbu": 20.0},
+        dataset_families={"coco": ["coco_train", "karpathy_coco"]},
+    )
+    plan = BatchPlan(cfg, corpus, world=1)
+    drawn = np.bincount([plan.pool[c][1] for c in plan.choice], minlength=len(sources)) / cfg.steps
+    share = dict(zip(sources, drawn, strict=True))
+    for name, expected in (("vg", 0.3), ("cc", 0.3), ("sbu", 0.2)):
+        assert abs(share[name] - expected) < 0.02, (name, share[name])
+    assert abs(share["coco_train"] + share["karpathy_coco"] - 0.2) < 0.02
+    assert abs(share["coco_train"] / share["karpathy_coco"] - 2.0) < 0.3
+
+    with pytest.raises(ValueError, match="'coco_train' has a weight and so has its family 'coco'"):
+        PretrainConfig(dataset_weights={"coco": 1.0, "coco_train": 2.0}, dataset_families={"coco": ["coco_train"]})
+    with pytest.raises(ValueError, match="'cc' is in both"):
+        PretrainConfig(dataset_families={"a": ["cc"], "b": ["cc"]})

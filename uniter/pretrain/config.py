@@ -35,7 +35,12 @@ class PretrainConfig(SectionConfig):
     # NOTE: floats, as validation makes them: defaults are not validated, and 3 vs 3.0 would give
     # the same config two cache keys (the file vs the flow parameter document)
     tasks: dict[str, float] = {"itm": 3.0, "mlm": 4.0, "mrfr": 2.0, "mrckl": 2.0}
-    dataset_weights: dict[str, float] = {}  # per `pairs.source`; unlisted sources weigh 1
+    # Sampling weight per `pairs.source`, or per family of `dataset_families`; unlisted weigh 1. A
+    # dataset's share of the updates is its weight over the sum. A family's weight is split among its
+    # sources by their training examples, as if they were one dataset (the reference samples COCO 20,
+    # VG 30, CC 30, SBU 20, whatever files each came from).
+    dataset_weights: dict[str, float] = {}
+    dataset_families: dict[str, list[str]] = {}  # e.g. {coco: [coco_train, karpathy_coco]}
     joint_masking: bool = False  # ablation baseline: mask text and regions in the same batch
     mlm_prob: float = Field(default=0.15, gt=0, lt=1)
     mrm_prob: float = Field(default=0.15, gt=0, lt=1)
@@ -85,6 +90,19 @@ class PretrainConfig(SectionConfig):
     def _bounds(self) -> PretrainConfig:
         if self.min_bb > self.max_bb:
             raise ValueError(f"min_bb ({self.min_bb}) > max_bb ({self.max_bb})")
+        member_of: dict[str, str] = {}
+        for family, members in self.dataset_families.items():
+            for source in members:
+                if source in member_of:
+                    raise ValueError(
+                        f"dataset_families: source {source!r} is in both {member_of[source]!r} and {family!r}"
+                    )
+                member_of[source] = family
+        both = sorted(k for k in self.dataset_weights if k in member_of and member_of[k] in self.dataset_weights)
+        if both:
+            raise ValueError(f"dataset_weights: {both[0]!r} has a weight and so has its family {member_of[both[0]]!r}")
+        if any(w < 0 for w in self.dataset_weights.values()):
+            raise ValueError("dataset_weights: weights must be >= 0")
         return self
 
     def accumulation(self) -> int:

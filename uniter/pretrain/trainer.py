@@ -26,6 +26,21 @@ from uniter.runtime import TrainState, create_engine, on_engine, train_micro_bat
 # --- what each step trains on -----------------------------------------------------------------
 
 
+def dataset_weights(cfg: PretrainConfig, sources: list[str], sizes: list[int]) -> list[float]:
+    """Each dataset's sampling weight: its own (`dataset_weights`, default 1), or its family's split
+    among the family's sources by training examples."""
+    family = {s: f for f, members in cfg.dataset_families.items() for s in members}
+    out = []
+    for source, size in zip(sources, sizes, strict=True):
+        if source not in family:
+            out.append(cfg.dataset_weights.get(source, 1.0))
+            continue
+        f = family[source]
+        total = sum(n for s, n in zip(sources, sizes, strict=True) if family.get(s) == f)
+        out.append(cfg.dataset_weights.get(f, 1.0) * size / total if total else 0.0)
+    return out
+
+
 class BatchPlan:
     """Step → (task, dataset); micro-batch → (step, task, dataset, position in the dataset's stream)."""
 
@@ -42,9 +57,8 @@ class BatchPlan:
             if ratio > 0 and task not in tasks_off
             for d in self.datasets
         ]
-        weights = np.array(
-            [cfg.tasks[t] * cfg.dataset_weights.get(corpus.sources[d], 1.0) for t, d in self.pool], float
-        )
+        share = dataset_weights(cfg, corpus.sources, [len(ids) for ids in self.ids])
+        weights = np.array([cfg.tasks[t] * share[d] for t, d in self.pool], float)
         if not self.pool or weights.sum() <= 0:
             raise ValueError("nothing to train: no task with a positive ratio has training examples")
         self.p = weights / weights.sum()
