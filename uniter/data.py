@@ -116,6 +116,8 @@ def build_texts(storage: Storage, keys: list[str], content_sha: str, tokenizer, 
         first = np.array([not (d in seen or seen.add(d)) for d in digests], dtype=bool)
         repeats += int((~first).sum())
         table = table.filter(pa.array(first))
+        if not table.num_rows:  # every pair a repeat (the tokenizer refuses an empty list)
+            continue
         ids = tokenizer(table.column("caption").to_pylist(), add_special_tokens=False)["input_ids"]
         keep = np.array([len(x) <= max_txt_len for x in ids], dtype=bool)
         dropped += int((~keep).sum())

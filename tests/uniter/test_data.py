@@ -49,8 +49,9 @@ def test_splits_decide_who_trains_and_repeats_count_once(tmp_path, monkeypatch):
         ("cc_val", "val", "url:7", "a boat"),
         ("cc_val", "val", "url:6", "a tree in a field"),  # url:6 validates: its train caption must not train
     ]))  # fmt: skip
+    storage.put("c.parquet", _pairs([("coco", "train", "coco:2", "two cats")]))  # a shard of repeats only
     tokenizer = load_tokenizer(MINILM)
-    text_path = build_texts(storage, ["a.parquet", "b.parquet"], "sha", tokenizer, 60)
+    text_path = build_texts(storage, ["a.parquet", "b.parquet", "c.parquet"], "sha", tokenizer, 60)
     feats = tmp_path / "feats.arrow"
     rows = [
         RegionFeatures(k, 64, 64, np.zeros((3, 2048), np.float16), np.zeros((3, 4), np.float32), np.ones(3, np.float32))
