@@ -128,3 +128,40 @@ def test_the_flow_summary_says_what_a_rebuild_reused():
     }  # fmt: skip
     md = summary_markdown("corpus rebuild", [run], "/data", "c" * 64)
     assert "images 5250, reuse.fetched 250, reuse.reused 5000 |" in md
+
+
+@pytest.mark.parametrize("storage_spec", ["s3"], indirect=True)
+def test_no_prefect_artifact_or_log_holds_a_credential(tmp_path, storage_spec):
+    """A flow run over URLs with a password in them (directly and behind a redirect), on S3 storage
+    whose secret key is in the environment: every artifact and log line Prefect keeps is searched."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter
+
+    from tests.fixtures import server as srv
+
+    secret = "hunter2-flow-artifact-secret"
+    photo = fx.jpeg(fx.synthetic_photo(4, (120, 90)))
+    with srv.ImageServer({"/photo.jpg": srv.serve(photo)}) as server:
+        server.routes["/cred.jpg"] = srv.redirect(server.base.replace("://", f"://u:{secret}@") + "/photo.jpg")
+        rows = [
+            {"image_url": server.url("/photo.jpg"), "caption": "a photo"},
+            {"image_url": server.url("/cred.jpg"), "caption": "a redirect to a credential"},
+            {"image_url": server.url("/photo.jpg").replace("://", f"://u:{secret}@"), "caption": "a credential"},
+        ]
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cfg_path = write_config(tmp_path / "cfg.yaml", storage_spec, [{"format": "table", "path": "t.jsonl"}])
+        doc = yaml.safe_load(cfg_path.read_text())
+        doc["crawl"] = {"allow_private_networks": True, "retries": 0, "workers": 1}
+        cfg_path.write_text(yaml.safe_dump(doc))
+        results = full_pipeline(config=str(cfg_path), until="dedup")
+    assert [r["status"] for r in results] == ["ran"] * 3
+    assert {o["table"]: o["rows"] for o in results[1]["outputs"]} == {"images": 1, "failures": 1}
+    assert results[0]["counts"]["reject_reasons"] == {"credentials_in_url": 1}
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+        logs = client.read_logs(LogFilter())
+    texts = [json.dumps(a.data) for a in artifacts] + [log.message for log in logs]
+    assert any("crawl" in t for t in texts) and len(logs) > 0  # the search found what there is to search
+    for text in texts:
+        assert secret not in text and S3_SECRET not in text
