@@ -419,6 +419,31 @@ def cmd_check_weights(args) -> int:
     return 0 if report["ok"] else 2
 
 
+def cmd_recipe(args) -> int:
+    """The config's effective training settings beside the reference's UNITER-base all-data run,
+    every difference flagged (the config's input files need not exist yet)."""
+    from dataclasses import asdict  # noqa: PLC0415
+
+    from pipeline.recipe import recipe  # noqa: PLC0415
+
+    lines = recipe(load_config(args.config, args.set, check_paths=False))
+    differs = [line for line in lines if line.status == "differs"]
+    if args.json:
+        _emit({"lines": [asdict(line) for line in lines], "differs": len(differs)})
+    else:
+        # plain print: values hold brackets and the table must not fold
+        width = max(len(f"{line.stage} {line.setting}") for line in lines)
+        ours, ref = (max(11, *(len(getattr(line, k)) for line in lines)) for k in ("ours", "reference"))
+        print(f"{'setting':<{width}}  {'this config':<{ours}}  {'reference':<{ref}}  status")
+        for line in lines:
+            mark = {"same": "=", "explained": "explained", "differs": "DIFFERS"}[line.status]
+            print(f"{line.stage + ' ' + line.setting:<{width}}  {line.ours:<{ours}}  {line.reference:<{ref}}  {mark}")
+            if line.why:
+                print(f"{'':<{width}}    why: {line.why}")
+        print(f"{len(differs)} unexplained difference(s) from the reference", file=sys.stderr)
+    return 1 if differs and args.strict else 0
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -521,6 +546,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="print every weight the model expects, with its shape")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=cmd_check_weights, quiet=True, verbose=False)
+
+    p = sub.add_parser(
+        "recipe",
+        help="the config's effective training settings beside the paper's, each difference flagged",
+        description="Per stage: tokens and examples per update, updates, the lr schedule, each "
+        "dataset's sampling share, the fine-tuning tasks' updates, against the reference's "
+        "UNITER-base all-data run. A difference is 'explained' when this project makes it on purpose.",
+    )
+    common(p)
+    p.add_argument("--strict", action="store_true", help="exit 1 when a difference is unexplained")
+    p.set_defaults(func=cmd_recipe, quiet=True)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample")
     common(p, config_required=False)

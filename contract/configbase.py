@@ -35,6 +35,11 @@ def _base_dir(info: core_schema.ValidationInfo) -> Path:
     return Path(ctx.get("base_dir", "."))
 
 
+def _must_exist(info: core_schema.ValidationInfo) -> bool:
+    """False where a config is only read for its settings (`uniter recipe`), not run."""
+    return bool((info.context or {}).get("check_paths", True))
+
+
 def _resolve(value: str, info: core_schema.ValidationInfo) -> Path:
     path = Path(value).expanduser()
     if not path.is_absolute():
@@ -60,7 +65,7 @@ class InputFile(str):
         path = _resolve(value, info)
         if path.is_dir():
             raise ValueError(f"expected a file, found a folder: {path}")
-        if not path.is_file():
+        if not path.is_file() and _must_exist(info):
             hint = f" (or one of: {', '.join(sorted(cls.KEYWORDS))})" if cls.KEYWORDS else ""
             raise ValueError(f"file not found: {path}{hint}")
         return cls(str(path))
@@ -79,7 +84,7 @@ class InputFolder(str):
         path = _resolve(value, info)
         if path.is_file():
             raise ValueError(f"expected a folder of images, found a file: {path}")
-        if not path.is_dir():
+        if not path.is_dir() and _must_exist(info):
             raise ValueError(f"folder not found: {path}")
         return cls(str(path))
 

@@ -68,9 +68,10 @@ class PipelineConfig(StrictModel):
 ConfigParameter = dict[str, Any] | str
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+def load_config(path: str | Path, overrides: Sequence[str] = (), check_paths: bool = True) -> PipelineConfig:
     """Read and validate ``path``, with ``key.path=value`` overrides applied first; every problem is
-    reported with the file and the key path."""
+    reported with the file and the key path. ``check_paths=False``: input files and folders need
+    not exist (a config read for its settings, not run)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -82,17 +83,18 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConf
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return validate_config(apply_overrides(data, overrides, str(path)), str(path), path.parent.resolve())
+    data = apply_overrides(data, overrides, str(path))
+    return validate_config(data, str(path), path.parent.resolve(), check_paths)
 
 
-def validate_config(data: Any, source: str, base_dir: Path) -> PipelineConfig:
+def validate_config(data: Any, source: str, base_dir: Path, check_paths: bool = True) -> PipelineConfig:
     """The config from parsed data; relative paths resolve against ``base_dir``."""
     if not isinstance(data, dict):
         raise ConfigError(
             f"{source}: expected a mapping of sections (storage, ingest, …) at the top level, got {type(data).__name__}"
         )
     try:
-        return PipelineConfig.model_validate(data, context={"base_dir": base_dir})
+        return PipelineConfig.model_validate(data, context={"base_dir": base_dir, "check_paths": check_paths})
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors()]
         raise ConfigError(f"{source}: invalid config:\n" + "\n".join(f"  - {p}" for p in problems)) from None

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from uniter.configuration_uniter import UniterConfig
-from uniter.ot import optimal_transport_distance
+# relative imports: a saved model's folder holds copies of this file and these two (auto_map), and
+# loads from them with trust_remote_code, this project installed or not
+from .configuration_uniter import UniterConfig
+from .ot import optimal_transport_distance
 
 ACT = {"gelu": nn.GELU(), "gelu_new": nn.GELU(approximate="tanh"), "relu": nn.ReLU()}
 
@@ -561,3 +563,24 @@ class UniterForReferringExpression(UniterPreTrainedModel):
         logits = self.re_output(regions).squeeze(-1).masked_fill(batch["region_pad"], -1e4)  # (B, N)
         loss = F.cross_entropy(logits, batch["targets"]) if "targets" in batch else None
         return UniterDownstreamOutput(loss, logits)
+
+
+# --- Auto classes ----------------------------------------------------------------------------------
+# In a process that imported this module, AutoConfig / AutoModel / AutoModelForPreTraining know
+# "uniter". Every saved model's config.json also gets an auto_map naming its own class for AutoModel
+# (and UniterConfig for AutoConfig), with this file, configuration_uniter.py and ot.py copied beside
+# the weights: `AutoModel.from_pretrained(folder, trust_remote_code=True)` in a fresh Python gives
+# back the class that was saved (a VQA model, not a bare encoder).
+AutoConfig.register("uniter", UniterConfig, exist_ok=True)
+AutoModel.register(UniterConfig, UniterModel, exist_ok=True)
+AutoModelForPreTraining.register(UniterConfig, UniterForPretraining, exist_ok=True)
+UniterConfig.register_for_auto_class()
+for _saved in (
+    UniterModel,
+    UniterForPretraining,
+    UniterForVqa,
+    UniterForNlvr2,
+    UniterForImageTextRetrieval,
+    UniterForReferringExpression,
+):
+    _saved.register_for_auto_class("AutoModel")

@@ -102,8 +102,8 @@ def test_example_full_config_is_valid_but_for_the_missing_datasets():
     """The commented example is structurally valid; only the dataset files are absent here."""
     msg = _error(ROOT / "configs" / "example-full.yaml")
     problems = [line for line in msg.splitlines() if line.startswith("  - ")]
-    # 19 annotation files, the detector weights, 3 downstream image folders, 10 downstream files
-    assert len(problems) == 33
+    # 19 annotation files, the detector weights, 3 downstream image folders, 11 downstream files
+    assert len(problems) == 34
     assert all("file not found" in p or "folder not found" in p for p in problems), problems
 
 
@@ -140,3 +140,15 @@ def test_a_config_document_is_the_same_config_anywhere(tmp_path, monkeypatch):
     assert config_from_parameter(str(ROOT / "configs" / "demo.yaml")) == cfg
     with pytest.raises(ConfigError, match="the flow run's config parameter: invalid config"):
         config_from_parameter({**document, "storge": {}})
+
+
+def test_a_fine_tuning_update_is_sized_per_task(tmp_path):
+    (tmp_path / "q.json").write_text("{}")
+    vqa = "vqa: {train: [{questions: q.json, annotations: q.json}], val: {questions: q.json, annotations: q.json}"
+    base = f"ingest:\n  sources: [{{format: cc, path: ann.tsv}}]\nfinetune:\n  {vqa}"
+    msg = _error(_write(tmp_path, base + "}\n  deepspeed: {gradient_accumulation_steps: 4}\n"))
+    assert "finetune: deepspeed.gradient_accumulation_steps: set per task instead" in msg
+    msg = _error(_write(tmp_path, base + ", accumulation: 6}\n  processes: 4\n"))
+    assert "vqa.accumulation (6) must be a multiple of processes (4)" in msg
+    cfg = load_config(_write(tmp_path, base + "}\n  processes: 4\n"))
+    assert (cfg.finetune.vqa.accumulation, cfg.finetune.vqa.grad_clip) == (20, 2.0)  # the reference's 5 × 4 GPUs

@@ -129,6 +129,48 @@ def test_save_pretrained_round_trip(tmp_path):
     assert again.feat_regress.weight is again.uniter.img_embeddings.img_linear.weight  # tied after loading
 
 
+def test_auto_classes_load_a_saved_model_in_a_fresh_python(tmp_path):
+    """The saved folder names its class (auto_map) and carries the model code: a Python that never
+    imported this project gets the VQA model back with trust_remote_code; a process that did gets
+    the encoder from the registered AutoModel without it."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoConfig, AutoModel
+
+    from uniter.modeling_uniter import UniterForVqa
+
+    model = UniterForVqa(debug(vocab_size=60, num_answers=7)).eval()
+    model.save_pretrained(tmp_path / "vqa")
+    config = json.loads((tmp_path / "vqa" / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_uniter.UniterConfig",
+        "AutoModel": "modeling_uniter.UniterForVqa",
+    }
+    assert {"modeling_uniter.py", "configuration_uniter.py", "ot.py"} <= {p.name for p in (tmp_path / "vqa").iterdir()}
+    weight = float(model.vqa_output[-1].weight.double().sum())
+
+    probe = (
+        "import sys; from transformers import AutoModel;"
+        f"m = AutoModel.from_pretrained({str(tmp_path / 'vqa')!r}, trust_remote_code=True);"
+        "print(type(m).__name__, m.config.num_answers, float(m.vqa_output[-1].weight.double().sum()),"
+        " any(k.split('.')[0] in ('uniter', 'tests') for k in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_MODULES_CACHE": str(tmp_path / "modules")}
+    out = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    name, answers, loaded, imported_project = out.stdout.split()
+    assert (name, int(answers), imported_project) == ("UniterForVqa", 7, "False")
+    assert float(loaded) == pytest.approx(weight, abs=1e-9)
+
+    assert type(AutoConfig.from_pretrained(tmp_path / "vqa")).__name__ == "UniterConfig"
+    encoder = AutoModel.from_pretrained(tmp_path / "vqa", trust_remote_code=False).eval()
+    assert type(encoder) is UniterModel
+    assert torch.equal(encoder.pooler.dense.weight, model.uniter.pooler.dense.weight)
+
+
 class _TinyCorpus:
     """Just enough of uniter.data.Corpus for collate: 8 examples, 8 images."""
 

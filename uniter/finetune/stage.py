@@ -135,7 +135,10 @@ def train_task(job: FinetuneJob, art: Artifact, name: str, recipe, data, rank: i
     model = build_task_model(job, job_tokenizer(job), cls, config_kw)
     if hasattr(data, "prepare"):
         data.prepare(model, cfg.init == "pretrained")
-    engine, scheduler = create_engine(model, cfg.deepspeed, recipe.lr, recipe.warmup, recipe.steps, recipe.head_lr_mult)
+    update = {"gradient_accumulation_steps": recipe.accumulation // world, "gradient_clipping": recipe.grad_clip}
+    engine, scheduler = create_engine(
+        model, {**cfg.deepspeed, **update}, recipe.lr, recipe.warmup, recipe.steps, recipe.head_lr_mult
+    )
     accum = engine.gradient_accumulation_steps()
     state, prefix, score = TrainState(), f"{name}-ckpt", scorer(engine)
     resume(engine, state, art, job, rank, rank, prefix)
@@ -159,6 +162,8 @@ def train_task(job: FinetuneJob, art: Artifact, name: str, recipe, data, rank: i
             save_checkpoint(engine, state, art, job, rank, rank, prefix)
     if not files:  # resumed at the very end: score the final model
         files = validate(state, name, data, score)
+    if hasattr(data, "final_files"):  # what only the final model makes (VQA's test-dev upload)
+        files = files | data.final_files(score)
     if rank == 0:
         publish_task(state, engine.module, art, job, name, files, started, data.skipped)
 

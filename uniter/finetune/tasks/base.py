@@ -47,6 +47,9 @@ class TaskData(Protocol):
         the task's `predictions` among them."""
         ...
 
+    # optional: `final_files(score) -> dict[str, bytes]`, files only the final model makes (VQA's
+    # test-dev upload), published with the last evaluation's
+
 
 @dataclass(frozen=True)
 class FinetuneTask:

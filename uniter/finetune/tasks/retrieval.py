@@ -100,9 +100,9 @@ def read_karpathy(task: RetrievalTask) -> dict[str, list[tuple[str, str]]]:
 
 class RetrievalData(TaskData):
     """Karpathy split: train on train + restval captions; rank every caption against every image of
-    the evaluation split. A training micro-batch is a few queries, each with its positive and its
-    hardest negatives from a sampled pool (text queries with negative images on even micro-batches,
-    image queries with negative texts on odd ones, as the reference alternates)."""
+    the evaluation split. A training micro-batch is a text query and an image query (`queries` of
+    each), each with its positive and its hardest negatives from a sampled pool, as the reference
+    trains both directions in every step."""
 
     def __init__(
         self, task: RetrievalTask, tokenizer, feature_paths: list[Path], local: Path, pretrain, max_len: int, seed: int
@@ -161,17 +161,19 @@ class RetrievalData(TaskData):
         return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def train_batch(self, j: int, score: Score) -> dict:
+        """`queries` text queries, each with its positive image and the hardest of a sampled pool of
+        other images, then as many image queries with the hardest captions of other images: one
+        group of 1 + K rows per query, the positive first (the model's hinge loss reads groups)."""
         task, corpus = self.task, self.train
         first, image_of = self.train_img
         k = min(task.hard_negatives, task.negative_pool)
-        per_query = int(np.mean(corpus.lengths)) * (1 + k)
-        n_queries = max(1, task.batch_tokens // max(1, per_query))
         rng = np.random.default_rng([self.seed, 11, j])
-        queries = rng.choice(len(corpus), size=min(n_queries, len(corpus)), replace=False)
-        text_ids, image_ids = [], []
-        for q in queries:
+        queries = rng.choice(len(corpus), size=min(2 * task.queries, len(corpus)), replace=True)
+        text_ids: list[int] = []
+        image_ids: list[int] = []
+        for n, q in enumerate(queries):
             own = image_of[q]
-            if j % 2 == 0:  # the text asks; negatives are other images
+            if n < task.queries:  # the text asks; negatives are other images
                 candidates = np.flatnonzero(np.arange(len(first)) != own)
                 pool = rng.choice(candidates, size=min(task.negative_pool, len(candidates)), replace=False)
                 ranked = np.argsort(-self._scores(score, corpus, np.full(len(pool), q), first[pool]), kind="stable")
@@ -186,7 +188,7 @@ class RetrievalData(TaskData):
                 text_ids += [q, *hard]
                 image_ids += [q] * (1 + len(hard))
         group = len(text_ids) // len(queries)
-        if group * len(queries) != len(text_ids):  # a tiny corpus: groups must be equal, drop extras
+        if group * len(queries) != len(text_ids):  # a tiny corpus: groups must be equal
             raise InputDataError("retrieval: too few images for the configured negatives (lower hard_negatives)")
         batch = self._pairs(corpus, np.array(text_ids), np.array(image_ids))
         batch["group_size"] = group

@@ -11,6 +11,7 @@ number words → digits, articles dropped, apostrophe-less contractions restored
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -25,8 +26,11 @@ from uniter.finetune.config import VqaTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
 from uniter.finetune.tasks.common import endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
 
+log = logging.getLogger(__name__)
+
 ANSWERS = "vqa/answers.json"  # the answer vocabulary, label order
 RESULTS = "vqa/results.json"  # the official results file, re-scored by the evaluate stage
+UPLOAD = "vqa/test_upload.json"  # the final model's answers to `test_questions`, for the official server
 
 _NUMBERS = {
     "none": "0",
@@ -308,6 +312,8 @@ class VqaData(TaskData):
 
         self.train, self.val = corpus(train_q, "train"), corpus(self.val_q, "val")
         self.skipped = len(train_q) - len(self.train) + len(self.val_q) - len(self.val)
+        self.test_q = read_vqa(task.test_questions) if task.test_questions else []
+        self.test = corpus(self.test_q, "test") if self.test_q else None
         if not len(self.train):
             raise InputDataError(
                 f"VQA: none of the {len(train_q)} training questions has features of its image in the "
@@ -334,16 +340,35 @@ class VqaData(TaskData):
         batch["targets"] = t
         return batch
 
-    def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
+    def _predict(self, corpus, questions: list[Question], score: Score) -> dict[int, str]:
         predictions: dict[int, str] = {}
-        for ids in eval_batches(np.arange(len(self.val)), self.val.lengths, self.task.batch_tokens, self.seed):
-            inputs = texts_with_regions(self.val, ids, self.vocab, self.task.image_features)
+        for ids in eval_batches(np.arange(len(corpus)), corpus.lengths, self.task.batch_tokens, self.seed):
+            inputs = texts_with_regions(corpus, ids, self.vocab, self.task.image_features)
             logits = score(pack(*inputs, self.vocab)).logits
             for i, label in zip(ids, logits.float().argmax(-1).tolist(), strict=True):
-                predictions[self.val_q[int(self.val.text_row[i])].question_id] = self.labels[label]
+                predictions[questions[int(corpus.text_row[i])].question_id] = self.labels[label]
+        return predictions
+
+    def evaluate(self, score: Score) -> tuple[dict[str, float], dict[str, bytes]]:
+        predictions = self._predict(self.val, self.val_q, score)
         results = [{"question_id": q, "answer": a} for q, a in sorted(predictions.items())]
         files = {ANSWERS: json.dumps(self.labels).encode(), RESULTS: json.dumps(results).encode()}
         return {f"vqa_{k}": v for k, v in official_scores(predictions, self.val_q).items()}, files
+
+    def final_files(self, score: Score) -> dict[str, bytes]:
+        """The upload file for the official server: an answer for every test question. A question
+        whose image has no features gets the first label (the server scores all or nothing), and
+        the log says how many did."""
+        if self.test is None:
+            return {}
+        predictions = self._predict(self.test, self.test_q, score)
+        blind = [q.question_id for q in self.test_q if q.question_id not in predictions]
+        if blind:
+            log.warning("VQA test: %d of %d questions have no image features: answered %r", len(blind),
+                        len(self.test_q), self.labels[0])  # fmt: skip
+        rows = [{"question_id": q.question_id, "answer": predictions.get(q.question_id, self.labels[0])}
+                for q in self.test_q]  # fmt: skip
+        return {UPLOAD: json.dumps(rows).encode()}
 
 
 # --- evaluation ----------------------------------------------------------------------------------
