@@ -426,7 +426,8 @@ def cmd_recipe(args) -> int:
 
     from pipeline.recipe import recipe  # noqa: PLC0415
 
-    lines = recipe(load_config(args.config, args.set, check_paths=False))
+    cfg = load_config(args.config, args.set, check_paths=args.corpus)  # only --corpus reads files
+    lines = recipe(cfg, corpus=args.corpus)
     differs = [line for line in lines if line.status == "differs"]
     if args.json:
         _emit({"lines": [asdict(line) for line in lines], "differs": len(differs)})
@@ -436,7 +437,7 @@ def cmd_recipe(args) -> int:
         ours, ref = (max(11, *(len(getattr(line, k)) for line in lines)) for k in ("ours", "reference"))
         print(f"{'setting':<{width}}  {'this config':<{ours}}  {'reference':<{ref}}  status")
         for line in lines:
-            mark = {"same": "=", "explained": "explained", "differs": "DIFFERS"}[line.status]
+            mark = {"same": "=", "explained": "explained", "differs": "DIFFERS", "info": ""}[line.status]
             print(f"{line.stage + ' ' + line.setting:<{width}}  {line.ours:<{ours}}  {line.reference:<{ref}}  {mark}")
             if line.why:
                 print(f"{'':<{width}}    why: {line.why}")
@@ -556,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(p)
     p.add_argument("--strict", action="store_true", help="exit 1 when a difference is unexplained")
+    p.add_argument(
+        "--corpus",
+        action="store_true",
+        help="also each source's examples, share, examples per update and epochs, from the built corpus "
+        "(dedup and extract artifacts of this config)",
+    )
     p.set_defaults(func=cmd_recipe, quiet=True)
 
     p = sub.add_parser("demo", help="run the pipeline on the bundled sample")

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from contract.artifact import Artifact
+from contract.errors import ConfigError
 from pipeline.config import PipelineConfig
 
 # The reference (UNITER-base, all data: COCO, VG, CC, SBU; 8 V100s; config/pretrain-alldata-base-8gpu.json)
@@ -66,7 +68,7 @@ class Line:
     setting: str
     ours: str
     reference: str
-    status: str  # same | explained | differs
+    status: str  # same | explained | differs | info (no reference value to compare)
     why: str = ""
 
 
@@ -181,5 +183,46 @@ def finetune_lines(cfg: PipelineConfig) -> list[Line]:
     return lines
 
 
-def recipe(cfg: PipelineConfig) -> list[Line]:
-    return pretrain_lines(cfg) + finetune_lines(cfg)
+def corpus_lines(cfg: PipelineConfig) -> list[Line]:
+    """Per source, from the corpus the pretrain stage would read (dedup's pairs, extract's regions):
+    training examples, share of the updates, examples per update and epochs. Needs both stages
+    built for this config; tokenizes the captions as pretraining does (and caches them for it)."""
+    from pipeline.runner import Planner, storage_for  # noqa: PLC0415 -- storage only for --corpus
+    from uniter.data import load_tokenizer  # noqa: PLC0415 -- tokenizers: only for --corpus
+    from uniter.pretrain.mix import source_epochs  # noqa: PLC0415
+
+    storage = storage_for(cfg)
+    planner = Planner(cfg, storage)
+    built = {name: planner.manifest(name) for name in ("dedup", "extract")}
+    missing = [name for name, manifest in built.items() if manifest is None]
+    if missing:
+        raise ConfigError(
+            f"recipe --corpus reads the pretraining corpus: build {' and '.join(missing)} for this config first "
+            f"(uniter run {missing[-1]} -c CONFIG)"
+        )
+
+    def keys(stage: str, table: str) -> list[str]:
+        manifest = built[stage]
+        art = Artifact(storage, stage, manifest.key)
+        return [art.file_key(f.path) for f in manifest.tables.get(table, [])]
+
+    pre = cfg.pretrain
+    rows = source_epochs(
+        pre, storage, keys("dedup", "corpus_pairs"), built["dedup"].table_sha256("corpus_pairs"),
+        keys("extract", "features"), load_tokenizer(pre.tokenizer, pre.lowercase),
+    )  # fmt: skip
+    lines = []
+    for r in rows:
+        stage = f"corpus {r['source']}"
+        lines += [
+            Line(stage, "training examples", _fmt(r["examples"]), "", "info"),
+            Line(stage, "mean length (tokens + regions)", _fmt(r["mean_length"]), "", "info"),
+            Line(stage, "share of updates (%)", f"{100 * r['share']:.2f}", "", "info"),
+            Line(stage, "examples per update", f"{r['examples_per_update']:,.0f}", "", "info"),
+            Line(stage, "epochs", f"{r['epochs']:.2f}", "", "info"),
+        ]
+    return lines
+
+
+def recipe(cfg: PipelineConfig, corpus: bool = False) -> list[Line]:
+    return pretrain_lines(cfg) + finetune_lines(cfg) + (corpus_lines(cfg) if corpus else [])

@@ -73,7 +73,7 @@ def cache_dir() -> Path:
     return path
 
 
-def _write_ipc(table: pa.Table, path: Path) -> None:
+def write_ipc(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table, max_chunksize=4096)
@@ -130,7 +130,7 @@ def build_texts(storage: Storage, keys: list[str], content_sha: str, tokenizer, 
         log.info("pretrain: dropped %d texts longer than %d word pieces", dropped, max_txt_len)
     if repeats:
         log.info("pretrain: dropped %d repeats of an (image, caption, split) pair", repeats)
-    _write_ipc(table, path)
+    write_ipc(table, path)
     return path
 
 
@@ -147,7 +147,7 @@ def build_features(storage: Storage, key: str, sha256: str) -> Path:
             extra = ["image_id"] if "image_id" in parquet.schema_arrow.names else []
             columns = ["image_key", "num_boxes", "features", "norm_bb", "conf", "soft_labels", *extra]
             table = parquet.read(columns=columns)
-        _write_ipc(table, path)
+        write_ipc(table, path)
     return path
 
 
@@ -206,7 +206,8 @@ class Corpus:
             keys.append(table.column("image_key").combine_chunks())
             files.append(np.full(len(n_boxes), f, np.int32))
             rows.append(np.arange(len(n_boxes), dtype=np.int64))
-            has_soft &= table.column("soft_labels").null_count == 0
+            # (the recipe's corpus reads only image_key and conf)
+            has_soft &= "soft_labels" in table.column_names and table.column("soft_labels").null_count == 0
         all_keys = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
         self.has_soft_labels = bool(has_soft and len(all_keys))
         texts = self.texts

@@ -20,25 +20,11 @@ from torch.utils.data import DataLoader, Dataset
 from uniter.batch import Vocab
 from uniter.data import Corpus, token_bucket_batches
 from uniter.pretrain.config import PretrainConfig
+from uniter.pretrain.mix import dataset_weights
 from uniter.pretrain.tasks import collate
 from uniter.runtime import TrainState, create_engine, on_engine, train_micro_batch
 
 # --- what each step trains on -----------------------------------------------------------------
-
-
-def dataset_weights(cfg: PretrainConfig, sources: list[str], sizes: list[int]) -> list[float]:
-    """Each dataset's sampling weight: its own (`dataset_weights`, default 1), or its family's split
-    among the family's sources by training examples."""
-    family = {s: f for f, members in cfg.dataset_families.items() for s in members}
-    out = []
-    for source, size in zip(sources, sizes, strict=True):
-        if source not in family:
-            out.append(cfg.dataset_weights.get(source, 1.0))
-            continue
-        f = family[source]
-        total = sum(n for s, n in zip(sources, sizes, strict=True) if family.get(s) == f)
-        out.append(cfg.dataset_weights.get(f, 1.0) * size / total if total else 0.0)
-    return out
 
 
 class BatchPlan:

@@ -10,13 +10,13 @@ import pyarrow as pa
 
 from contract.errors import InputDataError
 from uniter.batch import Vocab
-from uniter.data import Corpus, Region, _write_ipc, token_bucket_batches
+from uniter.data import Corpus, Region, token_bucket_batches, write_ipc
 
 
 def text_corpus(rows: list[tuple[str, list[int]]], path: Path, feature_paths: list[Path], pretrain) -> Corpus:
     """A Corpus of (image key, token ids) rows; rows whose image has no features are left out
     (`corpus.text_row` maps its examples back to `rows`)."""
-    _write_ipc(
+    write_ipc(
         pa.table(
             {
                 "pair_id": [str(i) for i in range(len(rows))],
