@@ -1,6 +1,7 @@
 """The ablation: pretrain each variant (variants whose pretraining config is the same share one
 cached artifact), fine-tune each on every configured task, and one Meta-Sum table with a row per
-variant — the paper's Table 2 at any scale.
+variant — the paper's Table 2 at any scale — with `ablation.png` (a bar group per variant, a bar per
+task) beside the report's other pictures.
 
 Each variant is the pipeline config with its `pretrain` section changed (or fine-tuning from
 scratch / BERT), run through the ordinary runner: keys, caching and resume are the stages' own.
@@ -103,11 +104,12 @@ def run_ablation(cfg: PipelineConfig, progress=None) -> dict:
     # the report lives with the runs it compares: its key is their keys
     key = sha256_json([[r["variant"], r["finetune"]["key"]] for r in rows])
     prefix = f"artifacts/ablation/{key}"
+    pictures = report.pictures(runs, ablation=True)
     files = {
         "report.json": json.dumps(report.to_json(runs) | {"variants": rows}, indent=2).encode(),
         "report.md": report.to_markdown(runs).encode(),
-        "report.html": report.to_html(runs).encode(),
-        "meta_sum.png": report.bar_chart_png(runs),
+        "report.html": report.to_html(runs, pictures).encode(),
+        **pictures,
     }
     for name, data in files.items():
         storage.put(f"{prefix}/{name}", data)

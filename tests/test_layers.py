@@ -157,8 +157,9 @@ def test_the_checks_catch_what_they_forbid():
 
 
 # Libraries a command that only reads the DAG must not import: each costs seconds and hundreds of
-# MB at start-up (issue 15: `uniter status`, `uniter sql`, a corpus stage start in about 2 s).
-HEAVY = ("torch", "deepspeed", "detectron2", "transformers", "prefect")
+# MB at start-up (issue 15: `uniter status`, `uniter sql`, a corpus stage start in about 2 s);
+# matplotlib is imported only by the functions that draw (uniter/plots.py).
+HEAVY = ("torch", "deepspeed", "detectron2", "transformers", "prefect", "matplotlib")
 
 
 def test_the_cli_and_the_corpus_stages_start_without_heavy_libraries():

@@ -16,11 +16,14 @@ The rules, in order (thresholds chosen on synthetic maps of each pattern, see th
 4. block                within ≥ 0.8 on both sides    (each modality attends to itself)
 5. reversed block       within ≤ 0.3 on both sides    (each modality attends to the other)
 6. heterogeneous        anything else
+
+Pictures (matplotlib): `attention_example_NN.png`, one example's heatmaps per layer and head with
+its tokens and `img k` regions on the axes, and `attention_summary.png`, each head's pattern on a
+layer × head grid beside each layer's pattern shares.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 from contract.errors import InputDataError, MissingInputError
-from uniter import modeling_uniter
+from uniter import modeling_uniter, plots
 from uniter.batch import Vocab, pack
 from uniter.data import Corpus
 
@@ -121,67 +123,109 @@ def classify_heads(maps: list[torch.Tensor], text_lens: list[int], lengths: list
     return out
 
 
-# --- pictures (Pillow: no plotting library needed) -----------------------------------------------
+# --- pictures (matplotlib, imported when drawing: `uniter.plots`) --------------------------------
+
+PATTERN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b")  # by PATTERNS index
 
 
-def _heat(attn: np.ndarray, text_len: int, cell: int):  # → PIL image
-    n = attn.shape[0]
-    scaled = attn / max(float(attn.max()), 1e-9)
-    pixels = (255 * (1 - scaled)).astype(np.uint8)  # dark = much attention
-    img = Image.fromarray(np.kron(pixels, np.ones((cell, cell), dtype=np.uint8)), mode="L").convert("RGB")
-    draw = ImageDraw.Draw(img)
-    edge = text_len * cell  # the text / region boundary
-    draw.line([(edge, 0), (edge, n * cell)], fill=(220, 30, 30))
-    draw.line([(0, edge), (n * cell, edge)], fill=(220, 30, 30))
-    return img
+def token_labels(tokenizer, text_ids, regions: int) -> list[str]:
+    """A pair's map axis labels: its word pieces ([CLS] … [SEP]), then `img 1` … `img <regions>`."""
+    words = tokenizer.convert_ids_to_tokens([int(i) for i in text_ids])
+    return list(words) + [f"img {k + 1}" for k in range(regions)]
+
+
+def heatmap_grid_figure(
+    maps: list[torch.Tensor], example: int, text_len: int, length: int, labels: np.ndarray, tokens: list[str]
+):  # → matplotlib Figure
+    """One heatmap per (layer, head) of one example: the tokens on both axes (queries down, keys
+    across), the text/region boundary in red, each head's pattern in its title, one colour bar."""
+    from matplotlib.colors import PowerNorm  # noqa: PLC0415 -- matplotlib: only when drawing
+
+    if len(tokens) != length:
+        raise ValueError(f"{len(tokens)} token labels for a map of {length} positions")
+    layers, heads = len(maps), maps[0].shape[1]
+    attn = [[maps[layer][example, h, :length, :length].numpy() for h in range(heads)] for layer in range(layers)]
+    # each map's side in inches: room for a label per position, the whole picture at most ~32 in
+    side = min(max(2.8, 0.12 * length + 1.0), 32 / max(layers, heads))
+    labels_in = 1.2  # the token labels' room, left and below
+    fig = plots.figure(
+        int(plots.DPI * (heads * side + labels_in + 1.3)), int(plots.DPI * (layers * (side + 0.3) + labels_in + 0.5))
+    )
+    axes = fig.subplots(layers, heads, squeeze=False)
+    # NOTE: one colour scale for all maps (the colour bar's), square-root spaced: a head's mass is
+    # mostly on a few keys, and a linear scale would show the rest of the map as empty.
+    norm = PowerNorm(0.5, vmin=0.0, vmax=max(float(a.max()) for row in attn for a in row))
+    font = min(8.0, max(3.0, 0.75 * 72 * side / length))
+    image = None
+    for layer in range(layers):
+        for h in range(heads):
+            ax = axes[layer, h]
+            image = ax.imshow(attn[layer][h], cmap="viridis", norm=norm, interpolation="nearest")
+            ax.axhline(text_len - 0.5, color="red", linewidth=0.8)
+            ax.axvline(text_len - 0.5, color="red", linewidth=0.8)
+            ax.set_title(f"layer {layer + 1}, head {h + 1}: {PATTERNS[labels[layer, h, example]]}", fontsize=9)
+            # the token labels once per row and column (ticks on every map cost seconds per picture)
+            if layer == layers - 1:
+                ax.set_xticks(range(length), tokens, rotation=90, fontsize=font)
+                ax.set_xlabel("key")
+            else:
+                ax.set_xticks([])
+            if h == 0:
+                ax.set_yticks(range(length), tokens, fontsize=font)
+                ax.set_ylabel("query")
+            else:
+                ax.set_yticks([])
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
+    fig.suptitle(
+        f"example {example}: attention per layer and head ({text_len} text tokens, {length - text_len} image "
+        "regions; red: the text / image boundary)"
+    )
+    return fig
 
 
 def heatmap_grid_png(
-    maps: list[torch.Tensor], example: int, text_len: int, length: int, labels: np.ndarray, max_side: int = 160
+    maps: list[torch.Tensor], example: int, text_len: int, length: int, labels: np.ndarray, tokens: list[str]
 ) -> bytes:
-    """One heatmap per (layer, head) of one example, boundary in red, the head's pattern below it."""
-    cell = max(1, max_side // max(1, length))
-    size = length * cell
-    layers, heads = len(maps), maps[0].shape[1]
-    pad, caption = 6, 14
-    canvas = Image.new("RGB", (heads * (size + pad) + pad + 50, layers * (size + caption + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
+    return plots.png_bytes(heatmap_grid_figure(maps, example, text_len, length, labels, tokens))
+
+
+def summary_png(labels: np.ndarray) -> bytes:
+    """Left: the layer × head grid, each head coloured by its most frequent pattern over the
+    examples (the cell says how often). Right: per layer, each pattern's share of the maps."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: PLC0415 -- matplotlib: only when drawing
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    layers, heads, examples = labels.shape
+    counts = np.stack([(labels == k).sum(2) for k in range(len(PATTERNS))], axis=-1)  # (layers, heads, patterns)
+    top, share = counts.argmax(-1), counts.max(-1) / examples
+    fig = plots.figure(max(900, 60 * heads + 620), max(480, 40 * layers + 200))
+    grid, bars = fig.subplots(1, 2, width_ratios=[max(heads, 3), 4], sharey=True)
+    cmap = ListedColormap(PATTERN_COLOURS)
+    grid.imshow(top, cmap=cmap, norm=BoundaryNorm(np.arange(len(PATTERNS) + 1) - 0.5, cmap.N), aspect="auto")
     for layer in range(layers):
-        y = pad + layer * (size + caption + pad)
-        draw.text((2, y + size // 2), f"L{layer + 1}", fill="black")
         for h in range(heads):
-            x = 50 + pad + h * (size + pad)
-            attn = maps[layer][example, h, :length, :length].numpy()
-            canvas.paste(_heat(attn, text_len, cell), (x, y))
-            draw.text((x, y + size + 1), PATTERNS[labels[layer, h, example]][:12], fill="black")
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def summary_png(labels: np.ndarray, width: int = 640, height: int = 320) -> bytes:
-    """Stacked bars per layer: how many (head, example) maps fall in each pattern."""
-    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-    layers = labels.shape[0]
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, bottom, top = 40, height - 70, 10
-    bar = (width - left - 20) / layers
-    for layer in range(layers):
-        counts = np.bincount(labels[layer].ravel(), minlength=len(PATTERNS))
-        y = bottom
-        for p, c in enumerate(counts):
-            h = (bottom - top) * c / max(1, counts.sum())
-            draw.rectangle([left + layer * bar + 2, y - h, left + (layer + 1) * bar - 2, y], fill=palette[p])
-            y -= h
-        draw.text((left + layer * bar + bar / 2 - 6, bottom + 4), str(layer + 1), fill="black")
-    for p, name in enumerate(PATTERNS):  # legend
-        x, y = left + 200 * (p % 3), bottom + 24 + 14 * (p // 3)
-        draw.rectangle([x, y, x + 9, y + 9], fill=palette[p])
-        draw.text((x + 13, y - 1), name, fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+            grid.text(h, layer, f"{share[layer, h]:.0%}", ha="center", va="center", color="white", fontsize=8)
+    grid.set_xticks(range(heads), [str(h + 1) for h in range(heads)])
+    grid.set_yticks(range(layers), [str(layer + 1) for layer in range(layers)])
+    grid.set_xticks(np.arange(heads + 1) - 0.5, minor=True)  # white lines between the heads
+    grid.set_yticks(np.arange(layers + 1) - 0.5, minor=True)
+    grid.grid(which="minor", color="white", linewidth=2)
+    grid.tick_params(which="minor", length=0)
+    grid.set_xlabel("head")
+    grid.set_ylabel("layer")
+    grid.set_title(f"each head's most frequent pattern ({examples} examples)", fontsize=10)
+    left = np.zeros(layers)
+    per_layer = counts.sum(1) / (heads * examples)  # (layers, patterns)
+    for k in range(len(PATTERNS)):
+        bars.barh(range(layers), per_layer[:, k], left=left, color=PATTERN_COLOURS[k], height=0.8)
+        left += per_layer[:, k]
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("share of the layer's maps")
+    bars.set_title("patterns per layer", fontsize=10)
+    handles = [Patch(color=c, label=name) for c, name in zip(PATTERN_COLOURS, PATTERNS, strict=True)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(PATTERNS), fontsize=9)
+    fig.suptitle("attention patterns per layer and head")
+    return plots.png_bytes(fig)
 
 
 # --- the command: `uniter analyze attention` ---------------------------------------------------
@@ -212,7 +256,8 @@ def analyze_attention(corpus: Corpus, tokenizer, model, n: int, out: Path, examp
     out.mkdir(parents=True, exist_ok=True)
     (out / "attention_summary.png").write_bytes(summary_png(labels))
     for e in range(min(examples_png, len(order))):
-        grid = heatmap_grid_png(maps, e, text_lens[e], lengths[e], labels)
+        tokens = token_labels(tokenizer, texts[e], lengths[e] - text_lens[e])
+        grid = heatmap_grid_png(maps, e, text_lens[e], lengths[e], labels, tokens)
         (out / f"attention_example_{e:02d}.png").write_bytes(grid)
     per_layer = [
         {name: int((labels[layer] == k).sum()) for k, name in enumerate(PATTERNS)} for layer in range(labels.shape[0])

@@ -8,7 +8,7 @@ from contract.stage import Deferred, Stage
 
 PRETRAIN = Stage(
     name="pretrain",
-    version=1,
+    version=1,  # not 2 for loss_curves.png: a picture is not worth a retraining; older artifacts lack it
     run=Deferred("uniter.pretrain.stage:run_pretrain"),
     inputs=("dedup", "extract"),
     tables=("metrics",),
@@ -27,7 +27,7 @@ FINETUNE = Stage(
 
 EVALUATE = Stage(
     name="evaluate",
-    version=1,
+    version=2,  # 2: report.html holds every table of report.md and the pictures; finetune_curves.png
     run=Deferred("uniter.finetune.evaluate:run_evaluate"),
     inputs=("finetune",),
     tables=("evaluation",),

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import S3_SECRET, demo_config, write_config
+from tests.fixtures.pictures import check_png
 
 UNITER = str(Path(sys.executable).parent / "uniter")
 
@@ -154,8 +155,18 @@ def test_demo_runs_the_dag_on_the_bundled_sample(tmp_path):
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["examples"] == 4 and sum(summary["overall"].values()) == 4 * summary["layers"] * summary["heads"]
-    assert (tmp_path / "attn" / "attention_summary.png").read_bytes().startswith(b"\x89PNG")
+    check_png((tmp_path / "attn" / "attention_summary.png").read_bytes())
     assert len(list((tmp_path / "attn").glob("attention_example_*.png"))) == 4
+    check_png((tmp_path / "attn" / "attention_example_00.png").read_bytes())
+
+    # the pictures: pretraining's loss curves; the evaluation's, inline in the self-contained report.html
+    artifacts = tmp_path / "data" / "artifacts"
+    check_png((artifacts / "pretrain" / pretrain["key"] / "files" / "loss_curves.png").read_bytes())
+    report = artifacts / "evaluate" / evaluate["key"] / "files"
+    for name in ("meta_sum.png", "finetune_curves.png"):
+        check_png((report / name).read_bytes())
+    page = (report / "report.html").read_text()
+    assert page.count("<img src='data:image/png;base64,") == 2 and "VQA answer types" in page
 
     # the features in the reference's npz layout and LXMERT's TSV: one record per extracted image
     for fmt, out in (("npz", tmp_path / "npz"), ("lxmert", tmp_path / "features.tsv")):

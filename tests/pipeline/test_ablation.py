@@ -13,6 +13,7 @@ from contract.errors import ConfigError
 from pipeline.ablation import architecture, check_same_architecture, variant_config
 from pipeline.config import load_config
 from pipeline.runner import storage_for
+from tests.fixtures.pictures import check_png
 from tests.uniter.finetune.test_finetune_stage import ROOT, setup
 
 
@@ -47,8 +48,13 @@ def test_ablation_table(tmp_path, storage_spec, vocab):
     assert len({rows[v]["finetune"]["key"] for v in ("full", "MLM only", "L1 (no pretraining)")}) == 3
     assert all("vqa" in r["scores"] for r in rows.values())
     cfg = load_config(path)
-    md = storage_for(cfg).read_bytes(f"artifacts/ablation/{summary['key']}/report.md").decode()
+    storage = storage_for(cfg)
+    md = storage.read_bytes(f"artifacts/ablation/{summary['key']}/report.md").decode()
     assert "| MLM only |" in md and "| L1 (no pretraining) |" in md
+    for name in ("meta_sum.png", "ablation.png", "finetune_curves.png"):  # beside the report, and inline in it
+        check_png(storage.read_bytes(f"artifacts/ablation/{summary['key']}/{name}"))
+    page = storage.read_bytes(f"artifacts/ablation/{summary['key']}/report.html").decode()
+    assert page.count("<img src='data:image/png;base64,") == 3
 
 
 def test_bad_variant_is_a_config_error(tmp_path, vocab):

@@ -18,6 +18,7 @@ from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
 from tests.feature_extraction.test_extract_stage import build_upstream, corpus
 from tests.fixtures.kill import kill_stage_when
+from tests.fixtures.pictures import check_png
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,6 +89,7 @@ def test_pretrain_trains_and_publishes_a_model(tmp_path, storage_spec, vocab, ca
     assert "model/config.json" in result.manifest.files and "model/model.safetensors" in result.manifest.files
     storage = storage_for(cfg)
     art = Artifact(storage, "pretrain", result.manifest.key)
+    check_png(storage.read_bytes(art.file_key("files/loss_curves.png")))  # drawn from the metrics table
     local = tmp_path / "model"
     local.mkdir()
     for name in ("config.json", "model.safetensors"):

@@ -1,22 +1,27 @@
 """The evaluate stage: every fine-tuned task's predictions re-scored against its evaluation files
-with the official metrics, and the report (paper layout, Meta-Sum) as JSON, Markdown, HTML and PNG.
+with the official metrics, and the report (paper layout, Meta-Sum) as JSON, Markdown, HTML and
+pictures (`report.PICTURES`: meta_sum.png, and finetune_curves.png from the finetune artifact's
+`finetune_metrics` table).
 
-reader (the finetune artifact's prediction files) → each task's `rescore` (`tasks/`) → report files
-and an `evaluation` table (run, task, metric, value) that `uniter sql` can query.
+reader (the finetune artifact's prediction files and metrics) → each task's `rescore` (`tasks/`) →
+report files and an `evaluation` table (run, task, metric, value) that `uniter sql` can query.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from contract.artifact import Artifact
 from contract.stage import StageContext, now
 from uniter.finetune import report
 from uniter.finetune.config import FinetuneConfig
 from uniter.finetune.tasks import FINETUNE_TASKS
+from uniter.plots import series
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,17 @@ def evaluate_run(storage, finetune_key: str, cfg: FinetuneConfig, name: str) -> 
         scores, details = task.rescore(files, task_cfg)
         run.scores.update(scores)
         run.details[task_name] = details
+    run.curves = validation_curves(art)
     return run
+
+
+def validation_curves(art: Artifact) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per task, each validation metric over steps, from the finetune artifact's `finetune_metrics`."""
+    manifest = art.manifest()
+    rows = []
+    for f in manifest.tables.get("finetune_metrics", []) if manifest else []:
+        rows += pq.read_table(io.BytesIO(art.storage.read_bytes(art.file_key(f.path)))).to_pylist()
+    return {task: series([r for r in rows if r["task"] == task], "val/") for task in sorted({r["task"] for r in rows})}
 
 
 def write_report(ctx: StageContext, runs: list[report.Run]) -> None:
@@ -50,11 +65,12 @@ def write_report(ctx: StageContext, runs: list[report.Run]) -> None:
             "value": pa.array([x[3] for x in rows], pa.float64()),
         }
     )
+    pictures = report.pictures(runs)
     extras = {
         "report.json": json.dumps(report.to_json(runs), indent=2).encode(),
         "report.md": report.to_markdown(runs).encode(),
-        "report.html": report.to_html(runs).encode(),
-        "meta_sum.png": report.bar_chart_png(runs),
+        "report.html": report.to_html(runs, pictures).encode(),
+        **pictures,
     }
     stats = {
         "runs": len(runs),

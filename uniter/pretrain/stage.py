@@ -5,7 +5,8 @@ DeepSpeed's distributed state then lives and dies with them. `launcher: spawn` s
 `launcher: torchrun` hands a job file to torchrun (`uniter.pretrain.launch` is the entry point,
 which the deepspeed launcher can run too), so several nodes can join. Checkpoints go to the storage
 every `checkpoint_every` steps (files under the artifact, then a `ckpt-<step>` marker); a killed run
-resumes from the newest. The final shard holds the metrics and the model files.
+resumes from the newest. The final shard holds the metrics, the model files and `loss_curves.png`
+(each task's training loss and each validation metric over steps, drawn from the metrics).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from contract.artifact import Artifact
 from contract.errors import UniterError
 from contract.stage import StageContext
+from uniter import plots
 from uniter.batch import Vocab
 from uniter.data import Corpus, build_features, build_texts, load_tokenizer
 from uniter.pretrain.config import PretrainConfig
@@ -192,6 +194,14 @@ def publish_final(
         }
     )
     extras = model_files(trainer.engine.module, "model")
+    # NOTE: drawn here, not in the evaluate report: evaluate's only input is the finetune artifact
+    extras["loss_curves.png"] = plots.curves_png(
+        {
+            "training loss (a step trains one task)": plots.series(trainer.history, "loss/"),
+            "validation": plots.series(trainer.history, "val/"),
+        },
+        "pretraining",
+    )
     final = {}
     for r in trainer.history:
         if r["name"].startswith(("loss/", "val/")):
