@@ -36,6 +36,8 @@ def variant_config(cfg: PipelineConfig, variant) -> PipelineConfig:
     else:
         data["pretrain"] = {**data["pretrain"], **variant.pretrain}
         data["finetune"]["init"] = "pretrained"
+    if data["finetune"].get("retrieval"):
+        data["finetune"]["retrieval"]["eval_split"] = cfg.ablation.retrieval_eval_split
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
