@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-grounding bench-startup bench-peers clean
+.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-grounding bench-startup bench-gpu bench-peers clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,10 @@ bench-ipot: $(STAMP)
 
 bench-grounding: $(STAMP)
 	$(BIN)/python benchmarks/grounding.py
+
+# What only a CUDA machine measures (extraction img/s, pretraining MFU, IPOT vs POT), ≤ 8 min; says so and exits 0 without CUDA.
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py
 
 bench-peers: .venv-bench/.installed
 
