@@ -317,8 +317,9 @@ def quality(photos: int) -> None:
     named = {(a, b) for a, b in our_pairs - truth if made[a][0] == made[b][0] and made[a][4] == made[b][4]}
     p_named = len(our_pairs & truth) / max(1, len(our_pairs & truth) + len(named))
     print(f"precision over pairs differing in colour, size or place only: {p_named:.3f} ({len(named)} false)")
+    named_met = "met" if p_named == 1.0 else "NOT met"
     print(
-        f"goal: precision 1.000 on flat shapes differing in colour, size or place: {'met' if p_named == 1.0 else 'NOT met'}"
+        f"goal: precision 1.000 on flat shapes differing in colour, size or place: {named_met}"
         f"; on every attribute (shape type and background too): {'met' if p == 1.0 else 'NOT met'} ({p:.3f})"
     )
     kinds: dict[str, int] = {}

@@ -367,7 +367,8 @@ def cmd_demo(args) -> int:
         if report.exists():
             con.print("\n[bold]evaluation[/] (the paper's columns; the demo fine-tunes VQA only):")
             con.print(report.read_text().split("\n\n")[0], markup=False)
-        con.print(f"Evaluation report: {folder}/report.html (and report.md, report.json, meta_sum.png, finetune_curves.png)")
+        also = "report.md, report.json, meta_sum.png, finetune_curves.png"
+        con.print(f"Evaluation report: {folder}/report.html (and {also})")
     con.print(f"Artifacts live under {cfg.storage.uri} — try `uniter status -c {args.config}`.")
     return 0
 
