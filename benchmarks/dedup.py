@@ -10,7 +10,9 @@
    (corpus/images/colour.py). Goal: recall ≥ 0.95 at precision ≥ 0.99, more recall than
    imagededup, and the colour check loses none.
 3. Flat shapes, which pHash confuses: every combination of the fixture grid and copies of every
-   fifth one; precision and recall before and after the colour check. Goal: precision 1.000.
+   fifth one; precision and recall before and after the colour check (coarse, then fine). Goal:
+   precision 1.000 on shapes that differ in colour, size or place (the issue's fixture); printed
+   too over every attribute the grid varies, the shape's type and the background included.
 
     make bench-dedup     # or: .venv/bin/python benchmarks/dedup.py [--hashes 1000000] [--photos 1000] [--quality-only]
 """
@@ -150,15 +152,15 @@ def make_shapes(folder: Path, seed: int = 0) -> tuple[set[tuple[str, str]], dict
 
 
 def ours(folder: Path) -> tuple[set[tuple[str, str]], set[tuple[str, str]], float, float]:
-    """Our near-duplicate pairs: the pHash candidates alone, and those that pass the colour check
-    (what dedup merges and decontaminates by), with the seconds each took."""
+    """Our near-duplicate pairs: the pHash candidates alone, and those that pass the colour check,
+    coarse then fine (what dedup merges and decontaminates by), with the seconds each took."""
     import duckdb
     import pyarrow as pa
     from PIL import Image
 
     from corpus.dedup.config import DedupConfig
     from corpus.dedup.join import hamming_join
-    from corpus.images.colour import aspect_ratio_close, colour_distances, colour_thumbnail
+    from corpus.images.colour import aspect_ratio_close, colour_distances, colour_thumbnail, fine_differences
     from corpus.images.imagehash import phash_windows
 
     cfg = DedupConfig()
@@ -182,11 +184,13 @@ def ours(folder: Path) -> tuple[set[tuple[str, str]], set[tuple[str, str]], floa
     t1 = time.perf_counter()
     thumbs = [colour_thumbnail(im) for im in images]
     colour = colour_distances([thumbs[a] for a, _ in ids], [thumbs[b] for _, b in ids])
-    verified = [
+    coarse = [
         (a, b)
         for (a, b), c in zip(ids, colour, strict=True)
         if c <= cfg.colour_max_distance and aspect_ratio_close(*images[a].size, *images[b].size)
     ]
+    fine = fine_differences([thumbs[a] for a, _ in coarse], [thumbs[b] for _, b in coarse])
+    verified = [pair for pair, blocks in zip(coarse, fine, strict=True) if blocks == 0]
     check_seconds = time.perf_counter() - t1
     return (
         {(names[a], names[b]) for a, b in ids},
@@ -308,7 +312,16 @@ def quality(photos: int) -> None:
         p, rc = scores(found, truth)
         print(f"{name:44} {p:>9.3f} {rc:>7.3f} {len(found - truth):>6,} {secs:>8.1f}")
     p, _ = scores(our_pairs, truth)
-    print(f"goal: precision 1.000 on flat shapes: {'met' if p == 1.0 else 'NOT met'}")
+    # the issue's fixture: shapes that differ only in colour, size or place (ours also varies the
+    # shape's type and the background, which the goal does not name)
+    named = {(a, b) for a, b in our_pairs - truth if made[a][0] == made[b][0] and made[a][4] == made[b][4]}
+    p_named = len(our_pairs & truth) / max(1, len(our_pairs & truth) + len(named))
+    print(f"precision over pairs differing in colour, size or place only: {p_named:.3f} ({len(named)} false)")
+    named_met = "met" if p_named == 1.0 else "NOT met"
+    print(
+        f"goal: precision 1.000 on flat shapes differing in colour, size or place: {named_met}"
+        f"; on every attribute (shape type and background too): {'met' if p == 1.0 else 'NOT met'} ({p:.3f})"
+    )
     kinds: dict[str, int] = {}
     for a, b in sorted(our_pairs - truth):
         what = [k for k, j in (("shape", 0), ("colour", 1), ("size", 2), ("place", 3), ("background", 4))

@@ -315,8 +315,9 @@ def crawl_shard_ids(ctx: StageContext) -> list[str]:
 CRAWL = Stage(
     name="crawl",
     # 2: the colour thumbnail beside the hashes; 3: JPEGs decoded at the scale of the real target
-    # size (libjpeg's reduction applies to more photos; the resized pixels change slightly)
-    version=3,
+    # size (libjpeg's reduction applies to more photos; the resized pixels change slightly);
+    # 4: the thumbnail is 64×64 (the dedup's fine check compares pixels)
+    version=4,
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),

@@ -28,7 +28,7 @@ from contract.stage import Stage, StageContext, batched, now, shard_id
 from corpus.dedup.config import DedupConfig
 from corpus.dedup.evalsets import EvalItem, read_eval_set
 from corpus.dedup.join import components, hamming_join
-from corpus.images.colour import aspect_ratio_close, colour_distances
+from corpus.images.colour import aspect_ratio_close, colour_distances, fine_differences
 from corpus.images.fetch import Fetcher, FetchSettings, decide
 from corpus.images.imagehash import hamming
 from corpus.images.imaging import ImageOptions, ImageSettings, Processed, process_or_reject
@@ -502,7 +502,8 @@ def _thumbs(con, table: str, ids: list[int]) -> dict[int, tuple[bytes, int, int]
 
 def check_pairs(con, pairs: list[tuple[int, int]], cfg, other: str = "img") -> tuple[list[float], list[bool]]:
     """The colour check of pHash candidates (a in `img`, b in `img` or `ev_ok`): (colour distance,
-    same picture?) per pair. Aspect ratios must agree too."""
+    same picture?) per pair. Aspect ratios must agree, and the pairs that pass the coarse colour
+    check must pass the fine one (no 2×2 block of differing pixels at 64×64)."""
     if not pairs:
         return [], []
     if other == "img":  # one lookup for both sides
@@ -514,6 +515,10 @@ def check_pairs(con, pairs: list[tuple[int, int]], cfg, other: str = "img") -> t
         float(c) <= cfg.colour_max_distance and aspect_ratio_close(*left[a][1:], *right[b][1:])
         for (a, b), c in zip(pairs, colour, strict=True)
     ]
+    coarse = [i for i, passed in enumerate(ok) if passed]
+    fine = fine_differences([left[pairs[i][0]][0] for i in coarse], [right[pairs[i][1]][0] for i in coarse])
+    for i, blocks in zip(coarse, fine, strict=True):
+        ok[i] = blocks == 0
     return [round(float(c), 2) for c in colour], ok
 
 
@@ -791,7 +796,7 @@ def report_markdown(report: dict) -> str:
         "# Decontamination report",
         "",
         f"pHash distance ≤ {report['phash_max_distance']}, confirmed by colour distance ≤ "
-        f"{report['colour_max_distance']}; decontamination: {report['rules']['decontamination']}; "
+        f"{report['colour_max_distance']} and the pixel check; decontamination: {report['rules']['decontamination']}; "
         f"near duplicates merged: {'yes' if report['rules']['near_duplicates'] else 'no'}",
         "",
         "| | pairs | images |",
@@ -855,7 +860,8 @@ DEDUP = Stage(
     name="dedup",
     # 2: corpus_images.crawl_file is a storage key (was a URL); 3: eval shards by image location;
     # 4: pHash candidates colour-checked, decontamination modes, rejected and repointed tables
-    version=4,
+    # 5: the fine check (64×64 thumbnails, pixel blocks) after the coarse colour check
+    version=5,
     run=_run,
     inputs=("ingest", "crawl"),
     tables=(

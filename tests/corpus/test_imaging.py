@@ -94,7 +94,7 @@ def test_colour_check_tells_flat_shapes_apart_and_keeps_copies():
     """The second look at a pHash candidate: copies (re-encoded, resized, cropped, brighter) stay
     close; the same shape in another colour, size or place does not; aspect ratios are compared."""
     from corpus.dedup.config import DedupConfig
-    from corpus.images.colour import aspect_ratio_close, colour_distances, colour_thumbnail
+    from corpus.images.colour import aspect_ratio_close, colour_distances, colour_thumbnail, fine_differences
 
     limit = DedupConfig().colour_max_distance
     shape = fx.flat_shape("rectangle", "yellow", "medium", (1, 1), 0, side=96)
@@ -117,5 +117,27 @@ def test_colour_check_tells_flat_shapes_apart_and_keeps_copies():
     assert (same <= limit).all(), same
     apart = colour_distances([colour_thumbnail(shape)] * 3, [colour_thumbnail(b) for b in others])
     assert (apart > limit).all(), apart
-    assert len(colour_thumbnail(PHOTO)) == 32 * 32 * 3
+    assert len(colour_thumbnail(PHOTO)) == 64 * 64 * 3
     assert aspect_ratio_close(320, 240, 304, 240) and not aspect_ratio_close(320, 240, 240, 240)
+    fine = fine_differences([colour_thumbnail(a) for a in originals], [colour_thumbnail(b) for b in copies])
+    assert (fine == 0).all(), fine
+
+
+def test_the_fine_check_sees_what_the_coarse_grid_cannot():
+    """A grey triangle 8 or 13 pixels wide in a 64-pixel picture (stored as JPEG): the coarse grid,
+    which must forgive JPEG and a crop along edges, passes them; the pixels do not. Copies of the
+    smaller one still pass both."""
+    from corpus.dedup.config import DedupConfig
+    from corpus.images.colour import colour_distances, colour_thumbnail, fine_differences
+
+    def stored(image):
+        return Image.open(io.BytesIO(fx.jpeg(image))).convert("RGB")
+
+    small = stored(fx.flat_shape("triangle", "grey", "small", (2, 2), 2))
+    medium = stored(fx.flat_shape("triangle", "grey", "medium", (2, 2), 2))
+    ts, tm = colour_thumbnail(small), colour_thumbnail(medium)
+    assert colour_distances([ts], [tm])[0] <= DedupConfig().colour_max_distance
+    assert fine_differences([ts], [tm])[0] > 0 and fine_differences([tm], [ts])[0] > 0
+    copies = [stored(c) for c in (fx.recompressed(small, 40), fx.resized(small, 2.0), fx.cropped(small, 0.05),
+                                  fx.brightened(small, 1.1), fx.brightened(small, 0.9))]  # fmt: skip
+    assert (fine_differences([ts] * len(copies), [colour_thumbnail(c) for c in copies]) == 0).all()
