@@ -1,59 +1,107 @@
 """All pairs of 64-bit hashes within Hamming distance d, exactly, without comparing all pairs.
 
-Multi-index hashing: cut the 64 bits into m bands. If two hashes differ in at most d bits, some
-band differs in at most r = floor(d / m) bits (pigeonhole). So for each query hash and band we
-enumerate the band values within r bits of its own (the masks), join them on equality against the
-index's band values, and verify each candidate with popcount(xor) <= d. Choosing m trades the
-enumeration (more masks for wide bands) against the candidates (more collisions for narrow bands);
-`plan_bands` picks the cheapest for the sizes at hand. All of it runs inside DuckDB, streaming.
+Multi-index hashing: cut the 64 bits into m contiguous bands; e_1 … e_m, the bits two hashes differ
+by in each band, sum to at most d. Two pigeonhole rules give each pair a key it must share:
+  - m ≤ d + 1: some band has e_j ≤ r = floor(d / m). A key is one band; the query side enumerates
+    every value within r bits of its own (the masks), the index side is joined on equality.
+  - m > d: at most d bands differ at all, so at least s = m − d bands are equal. A key is one
+    combination of s bands (`h & mask` of their bits), joined on equality with nothing enumerated.
+    With many hashes, wide keys of a few narrow bands (m = 7, s = 3: 35 keys of ~27 bits at d = 4)
+    produce far fewer chance collisions than one narrow band each (m = 5: 5 keys of ~13 bits):
+    candidates grow with n_query · n_index / 2^width, so the best plan changes with the corpus.
+Each candidate is checked with popcount(xor) <= d. `plan_bands` picks the cheapest plan for the sizes
+at hand (mask probes + index rows + candidate checks, assuming uniform hashes). Everything runs inside
+DuckDB, one key at a time, so memory holds one key's hash table, not all of them.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import uuid
 from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
+_MAX_KEYS = 128  # keys per plan: each is a pass over both sides, so more never pays
+
 
 @dataclass(frozen=True)
 class BandPlan:
-    widths: tuple[int, ...]
-    radius: int
+    widths: tuple[int, ...]  # the m bands, low bits first
+    radius: int  # bits enumerated around the query's key (one band per key); 0 for combinations
+    per_key: int  # bands a key is made of: 1, or m − d when m > d
 
     @property
     def starts(self) -> tuple[int, ...]:
         return tuple(sum(self.widths[:i]) for i in range(len(self.widths)))
+
+    def key_masks(self) -> list[int]:
+        """Each key as the mask of its bits."""
+        bands = [((1 << w) - 1) << s for s, w in zip(self.starts, self.widths, strict=True)]
+        return [sum(c) for c in itertools.combinations(bands, self.per_key)]
+
+    def __str__(self) -> str:
+        m = len(self.widths)
+        if self.per_key == 1:
+            return f"{m} bands of {min(self.widths)}-{max(self.widths)} bits, radius {self.radius}"
+        return f"{len(self.key_masks())} keys of {self.per_key} of {m} bands (~{64 * self.per_key // m} bits)"
 
 
 def _ball(width: int, radius: int) -> int:
     return sum(math.comb(width, k) for k in range(radius + 1))
 
 
-def plan_bands(d: int, n_query: int, n_index: int) -> BandPlan:
-    """The band split with the fewest estimated operations (mask probes + candidate checks)."""
+def plan_bands(d: int, n_query: int, n_index: int, combine: bool = True) -> BandPlan:
+    """The plan with the fewest estimated operations: for each key, its query probes, its index
+    rows and 4 per candidate (a candidate costs a fetch and a popcount besides the probe).
+    `combine=False` keeps one band per key (the only plans before issue 15; for comparison)."""
     best = None
     for m in range(1, 17):
-        if m > d + 1:
-            break
         widths = tuple(64 // m + (1 if i < 64 % m else 0) for i in range(m))
-        radius = d // m
-        probes = sum(n_query * _ball(w, radius) for w in widths)
-        if probes > 5e9:
+        per_key, radius = (1, d // m) if m <= d + 1 else (m - d, 0)
+        if per_key > 1 and not combine:
+            break
+        if math.comb(m, per_key) > _MAX_KEYS:
             continue
-        candidates = sum(n_query * _ball(w, radius) * n_index / 2.0**w for w in widths)
-        cost = probes + 4 * candidates  # a candidate costs a fetch and a popcount besides the probe
+        plan = BandPlan(widths, radius, per_key)
+        cost = 0.0
+        for mask in plan.key_masks():
+            width = mask.bit_count()
+            probes = n_query * _ball(width, radius)
+            if probes > 5e9:
+                cost = math.inf
+                break
+            cost += probes + n_index + 4 * probes * n_index / 2.0**width
         if best is None or cost < best[0]:
-            best = (cost, BandPlan(widths, radius))
-    if best is None:
+            best = (cost, plan)
+    if best is None or math.isinf(best[0]):
         raise ValueError(f"no practical band plan for distance {d}")
     return best[1]
 
 
-def _masks(width: int, radius: int) -> list[int]:
-    return [sum(1 << b for b in bits) for k in range(radius + 1) for bits in itertools.combinations(range(width), k)]
+def _signed(x: int) -> int:
+    """A 64-bit pattern as the BIGINT DuckDB stores it."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _masks(key: int, radius: int) -> list[int]:
+    """Every pattern of at most `radius` bits inside `key`'s bits (0 first)."""
+    bits = [b for b in range(64) if key >> b & 1]
+    return [
+        _signed(sum(1 << b for b in chosen)) for k in range(radius + 1) for chosen in itertools.combinations(bits, k)
+    ]
+
+
+def _key_sql(plan: BandPlan, key: int) -> tuple[str, str]:
+    """SQL for one key's values over `h`: the query side's (the key and, with a radius, every
+    value within it) and the index side's."""
+    value = f"(h & {_signed(key)})"
+    if not plan.radius:
+        return value, value
+    masks = ",".join(str(x) for x in _masks(key, plan.radius))
+    return f"unnest(list_transform([{masks}]::BIGINT[], x -> xor({value}, x)))", value
 
 
 def hamming_join(
@@ -62,33 +110,57 @@ def hamming_join(
     """Pairs ``(qid, iid, distance)`` with popcount(q.h xor i.h) <= d, one row per (qid, iid) with
     the smallest distance. ``query`` and ``index`` are relations with columns ``id BIGINT, h BIGINT``
     (an id may appear with several hashes, e.g. crop windows)."""
+    tag = uuid.uuid4().hex[:12]
+    q, i, out = f"_hj_q_{tag}", f"_hj_i_{tag}", f"_hj_out_{tag}"
+    try:
+        # Materialized once: every key reads both sides again.
+        con.execute(f"create temp table {q} as select id, h from ({query})")
+        con.execute(f"create temp table {i} as select id, h from ({index})")
+        con.execute(f"create temp table {out} (qid BIGINT, iid BIGINT, distance INTEGER)")
+        n_q = con.execute(f"select count(*) from {q}").fetchone()[0]
+        n_i = con.execute(f"select count(*) from {i}").fetchone()[0]
+        if n_q and n_i:
+            plan = plan_bands(d, n_q, n_i)
+            self_clause = "and q.id <> i.id" if exclude_self else ""
+            for key in plan.key_masks():
+                probe, value = _key_sql(plan, key)
+                con.execute(
+                    f"""insert into {out}
+                    select q.id, i.id, bit_count(xor(q.h, i.h))
+                    from (select id, h, {probe} as v from {q}) q
+                    join (select id, h, {value} as v from {i}) i on q.v = i.v
+                    where bit_count(xor(q.h, i.h)) <= {d} {self_clause}"""
+                )
+        return (
+            con.execute(
+                f"select qid, iid, min(distance)::INTEGER as distance from {out} group by qid, iid order by qid, iid"
+            )
+            .arrow()
+            .read_all()
+        )
+    finally:
+        for table in (q, i, out):
+            con.execute(f"drop table if exists {table}")
+
+
+def count_candidates(con: duckdb.DuckDBPyConnection, query: str, index: str, d: int) -> int:
+    """How many (query, index) rows the plan's keys bring together before the popcount check: the
+    join's real work, which clustered hashes raise above the uniform estimate. Counted from the
+    key values' frequencies on both sides, without forming the pairs."""
     n_q = con.execute(f"select count(*) from ({query})").fetchone()[0]
     n_i = con.execute(f"select count(*) from ({index})").fetchone()[0]
     if not n_q or not n_i:
-        return pa.table(
-            {"qid": pa.array([], pa.int64()), "iid": pa.array([], pa.int64()), "distance": pa.array([], pa.int32())}
-        )
+        return 0
     plan = plan_bands(d, n_q, n_i)
-    self_clause = "and q.id <> i.id" if exclude_self else ""
-    parts = []
-    for start, width in zip(plan.starts, plan.widths, strict=True):
-        band = f"((h >> {start}) & {(1 << width) - 1})" if width < 64 else "h"
-        masks = ",".join(str(m) for m in _masks(width, plan.radius))
-        if plan.radius == 0:
-            probe = f"select id, h, {band} as v from ({query})"
-        else:
-            neighbours = f"unnest(list_transform([{masks}]::BIGINT[], x -> xor({band}, x)))"
-            probe = f"select id, h, {neighbours} as v from ({query})"
-        parts.append(
-            f"""select q.id as qid, i.id as iid, bit_count(xor(q.h, i.h)) as distance
-            from ({probe}) q join (select id, h, {band} as v from ({index})) i on q.v = i.v
-            where bit_count(xor(q.h, i.h)) <= {d} {self_clause}"""
-        )
-    sql = (
-        f"select qid, iid, min(distance)::INTEGER as distance from ({' union all '.join(parts)}) "
-        "group by qid, iid order by qid, iid"
-    )
-    return con.execute(sql).arrow().read_all()
+    total = 0
+    for key in plan.key_masks():
+        probe, value = _key_sql(plan, key)
+        total += con.execute(
+            f"""select coalesce(sum(a.n * b.n), 0)::HUGEINT from
+            (select v, count(*) as n from (select {probe} as v from ({query})) group by v) a
+            join (select {value} as v, count(*) as n from ({index}) group by v) b on a.v = b.v"""
+        ).fetchone()[0]
+    return int(total)
 
 
 def components(edges: list[tuple[int, int]]) -> dict[int, int]:
