@@ -135,7 +135,9 @@ def join_child(n: int, bases_file: str, one_band: bool, distance: int | None) ->
     hashes, planted, planted_within = realistic_hashes(np.load(bases_file), n, d)
     ids = np.arange(n, dtype=np.int64)
     # the dedup stage's settings: DuckDB on 2 threads in 2 GB
-    con = duckdb.connect(config={"threads": 2, "memory_limit": "2GB"})
+    # (spills go next to the hashes, in the run's temporary folder, not into the working directory)
+    spill = str(Path(bases_file).parent / "spill")
+    con = duckdb.connect(config={"threads": 2, "memory_limit": "2GB", "temp_directory": spill})
     con.register("q", pa.table({"id": ids, "h": hashes[:, 0]}))
     con.register("ix", pa.table({"id": np.repeat(ids, 6), "h": hashes.ravel()}))
     del hashes
