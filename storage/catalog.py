@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -47,8 +49,18 @@ class Catalog:
 
     def __init__(self, storage: Storage, tables: dict[str, list[str]], settings: dict | None = None):
         self.storage = storage
+        # Spills (sorts and joins past memory_limit: dedup's join at the paper's scale spills in 2 GB)
+        # go to a folder of this catalog's own under the system's temporary directory. DuckDB
+        # creates it at the first spill and removes it on close; its default, .tmp in the working
+        # directory, may not be writable on a worker and is shared by every process started there.
+        spill = str(Path(tempfile.gettempdir()) / f"uniter-duckdb-{uuid.uuid4().hex[:12]}")
         self.con = duckdb.connect(
-            config={"autoinstall_known_extensions": False, "autoload_known_extensions": False, **(settings or {})}
+            config={
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "temp_directory": spill,
+                **(settings or {}),
+            }
         )
         if storage.uri.startswith("s3://"):
             self._connect_s3()

@@ -32,6 +32,35 @@ def test_views_over_parquet_files(storage, tmp_path):
         catalog.close()
 
 
+def test_spills_go_to_a_temporary_folder_of_its_own(tmp_path, monkeypatch):
+    """A query past memory_limit spills, under the system's temporary directory, never into the
+    working directory, and the folder is gone after close. (The storage plays no part.)"""
+    import tempfile
+    from pathlib import Path
+
+    from storage import open_storage
+
+    storage = open_storage(str(tmp_path / "store"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    catalog = Catalog(storage, {}, settings={"memory_limit": "64MB", "threads": 2})
+    spill = Path(catalog.sql("select current_setting('temp_directory')").rows[0][0])
+    try:
+        assert spill.parent == Path(tempfile.gettempdir()) and spill.name.startswith("uniter-duckdb-")
+        assert not spill.exists()  # made at the first spill
+        rows = catalog.sql(
+            "select count(*) from (select h, count(*) from "
+            "(select hash(range) as h from range(20000000)) group by h order by h)"
+        ).rows
+        assert rows == [(20_000_000,)]
+        assert spill.is_dir()  # it did spill, there (the files go when the query ends)
+        assert not any(cwd.iterdir())
+    finally:
+        catalog.close()
+    assert not spill.exists()
+
+
 def test_s3_credentials_stay_out_of_errors(s3_endpoint, tmp_path):
     """A broken query on S3 reports DuckDB's message, never the secret we handed it."""
     from storage import open_storage
