@@ -42,20 +42,18 @@ sys.path.insert(0, str(ROOT))
 BENCH_VENV = ROOT / ".venv-bench"
 
 
-VARIANTS = ("q40", "half", "crop5", "crop5-side", "bright+10", "bright-10")
-
-
-def _variant(im, name: str):
+def photo_variants() -> list[tuple[str, object]]:
+    """The six transformations a planted photo copy gets: (name, image → image)."""
     from tests.fixtures import images as fx
 
-    return {
-        "q40": lambda: fx.recompressed(im, 40),
-        "half": lambda: fx.resized(im, 0.5),
-        "crop5": lambda: fx.cropped(im, 0.05),
-        "crop5-side": lambda: im.crop((int(im.width * 0.05), 0, im.width, im.height)),
-        "bright+10": lambda: fx.brightened(im, 1.1),
-        "bright-10": lambda: fx.brightened(im, 0.9),
-    }[name]()
+    return [
+        ("q40", lambda im: fx.recompressed(im, 40)),
+        ("half", lambda im: fx.resized(im, 0.5)),
+        ("crop5", lambda im: fx.cropped(im, 0.05)),
+        ("crop5-side", lambda im: im.crop((int(im.width * 0.05), 0, im.width, im.height))),
+        ("bright+10", lambda im: fx.brightened(im, 1.1)),
+        ("bright-10", lambda im: fx.brightened(im, 0.9)),
+    ]
 
 
 def base_hashes(seed: int) -> list[list[int]]:
@@ -70,7 +68,7 @@ def base_hashes(seed: int) -> list[list[int]]:
 
     im = fx.synthetic_photo(300_000 + seed, (400, 300))
     out = []
-    for picture in (im, *(_variant(im, v) for v in VARIANTS)):
+    for picture in (im, *(transform(im) for _, transform in photo_variants())):
         stored = Image.open(io.BytesIO(fx.jpeg(picture))).convert("RGB")
         whole, windows = phash_windows(stored)
         out.append([h - (1 << 64) if h >= 1 << 63 else h for h in (whole, *windows)])  # as crawl stores them: BIGINT
@@ -103,21 +101,16 @@ def realistic_hashes(bases, n: int, d: int, seed: int = 0):
     hashes[n_orig:] = (bases[a[src], variant] & m) | (bases[b[src], variant] & ~m)
     copies = np.arange(n_orig, n)
 
-    def popcount(x):
-        x = x.view(np.uint64)
-        return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(-1)
-
     # The pairs the join must find: the copy's whole hash within d of one of the original's six
     # hashes, or the other way round (what the stage's two-sided windows match).
-    d1 = popcount(hashes[copies, :1] ^ hashes[src]).min(1)
-    d2 = popcount(hashes[src, :1] ^ hashes[copies]).min(1)
+    d1 = np.bitwise_count(hashes[copies, :1] ^ hashes[src]).min(1)
+    d2 = np.bitwise_count(hashes[src, :1] ^ hashes[copies]).min(1)
     within = np.minimum(d1, d2) <= d
     return hashes, np.stack([src, copies], 1)[within], float(within.mean())
 
 
 def join_child(n: int, bases_file: str, one_band: bool, distance: int | None) -> None:
     import functools
-    import math
 
     import duckdb
     import numpy as np
@@ -147,10 +140,7 @@ def join_child(n: int, bases_file: str, one_band: bool, distance: int | None) ->
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     plan = plan_bands(d, n, 6 * n)
     candidates = count_candidates(con, "select id, h from q", "select id, h from ix", d)
-    uniform = sum(  # what uniform hashes would give: each probe meets n_index / 2^width by chance
-        n * sum(math.comb(key.bit_count(), k) for k in range(plan.radius + 1)) * 6 * n / 2.0 ** key.bit_count()
-        for key in plan.key_masks()
-    )
+    uniform = plan.expected_candidates(n, 6 * n)
     qid, iid = pairs.column("qid").to_numpy(), pairs.column("iid").to_numpy()
     found = set(zip(np.minimum(qid, iid).tolist(), np.maximum(qid, iid).tolist(), strict=True))
     recall = sum((int(x), int(y)) in found for x, y in planted) / max(1, len(planted))
@@ -176,14 +166,7 @@ def join_child(n: int, bases_file: str, one_band: bool, distance: int | None) ->
 def make_photos(folder: Path, n: int) -> set[tuple[str, str]]:
     from tests.fixtures import images as fx
 
-    transforms = [
-        ("q40", lambda im: fx.recompressed(im, 40)),
-        ("half", lambda im: fx.resized(im, 0.5)),
-        ("crop5", lambda im: fx.cropped(im, 0.05)),
-        ("crop5-side", lambda im: im.crop((int(im.width * 0.05), 0, im.width, im.height))),
-        ("bright+10", lambda im: fx.brightened(im, 1.1)),
-        ("bright-10", lambda im: fx.brightened(im, 0.9)),
-    ]
+    transforms = photo_variants()
     truth = set()
     for i in range(n):
         im = fx.synthetic_photo(200_000 + i, (400, 300))
@@ -346,8 +329,9 @@ def join(sizes: list[int], bases: int, distance: int | None = None) -> None:
         bases_file = Path(tmp) / "bases.npy"
         np.save(bases_file, made)
         print(
-            f"join: {bases:,} photo-like pictures × (original + {len(VARIANTS)} variants), pHash + 5 windows each, "
-            f"mixed bitwise into n images with 1 % planted copies ({time.perf_counter() - t0:.0f} s to make)"
+            f"join: {bases:,} photo-like pictures × (original + {len(photo_variants())} variants), "
+            f"pHash + 5 windows each, mixed bitwise into n images with 1 % planted copies "
+            f"({time.perf_counter() - t0:.0f} s to make)"
         )
         print(f"distance ≤ {distance if distance is not None else 'the default'}")
         print(f"{'images':>10} {'plan':>36} {'s':>7} {'s per 1M':>9} {'RSS MB':>7} {'candidates':>14} "

@@ -42,6 +42,12 @@ class BandPlan:
         bands = [((1 << w) - 1) << s for s, w in zip(self.starts, self.widths, strict=True)]
         return [sum(c) for c in itertools.combinations(bands, self.per_key)]
 
+    def expected_candidates(self, n_query: int, n_index: int) -> float:
+        """Candidates if hashes were uniform: each query probe meets n_index / 2^width by chance."""
+        return sum(
+            n_query * _ball(key.bit_count(), self.radius) * n_index / 2.0 ** key.bit_count() for key in self.key_masks()
+        )
+
     def __str__(self) -> str:
         m = len(self.widths)
         if self.per_key == 1:
@@ -66,17 +72,14 @@ def plan_bands(d: int, n_query: int, n_index: int, combine: bool = True) -> Band
         if math.comb(m, per_key) > _MAX_KEYS:
             continue
         plan = BandPlan(widths, radius, per_key)
-        cost = 0.0
-        for mask in plan.key_masks():
-            width = mask.bit_count()
-            probes = n_query * _ball(width, radius)
-            if probes > 5e9:
-                cost = math.inf
-                break
-            cost += probes + n_index + 4 * probes * n_index / 2.0**width
+        keys = plan.key_masks()
+        probes = [n_query * _ball(key.bit_count(), radius) for key in keys]
+        if max(probes) > 5e9:
+            continue
+        cost = sum(probes) + len(keys) * n_index + 4 * plan.expected_candidates(n_query, n_index)
         if best is None or cost < best[0]:
             best = (cost, plan)
-    if best is None or math.isinf(best[0]):
+    if best is None:
         raise ValueError(f"no practical band plan for distance {d}")
     return best[1]
 
