@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from contract.artifact import Artifact
+from corpus.crawl import stage as crawl_stage
 from pipeline.config import load_config
 from pipeline.runner import Planner, run_stage, storage_for
 from tests.conftest import read_table
@@ -117,6 +118,23 @@ def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, 
     assert counts["failure_reasons"] == dict(Counter(expected_failures.values()))
     assert result.manifest.shards == 4  # 18 distinct images in shards of 5
     assert run_stage("crawl", cfg).status == "cached"
+
+
+def test_threads_and_the_process_pool_give_the_same_shards(tmp_path, monkeypatch):
+    """A few images are processed in threads, many in the process pool: the bytes are the same."""
+    photos = {f"/img/{i}.jpg": fx.jpeg(fx.synthetic_photo(300 + i, (320, 240))) for i in range(12)}
+    digests = {}
+    with srv.ImageServer({p: srv.serve(b) for p, b in photos.items()}) as server:
+        for threaded in (0, 6, 1000):  # pool only; threads then the pool; threads only
+            monkeypatch.setattr(crawl_stage, "THREADED_IMAGES", threaded)
+            work = tmp_path / str(threaded)
+            work.mkdir()
+            cfg = load_config(_config(work, {"uri": str(work / "store")}, [server.url(p) for p in photos]))
+            run_stage("ingest", cfg)
+            manifest = run_stage("crawl", cfg).manifest
+            assert manifest.counts["images"] == 12
+            digests[threaded] = manifest.content_sha256
+    assert len(set(digests.values())) == 1, digests
 
 
 def test_sigkill_mid_crawl_then_resume(tmp_path):
