@@ -2,8 +2,8 @@
 
 reader (distinct image keys, sorted, cut into shards) → fetch (async HTTP / local roots)
 → worker (decode, orient, RGB, resize, JPEG, sha256, pHash in a process pool) → writer (shard).
-A run that processes only a few images (a rebuild's new rows) does so in threads: the pool starts
-only once more than `THREADED_IMAGES` images have needed processing.
+A rebuild that expects only a few images to process (its new rows) does so in threads, without
+starting the pool (see `THREADED_IMAGES`).
 
 Several shards are in flight at once, so one slow host at the end of a shard never idles the
 crawl; a shard is published when all its images are settled (fetched or failed).
@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from contract.artifact import Artifact
 from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, now, shard_id
 from corpus.images.fetch import Fetched, Fetcher, decide
@@ -139,43 +140,58 @@ def run_crawl(ctx: StageContext) -> None:
     done_images = sum(rec.stats.get("images", 0) + rec.stats.get("failures", 0) for rec in ctx.done.values())
     with ctx.progress.task("crawl", total=total) as bar:
         bar.advance(done_images)
-        asyncio.run(_crawl(ctx, shards, bar))
+        threaded = expected_to_process(ctx, total - done_images) <= THREADED_IMAGES
+        asyncio.run(_crawl(ctx, shards, bar, threaded))
 
 
-# Images processed in threads before the process pool starts. The pool costs ≈ 0.4 s of wall and
-# two interpreters' imports of CPU before its first result; an image costs ≈ 3.5 ms, mostly with
-# the GIL released (decode, resize, JPEG encode). A rebuild's 250 new images crawled in 2.1 s in
-# threads against 2.6 s with the pool (median of 3, 5,000 reused); a first build moves to the pool
-# after these few. The output is the same either way: the work per image is one pure function.
+# A rebuild that expects at most this many images to process (the corpus's images less those the
+# newest earlier crawl holds) processes them in threads and never starts the pool. The pool costs
+# ≈ 0.4 s of wall and two interpreters' imports of CPU before its first result; a small image
+# costs ≈ 3.5 ms, mostly with the GIL released (decode, resize, JPEG encode): a rebuild's 250 new
+# images crawled in 2.1 s in threads against 2.6 s with the pool (median of 3, 5,000 reused). A
+# first build, or a big change, uses the pool from the start: 2,000 photos of 800-1600 px took
+# 36.6 s with their first 512 in threads against 33.6 s with the pool alone (median of 3). The
+# output is the same either way: the work per image is one pure function.
 THREADED_IMAGES = 512
 
 
-class Processors:
-    """Where an image is processed: threads for the first `THREADED_IMAGES`, then the pool."""
+def expected_to_process(ctx: StageContext, total: int) -> int:
+    """How many of the corpus's ``total`` images the newest earlier crawl does not hold (an
+    estimate: it ignores recrawls and the images it holds that left the corpus)."""
+    sources = ctx.reuse.sources() if ctx.reuse is not None else []
+    manifest = Artifact(ctx.storage, "crawl", sources[0].key).manifest() if sources else None
+    if manifest is None:
+        return total
+    return max(0, total - manifest.counts.get("images", 0) - manifest.counts.get("failures", 0))
 
-    def __init__(self, workers: int, threaded: int):
-        self.workers, self.threaded, self.submitted = workers, threaded, 0
-        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="crawl-image")
+
+class Processors:
+    """Where an image is processed: the pool, or threads of this process when few are expected."""
+
+    def __init__(self, workers: int, threaded: bool):
+        self.workers = workers
+        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="crawl-image") if threaded else None
         self.pool: ProcessPoolExecutor | None = None
 
     def next(self) -> Executor:
-        self.submitted += 1
-        if self.pool is None and self.submitted > self.threaded:
+        if self.threads is not None:
+            return self.threads
+        if self.pool is None:
             # NOTE: forkserver, not fork: the event loop, aiohttp and DuckDB threads must not be copied.
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
-        return self.pool or self.threads
+        return self.pool
 
     def shutdown(self) -> None:
-        self.threads.shutdown(wait=True, cancel_futures=True)
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        for executor in (self.threads, self.pool):
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
 
 
-async def _crawl(ctx: StageContext, shards, bar) -> None:
+async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
     cfg = ctx.config
     workers = cfg.workers or os.cpu_count() or 1
     opts = ImageOptions.from_settings(cfg)
-    processors = Processors(workers, THREADED_IMAGES)
+    processors = Processors(workers, threaded)
     decode_slots = asyncio.Semaphore(4 * workers)  # bounded queue between download and decode
     shard_slots = asyncio.Semaphore(cfg.open_shards)
     loop = asyncio.get_running_loop()
