@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from contract.fingerprint import sha256_file, sha256_json
+from contract.fingerprint import sha256_json
 from storage import Storage, StorageError
 
 ARTIFACTS = "artifacts"
@@ -110,11 +110,32 @@ def encode_tables(
         # NOTE: no dictionary and no min/max statistics for blob columns (image bytes): pyarrow
         # would hash and compare every 100 KB value for nothing — 8× the cost of the write itself.
         small = [f.name for f in data.schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
-        pq.write_table(
-            data, local, compression=codec, row_group_size=64 * 1024, use_dictionary=small, write_statistics=small
-        )
-        encoded[table] = EncodedTable(str(local), sha256_file(local), data.num_rows, local.stat().st_size)
+        with open(local, "wb") as f:
+            out = _HashingFile(f)
+            pq.write_table(
+                data, out, compression=codec, row_group_size=64 * 1024, use_dictionary=small, write_statistics=small
+            )
+        encoded[table] = EncodedTable(str(local), out.sha256.hexdigest(), data.num_rows, out.size)
     return encoded
+
+
+class _HashingFile:
+    """A file the Parquet writer writes through, hashed on the way: the file is not read back to
+    hash it (17 ms of a crawl shard's 39, measured)."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size, self.closed = f, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the caller's `with` closes the real file
 
 
 def content_sha256(tables: dict[str, list[TableFile]], files: dict[str, TableFile] | None = None) -> str:

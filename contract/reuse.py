@@ -197,14 +197,22 @@ class ItemIndex:
 
     def data_rows(self, hits: Iterable[Hit], table: str, column: str, schema: pa.Schema) -> pa.Table:
         """The rows of ``table`` for these hits, read from each source artifact's own shard file."""
-        groups: dict[tuple[str, str], list[str]] = {}
-        for hit in hits:
-            groups.setdefault((hit.source, hit.shard), []).append(hit.row["item"])
+        return self.grouped_rows(where(hits), table, column, schema)
+
+    def grouped_rows(
+        self, groups: dict[tuple[str, str], list[str]], table: str, column: str, schema: pa.Schema
+    ) -> pa.Table:
+        """`data_rows` for items grouped by (source, shard) (`where`): a caller that looks items up
+        long before it copies them keeps these lists, not the hits' index rows."""
         parts = [schema.empty_table()]
         for (source, shard), wanted in sorted(groups.items()):
             key = f"{ARTIFACTS}/{self.stage}/{source}/{table}/{shard}.parquet"
             with self.storage.open(key) as f:
-                data = pq.read_table(f, filters=pc.field(column).isin(wanted))
+                # NOTE: read, then filter: `filters=` goes through the dataset machinery, which cost
+                # 19 ms against 14 for a crawl shard of 500 images (17 MB), most of them wanted.
+                data = pq.read_table(f)
+            keep = pa.array(wanted, data.schema.field(column).type)
+            data = data.filter(pc.is_in(data.column(column), value_set=keep))
             if data.num_rows != len(set(wanted)):
                 raise StorageError(
                     f"{self.storage.url(key)}: holds {data.num_rows} of the {len(set(wanted))} rows its index "
@@ -212,6 +220,14 @@ class ItemIndex:
                 )
             parts.append(data.select(schema.names).cast(schema))
         return pa.concat_tables(parts)
+
+
+def where(hits: Iterable[Hit]) -> dict[tuple[str, str], list[str]]:
+    """The hits' items grouped by the (source artifact, shard) that holds them."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for hit in hits:
+        groups.setdefault((hit.source, hit.shard), []).append(hit.row["item"])
+    return groups
 
 
 def remove_sources(storage: Storage, stage: str, keys: Iterable[str]) -> int:

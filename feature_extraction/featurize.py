@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from contract.reuse import ItemIndex
+from contract.reuse import ItemIndex, where
 from contract.stage import StageContext
 from feature_extraction.config import ExtractConfig
 from feature_extraction.grid import box_features, grid_features
@@ -214,13 +214,15 @@ def reusing_shards(
     features an earlier artifact holds (same key, same ``Item.sha256``, same extractor
     fingerprint) are copied from it; only the others go through the model. The shard's reuse index
     rows are recorded before its marker. ``build`` makes the table of the new rows."""
-    same: dict[int, set[str]] = {}
+    same: dict[int, dict[tuple[str, str], list[str]]] = {}  # per shard: where its reused items are
     rest = list(chunks)
     for i in todo:
         if reuse is not None:
             hits = reuse.lookup(it.key for it in chunks[i])
-            same[i] = {it.key for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256}
-            rest[i] = [it for it in chunks[i] if it.key not in same[i]]
+            found = [h for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256]
+            same[i] = where(found)
+            reused = {h.row["item"] for h in found}
+            rest[i] = [it for it in chunks[i] if it.key not in reused]
     fresh = iter(extract_chunks(cfg, device, spec, rest, [i for i in todo if rest[i]]))
     for i in todo:
         rows: list = []
@@ -228,15 +230,16 @@ def reusing_shards(
             index, rows = next(fresh)
             assert index == i, (index, i)
         table = build(rows)
+        reused = 0
         if same.get(i):
             assert reuse is not None
-            hits = reuse.lookup(same[i])
-            copied = reuse.data_rows(hits.values(), table_name, "image_key", schema)
+            copied = reuse.grouped_rows(same.pop(i), table_name, "image_key", schema)
             table = pa.concat_tables([table, copied]).sort_by("image_key")
+            reused = copied.num_rows
         stats = {
             "images": table.num_rows,
             "boxes": int(pc.sum(table.column("num_boxes")).as_py() or 0),
-            "reuse": {"reused": len(same.get(i, ())), "extracted": len(rows)},
+            "reuse": {"reused": reused, "extracted": len(rows)},
         }
         if reuse is not None:
             keys = {it.key: it.sha256 for it in chunks[i]}
