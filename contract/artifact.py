@@ -120,8 +120,8 @@ def encode_tables(
 
 
 class _HashingFile:
-    """A file the Parquet writer writes through, hashed on the way: the file is not read back to
-    hash it (17 ms of a crawl shard's 39, measured)."""
+    """A file the Parquet writer writes through, hashed on the way, so the file is not read back to
+    hash it (a 17 MB crawl shard: 48 against 73 ms, interleaved runs; the same bytes)."""
 
     def __init__(self, f):
         self.f, self.sha256, self.size, self.closed = f, hashlib.sha256(), 0, False

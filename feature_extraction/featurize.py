@@ -221,8 +221,8 @@ def reusing_shards(
             hits = reuse.lookup(it.key for it in chunks[i])
             found = [h for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256]
             same[i] = where(found)
-            reused = {h.row["item"] for h in found}
-            rest[i] = [it for it in chunks[i] if it.key not in reused]
+            reusable = {h.row["item"] for h in found}
+            rest[i] = [it for it in chunks[i] if it.key not in reusable]
     fresh = iter(extract_chunks(cfg, device, spec, rest, [i for i in todo if rest[i]]))
     for i in todo:
         rows: list = []
