@@ -165,33 +165,19 @@ def expected_to_process(ctx: StageContext, total: int) -> int:
     return max(0, total - manifest.counts.get("images", 0) - manifest.counts.get("failures", 0))
 
 
-class Processors:
-    """Where an image is processed: the pool, or threads of this process when few are expected."""
-
-    def __init__(self, workers: int, threaded: bool):
-        self.workers = workers
-        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="crawl-image") if threaded else None
-        self.pool: ProcessPoolExecutor | None = None
-
-    def next(self) -> Executor:
-        if self.threads is not None:
-            return self.threads
-        if self.pool is None:
-            # NOTE: forkserver, not fork: the event loop, aiohttp and DuckDB threads must not be copied.
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
-        return self.pool
-
-    def shutdown(self) -> None:
-        for executor in (self.threads, self.pool):
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
+def image_executor(workers: int, threaded: bool) -> Executor:
+    """Where images are processed: the pool, or threads of this process when few are expected."""
+    if threaded:
+        return ThreadPoolExecutor(workers, thread_name_prefix="crawl-image")
+    # NOTE: forkserver, not fork: the event loop, aiohttp and DuckDB threads must not be copied.
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
 
 
 async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
     cfg = ctx.config
     workers = cfg.workers or os.cpu_count() or 1
     opts = ImageOptions.from_settings(cfg)
-    processors = Processors(workers, threaded)
+    pool = image_executor(workers, threaded)
     decode_slots = asyncio.Semaphore(4 * workers)  # bounded queue between download and decode
     shard_slots = asyncio.Semaphore(cfg.open_shards)
     loop = asyncio.get_running_loop()
@@ -202,7 +188,7 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
             return Outcome(key, fetched, reason=fetched.reason, detail=fetched.detail, action=action,
                            fetched_at=clock, checked_at=clock)  # fmt: skip
         async with decode_slots:
-            result = await loop.run_in_executor(processors.next(), process_or_reject, fetched.body, opts)
+            result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
         if isinstance(result, Processed):
             return Outcome(key, fetched, image=result, action=action, fetched_at=clock, checked_at=clock)
         return Outcome(key, fetched, reason=result[0], detail=result[1], action=action, fetched_at=clock,
@@ -273,7 +259,7 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
             if running:
                 await asyncio.gather(*running)
     finally:
-        processors.shutdown()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tuple[dict[str, pa.Table], dict[str, Any]]:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage import open_storage
 from storage.catalog import Catalog, CatalogError
 
 
@@ -35,11 +39,6 @@ def test_views_over_parquet_files(storage, tmp_path):
 def test_spills_go_to_a_temporary_folder_of_its_own(tmp_path, monkeypatch):
     """A query past memory_limit spills, under the system's temporary directory, never into the
     working directory, and the folder is gone after close. (The storage plays no part.)"""
-    import tempfile
-    from pathlib import Path
-
-    from storage import open_storage
-
     storage = open_storage(str(tmp_path / "store"))
     cwd = tmp_path / "cwd"
     cwd.mkdir()
@@ -63,7 +62,6 @@ def test_spills_go_to_a_temporary_folder_of_its_own(tmp_path, monkeypatch):
 
 def test_s3_credentials_stay_out_of_errors(s3_endpoint, tmp_path):
     """A broken query on S3 reports DuckDB's message, never the secret we handed it."""
-    from storage import open_storage
     from tests.conftest import S3_SECRET, make_bucket
 
     storage = open_storage(f"s3://{make_bucket(s3_endpoint)}/x", endpoint_url=s3_endpoint)
