@@ -41,7 +41,7 @@ bench-startup: $(STAMP)
 bench-ingest: $(STAMP)
 	$(BIN)/python benchmarks/ingest.py
 
-bench-crawl: $(STAMP) .venv-bench/.installed
+bench-crawl: $(STAMP) .venv-img2dataset/.installed
 	$(BIN)/python benchmarks/crawl.py
 
 bench-dedup: $(STAMP) .venv-bench/.installed
@@ -63,15 +63,23 @@ bench-grounding: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/python benchmarks/gpu.py
 
-bench-peers: .venv-bench/.installed
+bench-peers: .venv-bench/.installed .venv-img2dataset/.installed
 
-# Peer tools for the benchmarks (img2dataset, imagededup), pinned in benchmarks/requirements.txt.
+# imagededup (the dedup benchmark's peer), pinned in benchmarks/requirements.txt.
 # NOTE: .venv-bench sees .venv's packages through a .pth file and installs only what is missing,
 # constrained by requirements.lock: torch is not installed twice and the project's pins never move.
 .venv-bench/.installed: benchmarks/requirements.txt requirements.lock $(STAMP)
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
 	echo "$(CURDIR)/$(VENV)/lib/python3.11/site-packages" > .venv-bench/lib/python3.11/site-packages/_project_venv.pth
 	.venv-bench/bin/python -m pip install -qq --disable-pip-version-check -c requirements.lock -r benchmarks/requirements.txt
+	@touch $@
+
+# img2dataset (the crawl benchmark's peer) in its own venv, as its users install it: no torch, none
+# of this project's packages (a layered venv made its start-up import torch). Pinned, transitive
+# packages included, in benchmarks/img2dataset.lock.
+.venv-img2dataset/.installed: benchmarks/img2dataset.lock
+	test -x .venv-img2dataset/bin/python || $(PYTHON) -m venv .venv-img2dataset
+	.venv-img2dataset/bin/python -m pip install -qq --disable-pip-version-check --no-deps -r benchmarks/img2dataset.lock
 	@touch $@
 
 # Re-resolve the lock from pyproject.toml's ranges in a scratch venv (needs the package registry).
@@ -84,4 +92,4 @@ lock:
 	rm -rf .lock-venv build *.egg-info
 
 clean:
-	rm -rf $(VENV) .venv-bench data
+	rm -rf $(VENV) .venv-bench .venv-img2dataset data

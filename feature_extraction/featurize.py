@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from contract.pools import main_module_hidden
 from contract.reuse import ItemIndex, where
 from contract.stage import StageContext
 from feature_extraction.config import ExtractConfig
@@ -172,7 +173,9 @@ def extract_chunks(
     rows: list[RegionFeatures] = []
     seen, bound = 0, iter(bounds)
     index, end = next(bound)
-    for batch in loader:
+    with main_module_hidden():  # the loader's workers start here (contract/pools.py)
+        loaded = iter(loader)
+    for batch in loaded:
         rows += [b["result"] for b in batch] if detector is None else detector(batch)
         seen += len(batch)
         while index is not None and seen >= end:  # batches never straddle chunks

@@ -12,12 +12,11 @@ crawl; a shard is published when all its images are settled (fetched or failed).
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from contract.artifact import Artifact
+from contract.pools import process_pool
 from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, now, shard_id
 from corpus.images.fetch import Fetched, Fetcher, decide
@@ -169,8 +169,7 @@ def image_executor(workers: int, threaded: bool) -> Executor:
     """Where images are processed: the pool, or threads of this process when few are expected."""
     if threaded:
         return ThreadPoolExecutor(workers, thread_name_prefix="crawl-image")
-    # NOTE: forkserver, not fork: the event loop, aiohttp and DuckDB threads must not be copied.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    return process_pool(workers)
 
 
 async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
@@ -348,8 +347,9 @@ CRAWL = Stage(
     name="crawl",
     # 2: the colour thumbnail beside the hashes; 3: JPEGs decoded at the scale of the real target
     # size (libjpeg's reduction applies to more photos; the resized pixels change slightly);
-    # 4: the thumbnail is 64×64 (the dedup's fine check compares pixels)
-    version=4,
+    # 4: the thumbnail is 64×64 (the dedup's fine check compares pixels); 5: hashes and thumbnail
+    # from one box-reduced copy of at most 256 px (bits and pixels change slightly)
+    version=5,
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),

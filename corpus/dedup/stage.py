@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import multiprocessing
 import os
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from typing import Protocol
 
 import pyarrow as pa
 
 from contract.errors import GuardError
+from contract.pools import process_pool
 from contract.reuse import Hit, ItemIndex
 from contract.stage import Stage, StageContext, batched, now, shard_id
 from corpus.dedup.config import DedupConfig
@@ -247,7 +246,7 @@ async def _fetch_and_hash(
     workers = crawl_cfg.workers or os.cpu_count() or 1
     loop = asyncio.get_running_loop()
     clock = time.time()
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    with process_pool(workers) as pool:
         async with Fetcher(crawl_cfg, file_roots) as fetcher:
 
             async def hashed(uri: str, fetched, action: str) -> dict:
@@ -861,7 +860,8 @@ DEDUP = Stage(
     # 2: corpus_images.crawl_file is a storage key (was a URL); 3: eval shards by image location;
     # 4: pHash candidates colour-checked, decontamination modes, rejected and repointed tables
     # 5: the fine check (64×64 thumbnails, pixel blocks) after the coarse colour check
-    version=5,
+    # 6: evaluation images hashed as crawl version 5 hashes (from one reduced copy)
+    version=6,
     run=_run,
     inputs=("ingest", "crawl"),
     tables=(

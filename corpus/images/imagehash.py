@@ -20,7 +20,7 @@ _N = 32
 # Unnormalized DCT-II basis (scale does not matter: bits compare coefficients with their median).
 _DCT = 2 * np.cos(np.pi * np.outer(np.arange(_N), 2 * np.arange(_N) + 1) / (2 * _N))
 _WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
-_WORK_SIDE = 256  # hashes are computed from a grayscale copy at most this size: plenty for 32×32
+HASH_SIDE = 256  # hashes are computed from a grayscale copy at most this size: plenty for 32×32
 WINDOW_TRIM = 0.05
 
 
@@ -38,10 +38,10 @@ def _hash_gray(gray: Image.Image) -> int:
 
 
 def _work_copy(image: Image.Image) -> Image.Image:
-    """Grayscale, at most `_WORK_SIDE` on its longer side: gray first (one channel to shrink),
+    """Grayscale, at most `HASH_SIDE` on its longer side: gray first (one channel to shrink),
     then an integer box reduction, then a small resize."""
     gray = image.convert("L")
-    factor = -(-max(gray.size) // _WORK_SIDE)  # ceil
+    factor = -(-max(gray.size) // HASH_SIDE)  # ceil
     if factor > 1:
         gray = gray.reduce(factor)
     return gray

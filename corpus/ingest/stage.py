@@ -6,15 +6,15 @@ reader (formats.*.chunks) → worker (normalize + Parquet encode, in-process or 
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 from contract.artifact import encode_tables
+from contract.pools import process_pool
 from contract.stage import Stage, StageContext, now, shard_id
 from corpus.ingest.formats import Chunk, open_format
 from corpus.ingest.writer import ShardBuilder
@@ -79,8 +79,7 @@ def _process(fmt, chunks: Iterator[Chunk], workers: int, scratch: Path):
             folder = folder_for(chunk)
             yield chunk, process_chunk(fmt, chunk, str(folder)), folder
         return
-    # NOTE: forkserver, not fork: the parent may hold threads (boto3, DuckDB) that fork copies locked.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    with process_pool(workers) as pool:
         pending: list[tuple[Chunk, Future, Path]] = []
         for chunk in chunks:
             folder = folder_for(chunk)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from contract.pools import main_module_hidden
 from uniter.batch import Vocab
 from uniter.data import Corpus, token_bucket_batches
 from uniter.pretrain.config import PretrainConfig
@@ -166,7 +167,9 @@ class Trainer(TrainState):
         )
         self.engine.train()
         losses: list[float] = []
-        for item in loader:
+        with main_module_hidden():  # the loader's workers start here (contract/pools.py)
+            loaded = iter(loader)
+        for item in loaded:
             losses.append(
                 train_micro_batch(
                     self.engine,
