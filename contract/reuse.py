@@ -195,15 +195,12 @@ class ItemIndex:
                 self._files.pop(next(iter(self._files)))
         return self._files[path]
 
-    def data_rows(self, hits: Iterable[Hit], table: str, column: str, schema: pa.Schema) -> pa.Table:
-        """The rows of ``table`` for these hits, read from each source artifact's own shard file."""
-        return self.grouped_rows(where(hits), table, column, schema)
-
     def grouped_rows(
         self, groups: dict[tuple[str, str], list[str]], table: str, column: str, schema: pa.Schema
     ) -> pa.Table:
-        """`data_rows` for items grouped by (source, shard) (`where`): a caller that looks items up
-        long before it copies them keeps these lists, not the hits' index rows."""
+        """The rows of ``table`` whose ``column`` holds these items, read from each source
+        artifact's own shard file; the items grouped by (source, shard), as `where` groups hits (a
+        caller that looks items up long before it copies them keeps these lists, not the hits)."""
         parts = [schema.empty_table()]
         for (source, shard), wanted in sorted(groups.items()):
             key = f"{ARTIFACTS}/{self.stage}/{source}/{table}/{shard}.parquet"

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from contract.artifact import Artifact
 from contract.pools import process_pool
-from contract.reuse import Hit, ItemIndex
+from contract.reuse import Hit, ItemIndex, where
 from contract.stage import Stage, StageContext, now, shard_id
 from corpus.images.fetch import Fetched, Fetcher, decide
 from corpus.images.imaging import ImageOptions, Processed, process_or_reject
@@ -303,8 +303,10 @@ def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tup
         assert reuse is not None
         good = [o.prior for o in kept if o.prior.row["outcome"] == "ok"]
         failed = [o.prior for o in kept if o.prior.row["outcome"] != "ok"]
-        images = pa.concat_tables([images, reuse.data_rows(good, "images", "image_key", IMAGES_SCHEMA)])
-        failures = pa.concat_tables([failures, reuse.data_rows(failed, "failures", "image_key", FAILURES_SCHEMA)])
+        images = pa.concat_tables([images, reuse.grouped_rows(where(good), "images", "image_key", IMAGES_SCHEMA)])
+        failures = pa.concat_tables(
+            [failures, reuse.grouped_rows(where(failed), "failures", "image_key", FAILURES_SCHEMA)]
+        )
         images, failures = images.sort_by("image_key"), failures.sort_by("image_key")
     actions = Counter(o.action for o in outcomes)
     stats = {
