@@ -81,27 +81,30 @@ def serve(port_file: str, n_base: int) -> None:
     asyncio.run(start())
 
 
-def timed(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run a command: (result, wall seconds, CPU seconds of its whole process tree). The tree is
-    polled in /proc (a process pool's workers are not children the command waits for, so rusage
-    would miss them); a process's last < 0.1 s before it exits can be missed, on both sides alike."""
+def timed(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, float, float, float]:
+    """Run a command: (result, wall seconds, CPU seconds and peak RSS in MB of its whole process
+    tree). The tree is polled in /proc (a process pool's workers are not children the command waits
+    for, so rusage would miss them); a process's last < 0.1 s can be missed, on both sides alike."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, **kw)
     cpu: dict[int, float] = {}
+    peak = 0.0
     while proc.poll() is None:
-        cpu.update(_tree_cpu(proc.pid))
+        now = _tree(proc.pid)
+        cpu.update({pid: c for pid, (c, _) in now.items()})
+        peak = max(peak, sum(rss for _, rss in now.values()))
         time.sleep(0.1)
     wall = time.perf_counter() - t0
     out, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}): {(err or b'')[-2000:]!r}")
-    return subprocess.CompletedProcess(cmd, 0, out, err), wall, sum(cpu.values())
+    return subprocess.CompletedProcess(cmd, 0, out, err), wall, sum(cpu.values()), peak
 
 
-def _tree_cpu(root: int) -> dict[int, float]:
-    """CPU seconds (user + system) of root and its descendants, by pid."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parents, times = {}, {}
+def _tree(root: int) -> dict[int, tuple[float, float]]:
+    """(CPU seconds, user + system; resident MB) of root and its descendants, by pid."""
+    tick, page_mb = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE") / 2**20
+    parents, stats = {}, {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -110,13 +113,14 @@ def _tree_cpu(root: int) -> dict[int, float]:
         except OSError:
             continue
         pid = int(entry.name)
-        parents[pid], times[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+        parents[pid] = int(fields[1])
+        stats[pid] = ((int(fields[11]) + int(fields[12])) / tick, int(fields[21]) * page_mb)
     tree, grew = {root}, True
     while grew:
         more = {p for p, parent in parents.items() if parent in tree} - tree
         tree |= more
         grew = bool(more)
-    return {p: times[p] for p in tree if p in times}
+    return {p: stats[p] for p in tree if p in stats}
 
 
 def run_ours(work: Path, max_side: int) -> dict:
@@ -131,7 +135,7 @@ def run_ours(work: Path, max_side: int) -> dict:
     )
     uniter = [str(ROOT / ".venv" / "bin" / "uniter"), "run", "-q", "--json", "-c", str(cfg)]
     subprocess.run([*uniter, "ingest"], check=True, capture_output=True)
-    proc, wall, cpu = timed([*uniter, "crawl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc, wall, cpu, rss = timed([*uniter, "crawl"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     counts = json.loads(proc.stdout)["counts"]
     spans = []
     for marker in out.glob("artifacts/crawl/*/_shards/*.json"):
@@ -142,6 +146,7 @@ def run_ours(work: Path, max_side: int) -> dict:
         "failures": counts["failures"],
         "wall": wall,
         "cpu": cpu,
+        "rss": rss,
         "steady": _span(spans),
     }
 
@@ -161,7 +166,7 @@ def run_img2dataset(work: Path, max_side: int) -> dict:
     ]
     # fmt: on
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
-    _, wall, cpu = timed(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, wall, cpu, rss = timed(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ok = failed = 0
     spans = []
     for stats in out.glob("*_stats.json"):
@@ -169,7 +174,7 @@ def run_img2dataset(work: Path, max_side: int) -> dict:
         ok += s["successes"]
         failed += s["count"] - s["successes"]
         spans.append((s["start_time"], s["end_time"]))
-    return {"images": ok, "failures": failed, "wall": wall, "cpu": cpu, "steady": _span(spans)}
+    return {"images": ok, "failures": failed, "wall": wall, "cpu": cpu, "rss": rss, "steady": _span(spans)}
 
 
 def _span(spans: list[tuple[float, float]]) -> float:
@@ -237,6 +242,9 @@ def main() -> None:
         print(
             f"{'':>8} {'CPU ms/image':14} {cpu_o:>11.1f} {cpu_i:>10.1f} {cpu_o / cpu_i:>14.2f}×  (whole process tree)"
         )
+        rss_o = statistics.median(o["rss"] for o, _ in pairs)
+        rss_i = statistics.median(i["rss"] for _, i in pairs)
+        print(f"{'':>8} {'peak RSS MB':14} {rss_o:>11.0f} {rss_i:>10.0f} {rss_o / rss_i:>14.2f}×  (process tree)")
         fails = sorted({(o["failures"], i["failures"]) for o, i in pairs})
         print(f"{'':>8} failures (ours, img2dataset) per pair: {fails}")
     print(f"\nall goals {'met' if met else 'NOT met'}")

@@ -178,6 +178,9 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
     opts = ImageOptions.from_settings(cfg)
     pool = image_executor(workers, threaded)
     decode_slots = asyncio.Semaphore(4 * workers)  # bounded queue between download and decode
+    # Bodies in memory, downloading or waiting to be decoded: without this bound, a crawl that
+    # downloads faster than it decodes held every open shard's bodies at once.
+    bodies = asyncio.Semaphore(cfg.concurrency + 4 * workers)
     shard_slots = asyncio.Semaphore(cfg.open_shards)
     loop = asyncio.get_running_loop()
 
@@ -188,12 +191,20 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
                            fetched_at=clock, checked_at=clock)  # fmt: skip
         async with decode_slots:
             result = await loop.run_in_executor(pool, process_or_reject, fetched.body, opts)
+        # The original is not stored, and an open shard held every one of them (2-3× its JPEGs).
+        fetched.body = None
         if isinstance(result, Processed):
             return Outcome(key, fetched, image=result, action=action, fetched_at=clock, checked_at=clock)
         return Outcome(key, fetched, reason=result[0], detail=result[1], action=action, fetched_at=clock,
                        checked_at=clock)  # fmt: skip
 
     async def settle(fetcher: Fetcher, key: str, uri: str, hit: Hit | None, action: str) -> Outcome:
+        async with bodies:
+            out = await _settle(fetcher, key, uri, hit, action)
+        bar.advance(1)
+        return out
+
+    async def _settle(fetcher: Fetcher, key: str, uri: str, hit: Hit | None, action: str) -> Outcome:
         if action == "check":
             row = hit.row
             fetched = await fetcher.fetch(uri, row["etag"], row["last_modified"])
@@ -207,7 +218,6 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
                 out = Outcome(key, fetched, action="recheck_failed", prior=hit)
         else:
             out = await process(key, await fetcher.fetch(uri), "retried" if hit is not None else "fetched")
-        bar.advance(1)
         return out
 
     async def crawl_shard(fetcher: Fetcher, index: int, keys: list[str], uris: list[str]) -> None:
@@ -280,7 +290,7 @@ def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tup
             "orig_width": [o.image.orig_width for o in ok],
             "orig_height": [o.image.orig_height for o in ok],
             "orig_format": [o.image.orig_format for o in ok],
-            "orig_bytes": [len(o.fetched.body) for o in ok],
+            "orig_bytes": [o.image.orig_bytes for o in ok],
             "sha256": [o.image.sha256 for o in ok],
             "phash": [o.image.phash for o in ok],
             "phash_windows": [o.image.phash_windows for o in ok],
@@ -313,7 +323,7 @@ def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tup
         "images": images.num_rows,
         "failures": failures.num_rows,
         "failure_reasons": dict(sorted(Counter(failures.column("reason").to_pylist()).items())),
-        "bytes_downloaded": sum(len(o.fetched.body) for o in ok),
+        "bytes_downloaded": sum(o.image.orig_bytes for o in ok),
         "bytes_stored": pc.sum(pc.binary_length(images.column("bytes"))).as_py() or 0,
         "reuse": {a: actions.get(a, 0) for a in ACTIONS},
     }

@@ -49,6 +49,7 @@ class Processed:
     orig_width: int
     orig_height: int
     orig_format: str
+    orig_bytes: int  # of the body as downloaded (the crawl drops the body once this is made)
     sha256: str
     phash: int
     phash_windows: list[int]
@@ -91,7 +92,9 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
     small = image.reduce(-(-max(image.size) // HASH_SIDE)) if max(image.size) > HASH_SIDE else image
     full, windows = phash_windows(small)
     thumb = colour_thumbnail(small)
-    return Processed(out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, sha, full, windows, thumb)
+    return Processed(
+        out.getvalue(), image.width, image.height, orig_w, orig_h, fmt, len(data), sha, full, windows, thumb
+    )
 
 
 def target_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:

@@ -111,11 +111,14 @@ def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, 
         assert max(r["width"], r["height"]) == 200 and r["bytes"][:2] == b"\xff\xd8" and len(r["sha256"]) == 64
     assert by_url["/exif.jpg"]["width"] == 200 and by_url["/exif.jpg"]["height"] == 150  # oriented
     assert by_url["/jpeg.jpg"]["orig_width"] == 640
+    for path, body in good.items():  # the size as downloaded (the body itself is not kept)
+        assert by_url[path]["orig_bytes"] == len(body), path
 
     counts = result.manifest.counts
     assert (counts["images"], counts["failures"], counts["attempted"]) == (8, 10, 18)
     assert counts["success_rate"] == round(8 / 18, 4)
     assert counts["failure_reasons"] == dict(Counter(expected_failures.values()))
+    assert counts["bytes_downloaded"] == sum(r["orig_bytes"] for r in images)
     assert result.manifest.shards == 4  # 18 distinct images in shards of 5
     assert run_stage("crawl", cfg).status == "cached"
 
