@@ -37,14 +37,16 @@ def _hash_gray(gray: Image.Image) -> int:
     return _hashes([gray])[0]
 
 
+def reduced(image: Image.Image) -> Image.Image:
+    """The image box-reduced by the smallest integer factor that brings it to `HASH_SIDE` or less."""
+    factor = -(-max(image.size) // HASH_SIDE)  # ceil
+    return image.reduce(factor) if factor > 1 else image
+
+
 def _work_copy(image: Image.Image) -> Image.Image:
     """Grayscale, at most `HASH_SIDE` on its longer side: gray first (one channel to shrink),
     then an integer box reduction, then a small resize."""
-    gray = image.convert("L")
-    factor = -(-max(gray.size) // HASH_SIDE)  # ceil
-    if factor > 1:
-        gray = gray.reduce(factor)
-    return gray
+    return reduced(image.convert("L"))
 
 
 def phash(image: Image.Image) -> int:
