@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from uniter.data import token_bucket_batches
+from uniter.finetune.tasks.common import Endless
 from uniter.runtime import warmup_linear
 
 
@@ -24,6 +25,21 @@ def test_budget_and_coverage():
     assert 1 - real / padded < 0.05  # padding under 5 %
     again = token_bucket_batches(ids, lengths, 2048, 1024, np.random.default_rng(1))
     assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))  # same seed, same batches
+
+
+def test_endless_stream_is_a_function_of_the_batch_number():
+    lengths = np.random.default_rng(0).integers(5, 60, size=300)
+    stream = Endless(lengths, budget=512, seed=3)
+    first = [stream(j) for j in range(100)]  # several epochs, in order
+    epochs = [
+        token_bucket_batches(np.arange(300), lengths, 512, 8192, np.random.default_rng([3, 7, e])) for e in range(6)
+    ]
+    expected = [b for e in epochs for b in e][:100]
+    assert all(np.array_equal(a, b) for a, b in zip(first, expected, strict=True))
+    assert len(epochs[0]) < 50  # (the 100 batches span epochs)
+    resumed = Endless(lengths, budget=512, seed=3)  # a resumed run asks for a late batch first
+    for j in (77, 3, 99, 50):
+        assert np.array_equal(resumed(j), first[j])
 
 
 def test_warmup_linear_schedule():

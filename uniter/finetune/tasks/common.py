@@ -52,15 +52,32 @@ def feature_ids(feature_paths: list[Path], image_set: str, gt: bool = False) -> 
     return out
 
 
-def endless(n_ids: np.ndarray, lengths: np.ndarray, budget: int, seed: int, j: int) -> np.ndarray:
-    """The j-th token-bucket batch of an endless stream of shuffled epochs."""
-    epoch = 0
-    while True:
-        batches = token_bucket_batches(n_ids, lengths, budget, 8192, np.random.default_rng([seed, 7, epoch]))
-        if j < len(batches):
-            return batches[j]
-        j -= len(batches)
-        epoch += 1
+class Endless:
+    """An endless stream of shuffled token-bucket epochs: `stream(j)` is the j-th batch, a pure
+    function of j (a resumed run repeats an uninterrupted one). Each epoch is cut once and kept while
+    its batches are being served: re-cutting every epoch up to j's on each call made a step's cost
+    grow with its number (VQA on the grounding world: 0.07 s of a 0.15 s step by step 2,000)."""
+
+    def __init__(self, lengths: np.ndarray, budget: int, seed: int):
+        self.ids, self.lengths, self.budget, self.seed = np.arange(len(lengths)), lengths, budget, seed
+        self.sizes: list[int] = []  # batches in each epoch cut so far
+        self.epoch, self.batches = -1, []
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self.epoch:
+            rng = np.random.default_rng([self.seed, 7, epoch])
+            self.epoch, self.batches = epoch, token_bucket_batches(self.ids, self.lengths, self.budget, 8192, rng)
+        return self.batches
+
+    def __call__(self, j: int) -> np.ndarray:
+        epoch = 0
+        while True:
+            if epoch == len(self.sizes):
+                self.sizes.append(len(self._epoch(epoch)))
+            if j < self.sizes[epoch]:
+                return self._epoch(epoch)[j]
+            j -= self.sizes[epoch]
+            epoch += 1
 
 
 def eval_batches(ids: np.ndarray, lengths: np.ndarray, budget: int, seed: int) -> list[np.ndarray]:

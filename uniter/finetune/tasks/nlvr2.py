@@ -23,7 +23,7 @@ from contract.errors import InputDataError
 from uniter.batch import Vocab, pack
 from uniter.finetune.config import Nlvr2Task
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
-from uniter.finetune.tasks.common import endless, eval_batches, text_corpus, texts_with_regions, tokenize
+from uniter.finetune.tasks.common import Endless, eval_batches, text_corpus, texts_with_regions, tokenize
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "nlvr2/predictions.csv"  # identifier, True/False: re-scored by the evaluate stage
@@ -107,6 +107,8 @@ class Nlvr2Data(TaskData):
             )
         if any(s.label is None for s in self.train_st):
             raise InputDataError(f"{task.train}: training statements need labels")
+        lengths = self.train.lengths[self.train_rows[:, 1]] + self.train.lengths[self.train_rows[:, 2]]
+        self.stream = Endless(lengths, task.batch_tokens, seed)
 
     def _load(self, path, split, tokenizer, feature_paths, local, pretrain, max_len):
         """(statements, their Corpus, (statement, left example, right example) per statement with both images)."""
@@ -144,8 +146,7 @@ class Nlvr2Data(TaskData):
         return batch
 
     def train_batch(self, j: int, score: Score) -> dict:
-        lengths = self.train.lengths[self.train_rows[:, 1]] + self.train.lengths[self.train_rows[:, 2]]
-        pick = endless(np.arange(len(self.train_rows)), lengths, self.task.batch_tokens, self.seed, j)
+        pick = self.stream(j)
         batch = self._batch(self.train, self.train_rows[pick])
         batch["targets"] = torch.tensor([int(self.train_st[int(k)].label) for k in self.train_rows[pick, 0]])
         return batch

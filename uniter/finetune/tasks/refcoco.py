@@ -24,7 +24,7 @@ from uniter.batch import Vocab, pack
 from uniter.data import Corpus
 from uniter.finetune.config import RefcocoTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
-from uniter.finetune.tasks.common import endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
+from uniter.finetune.tasks.common import Endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
 
 log = logging.getLogger(__name__)
 PREDICTIONS = "refcoco/predictions.json"  # per setting and expression, the predicted box: re-scored by evaluate
@@ -265,6 +265,8 @@ class RefcocoData(TaskData):
                 f"downstream set {task.images!r} (ground-truth-box features, or a detected region "
                 "with IoU > 0.5)"
             )
+        corpus, examples, _, _ = self.sets[("train", self.train_setting)]
+        self.stream = Endless(corpus.lengths[examples], task.batch_tokens, seed)
 
     def model_class(self):
         # transformers loads only where a model is built: the evaluate stage and the report import this module
@@ -281,7 +283,7 @@ class RefcocoData(TaskData):
 
     def train_batch(self, j: int, score: Score) -> dict:
         corpus, examples, targets, _ = self.sets[("train", self.train_setting)]
-        pick = endless(np.arange(len(examples)), corpus.lengths[examples], self.task.batch_tokens, self.seed, j)
+        pick = self.stream(j)
         batch = self._batch(corpus, examples[pick])
         batch["targets"] = torch.from_numpy(targets[pick])
         return batch

@@ -24,7 +24,7 @@ from contract.errors import InputDataError
 from uniter.batch import Vocab, pack
 from uniter.finetune.config import VqaTask
 from uniter.finetune.tasks.base import FinetuneTask, Rescored, Score, TaskData
-from uniter.finetune.tasks.common import endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
+from uniter.finetune.tasks.common import Endless, eval_batches, feature_ids, text_corpus, texts_with_regions, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,7 @@ class VqaData(TaskData):
                 f"VQA: none of the {len(train_q)} training questions has features of its image in the "
                 f"downstream set {task.images!r} (configure downstream.images.{task.images})"
             )
+        self.stream = Endless(self.train.lengths, task.batch_tokens, seed)
         label_of = {a: i for i, a in enumerate(self.labels)}
         self.targets = [
             soft_targets(list(train_q[int(r)].answers), label_of, task.target_score) for r in self.train.text_row
@@ -331,7 +332,7 @@ class VqaData(TaskData):
         return UniterForVqa, {"num_answers": len(self.labels), "vqa_loss": self.task.loss}
 
     def train_batch(self, j: int, score: Score) -> dict:
-        ids = endless(np.arange(len(self.train)), self.train.lengths, self.task.batch_tokens, self.seed, j)
+        ids = self.stream(j)
         batch = pack(*texts_with_regions(self.train, ids, self.vocab, self.task.image_features), self.vocab)
         t = torch.zeros(len(ids), len(self.labels))
         for row, i in enumerate(ids):
