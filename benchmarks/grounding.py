@@ -12,16 +12,18 @@ one storage. Fine-tuning runs three ways per seed, with the same budget:
   (`image_features: zeroed`): what the question alone gives — chance, on balanced questions.
 
 It prints the held-out accuracy by question kind (mean and spread over seeds) and each stage's
-wall time. Goals (issue 13): colour and shape ≥ 90 %; the pretrained model ≥ 20 points above
-blind on them; pretrained ≥ 3 points above scratch; the whole run ≤ 30 minutes on 2 cores. With
-`--grid-objects` it first prints a linear probe of the features: are colour and shape in them at all?
+wall time. Goals (issue 13), on attribute questions (colour and shape pooled): ≥ 90 %; the
+pretrained model ≥ 20 points above blind; pretrained ≥ 3 points above scratch; the whole run ≤ 30
+minutes on 2 cores. With `--grid-objects` it first prints a linear probe of the features: are
+colour and shape in them at all?
 
-The defaults are the best setting measured (issue 13's notes): the objects as regions of their own
-(`grid_objects: 4`) beside a 2 × 2 grid, pretraining at lr 1e-3 (at 3e-4 the 2-layer model's ITM
-never left chance), 600 pretraining and 600 fine-tuning steps. One seed takes ~14 minutes.
+The defaults are the best setting measured (docs/finetune.md): a 4-layer model (hidden 128; two
+layers never learned to match the question's shape word to a region), the objects as regions of
+their own (`grid_objects: 4`) beside a 2 × 2 grid, 600 pretraining steps at lr 1e-3, 1,000
+fine-tuning steps (the answer comes in a late jump, earlier after pretraining).
 
     .venv/bin/python benchmarks/grounding.py [--train 3000] [--val 400] [--seeds 3]
-        [--pretrain-steps 600] [--finetune-steps 600] [--grid 2] [--grid-objects 4] [--keep FOLDER]
+        [--pretrain-steps 600] [--finetune-steps 1000] [--layers 4] [--grid 2] [--grid-objects 4] [--keep FOLDER]
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def config(folder: Path, world: dict, args, seed: int, variant: str) -> Path:
             "image_features": ft.get("image_features", "real"),
         },
         extract={"grid_objects": args.grid_objects, "grid_rows": args.grid, "grid_cols": args.grid},
+        layers=args.layers,
     )
     path = folder / f"{variant}-{seed}.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -137,10 +140,11 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--pretrain-steps", type=int, default=600)
-    parser.add_argument("--finetune-steps", type=int, default=600)
+    parser.add_argument("--finetune-steps", type=int, default=1000)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
     parser.add_argument("--loss", choices=["bce", "softmax"], default="softmax")
+    parser.add_argument("--layers", type=int, default=4, help="the model's layers (hidden 128)")
     parser.add_argument("--grid", type=int, default=2, help="grid rows = columns")
     parser.add_argument("--grid-objects", type=int, default=4, help="object regions (0: the grid alone)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
@@ -193,14 +197,18 @@ def main() -> None:
     print("\nstage wall time, s (each build): " + ", ".join(
         f"{s} {statistics.fmean(v):.0f}×{len(v)}" for s, v in stage_seconds.items()))  # fmt: skip
     total = time.perf_counter() - started
-    attribute = ("colour", "shape")
     print(f"whole benchmark: {total / 60:.1f} min (goal ≤ 30)")
-    for k in attribute:
+    # the issue's goals are on attribute questions (colour and shape pooled); each kind is shown too
+    for k in ("attribute", "colour", "shape"):
+        seeing, blind, scratch = (mean[(v, k)] for v in ("pretrained", "blind", "scratch"))
         print(
-            f"{k}: pretrained {mean[('pretrained', k)]:.1f} (goal ≥ 90), − blind "
-            f"{mean[('pretrained', k)] - mean[('blind', k)]:+.1f} (goal ≥ +20), − scratch "
-            f"{mean[('pretrained', k)] - mean[('scratch', k)]:+.1f} (goal ≥ +3)"
+            f"{k}: pretrained {seeing:.1f} (goal ≥ 90), − blind {seeing - blind:+.1f} (goal ≥ +20), "
+            f"− scratch {seeing - scratch:+.1f} (goal ≥ +3)"
         )
+    seeing, blind, scratch = (mean[(v, "attribute")] for v in ("pretrained", "blind", "scratch"))
+    met = seeing >= 90 and seeing - blind >= 20 and seeing - scratch >= 3
+    print(f"accuracy goals on attribute questions: {'met' if met else 'NOT met'}; time goal: "
+          f"{'met' if total <= 30 * 60 else 'NOT met'}")  # fmt: skip
 
 
 if __name__ == "__main__":
