@@ -127,7 +127,8 @@ def _build_child(cfg_path: str, out) -> None:
         t = time.perf_counter()
         m = run_stage(stage, cfg).manifest
         result[stage] = {
-            "counts": m.counts, "content_sha256": m.content_sha256, "rows": {t: m.rows(t) for t in m.tables}
+            "counts": m.counts, "content_sha256": m.content_sha256, "rows": {t: m.rows(t) for t in m.tables},
+            "shards": m.shards,
         }  # fmt: skip
         result[f"{stage}_s"] = time.perf_counter() - t
     out.send((time.perf_counter() - started, result))
@@ -218,6 +219,10 @@ def main() -> None:
     for stage in ("crawl", "extract"):
         print(f"{stage + ' reuse counts':34s}rebuild {inc[stage]['counts']['reuse']}")
         print(f"{'':34s}recrawl {rec[stage]['counts']['reuse']}")
+    for stage in ("crawl", "extract"):
+        linked = [r[stage]["counts"].get("shards_linked", 0) for r in (inc, rec)]
+        shards = [r[stage]["shards"] for r in (inc, rec)]
+        row(f"{stage} shards linked", "", *(f"{a} of {b}" for a, b in zip(linked, shards, strict=True)))
     row("images in the corpus", *(r["dedup"]["rows"]["corpus_images"] for r in runs))
     for stage in ("crawl", "dedup", "extract"):
         same = rec[stage]["content_sha256"] == scratch[stage]["content_sha256"]

@@ -193,6 +193,13 @@ class Artifact:
             done[rec.shard] = rec
         return done
 
+    def shard_record(self, shard: str) -> ShardRecord | None:
+        """A finished shard's marker (None if it has none, or it cannot be read)."""
+        try:
+            return ShardRecord.from_json(json.loads(self.storage.read_bytes(f"{self.prefix}/{SHARDS}/{shard}.json")))
+        except (StorageError, ValueError, KeyError, TypeError):
+            return None
+
     def write_shard(
         self,
         shard: str,
@@ -232,6 +239,28 @@ class Artifact:
         marker = json.dumps(asdict(record), sort_keys=True).encode()
         self.storage.put(f"{self.prefix}/{SHARDS}/{shard}.json", marker)
         return record
+
+    def link_shard(
+        self, shard: str, source: str, source_shard: str, stats: dict[str, Any], run_id: str, started: float
+    ) -> ShardRecord | None:
+        """Publish ``shard`` as a copy of shard ``source_shard`` of this stage's artifact ``source``
+        (same rows, so the same bytes as writing it: a file is a pure function of its rows), then
+        the marker; ``stats`` update the earlier shard's. For a rebuild's unchanged shards: nothing
+        decoded or encoded, and on S3 no bytes through this machine. None, writing nothing, if
+        the earlier shard's marker is gone."""
+        earlier = Artifact(self.storage, self.stage, source)
+        record = earlier.shard_record(source_shard)
+        if record is None:
+            return None
+        files: dict[str, TableFile] = {}
+        for table, f in record.files.items():
+            relpath = f"{table}/{shard}.parquet"
+            self.storage.copy(earlier.file_key(f.path), self.file_key(relpath))
+            files[table] = TableFile(relpath, f.sha256, f.rows, f.bytes)
+        merged = {**record.stats, **stats, "shards_linked": 1}
+        linked = ShardRecord(shard, files, merged, round(time.time() - started, 3), run_id)
+        self.storage.put(f"{self.prefix}/{SHARDS}/{shard}.json", json.dumps(asdict(linked), sort_keys=True).encode())
+        return linked
 
     def publish(
         self,

@@ -2,22 +2,29 @@
 
 A stage's cache key is the content of everything upstream, so ten new captions give `crawl` and
 `extract` new keys. The artifact under the new key is still written whole (a rebuild gives the
-same bytes as a build from scratch), but each item already finished under an earlier key — an
-image fetched with the same options, features of the same image bytes by the same extractor — is
-copied from the earlier artifact's file instead of being made again.
+same bytes as a build from scratch), but what an earlier key already finished is taken from it:
+- a whole shard, when an earlier artifact holds a shard of exactly the same items (the stage's
+  *shard digest*: crawl's image keys and URLs, extract's image keys and sha256): its files are
+  copied by the storage (`Artifact.link_shard`: a hard link, a server-side copy) — nothing is
+  decoded or encoded. Crawl and extract cut shards in input order (new rows of a TSV land in new
+  shards), so a rebuild after an append links every earlier shard but the last;
+- otherwise item by item: an image fetched with the same options, features of the same image
+  bytes by the same extractor, copied row by row from the earlier artifact's file.
 
 Layout under the storage root, per stage and *item fingerprint* (the stage's settings that shape
 one item: image options, extractor weights digest and box selection — not the shard size)::
 
-    index/<stage>/<fingerprint>/<artifact key>/<shard>.parquet   one row per item, sorted by `item`
-    index/<stage>/<fingerprint>/_sealed/<artifact key>.json       its shards' item ranges
+    index/<stage>/<fingerprint>/<artifact key>/<shard>.parquet     one row per item of the shard
+    index/<stage>/<fingerprint>/<artifact key>/_bucket-<b>.parquet  the same rows with their shard,
+                                                                    by hash bucket of the item
+    index/<stage>/<fingerprint>/_sealed/<artifact key>.json         bucket depth; shard → digest
 
-Shards of crawl and extract are contiguous ranges of sorted image keys, so an artifact's sealed
-file (one line per shard: first and last item) is all a lookup needs to go from an image key to
-the one earlier shard that may hold it: a binary search, then one small index file read per
-earlier shard touched — never a scan of earlier artifacts per image. The index file holds what
-the stage needs to decide (the URL, outcome and HTTP validators for crawl; the image sha256 for
-extract); the data row itself is read from the earlier artifact's own table file.
+An item's lookup reads the one bucket file its hash names in each earlier artifact (a bucket holds
+≈ BUCKET_ROWS items: 4.2 M images make 4,096 buckets of ≈ 1,000) — never a scan of an earlier
+artifact. A shard's lookup by digest reads the sealed file (loaded once per run) and that one
+earlier shard's index file. The index rows hold what the stage needs to decide (the URL, outcome
+and HTTP validators for crawl; the image sha256 for extract); the data rows come from the earlier
+artifact's own table files.
 
 The seal is written after every shard, before the artifact's manifest, and a source counts only
 once its manifest exists, so a half-built artifact is never a source. `uniter gc` removes a
@@ -26,9 +33,10 @@ removed artifact's seal first, then its index files.
 
 from __future__ import annotations
 
-import bisect
+import hashlib
 import io
 import json
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,37 +51,35 @@ from storage import Storage, StorageError
 
 INDEX = "index"
 SEALED = "_sealed"
-FIRST, LAST = "item_first", "item_last"  # shard stats: the shard's item range
+BUCKET = "_bucket-"
+DIGEST = "items_digest"  # shard stat: the digest of the shard's items (`shard_digest`)
+BUCKET_ROWS = 4096  # a sealed artifact's index rows per bucket file, about
+CACHED_FILES = 256  # index files a run keeps in memory (a bucket file is ≈ 100 KB)
+
+
+def bucket_of(item: str, depth: int) -> str:
+    """The bucket of ``item`` in an index of ``depth`` hex digits (16^depth buckets)."""
+    return hashlib.blake2b(item.encode(), digest_size=8).hexdigest()[:depth]
+
+
+def shard_digest(rows: Iterable[tuple[str, ...]]) -> str:
+    """The digest of a shard's items: equal digests, equal shard contents (a shard's files are a
+    pure function of the set of its items, each with what shapes its row)."""
+    h = hashlib.sha256()
+    for row in sorted(rows):
+        h.update("\t".join(row).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
 class Source:
-    """A complete earlier artifact that can lend items: its key and its shards' item ranges
-    (sorted by first item; disjoint for crawl and extract, possibly overlapping elsewhere)."""
+    """A complete earlier artifact that can lend items: its key, bucket depth and shard digests."""
 
     key: str
     created: float
-    firsts: list[str]
-    lasts: list[str]
-    shards: list[str]
-    reach: list[str] = field(default_factory=list)  # reach[i]: the largest last item of shards 0..i
-
-    def __post_init__(self) -> None:
-        reach: list[str] = []
-        for last in self.lasts:
-            reach.append(max(reach[-1], last) if reach else last)
-        object.__setattr__(self, "reach", reach)
-
-    def shards_of(self, item: str) -> list[str]:
-        """The shards whose range holds ``item``: a binary search, then a walk back that stops at
-        once when ranges are disjoint."""
-        found = []
-        i = bisect.bisect_right(self.firsts, item) - 1
-        while i >= 0 and self.reach[i] >= item:
-            if self.lasts[i] >= item:
-                found.append(self.shards[i])
-            i -= 1
-        return found
+    depth: int
+    digests: dict[str, str]  # digest -> shard (shards without a digest lend item by item only)
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class ItemIndex:
     lend: bool = True  # False: record and seal the current artifact, reuse nothing (--force)
     _sources: list[Source] | None = field(default=None, repr=False)
     _files: dict[str, pa.Table | None] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def prefix(self) -> str:
@@ -104,21 +111,41 @@ class ItemIndex:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def record(self, shard: str, rows: pa.Table) -> dict[str, str]:
+    def record(self, shard: str, rows: pa.Table, digest: str | None = None) -> dict[str, str]:
         """Write the index rows of one shard of the current artifact (before its marker). Returns
-        the shard stats that carry its item range into the marker (and so into `seal`)."""
-        rows = rows.sort_by("item")
+        the shard stats that carry its digest (if the stage gives one) into the marker and `seal`."""
         buf = io.BytesIO()
-        pq.write_table(rows, buf, compression="zstd")
+        pq.write_table(rows.sort_by("item"), buf, compression="zstd")
         self.storage.put(self.shard_file(self.current, shard), buf.getvalue())
-        if rows.num_rows == 0:
-            return {}
-        return {FIRST: rows.column("item")[0].as_py(), LAST: rows.column("item")[-1].as_py()}
+        return {DIGEST: digest} if digest else {}
 
     def seal(self, done: dict[str, ShardRecord]) -> None:
-        """Make the current artifact a source (call after all shards, before the manifest)."""
-        ranges = sorted((rec.stats[FIRST], rec.stats[LAST], name) for name, rec in done.items() if FIRST in rec.stats)
-        body = {"key": self.current, "created": time.time(), "shards": [list(r) for r in ranges]}
+        """Make the current artifact a source (call after all shards, before the manifest): its
+        shards' index rows regrouped into hash buckets, then the sealed file."""
+        present = set(self.storage.list(f"{self.prefix}/{self.current}"))
+        parts = []
+        for name in sorted(done):
+            path = self.shard_file(self.current, name)
+            if path in present:
+                rows = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
+                parts.append(rows.append_column("shard", pa.array([name] * rows.num_rows, pa.string())))
+        rows = pa.concat_tables(parts) if parts else pa.table({"item": pa.array([], pa.string())})
+        depth = 0
+        while rows.num_rows > BUCKET_ROWS * 16**depth:
+            depth += 1
+        buckets = pa.array([bucket_of(i, depth) for i in rows.column("item").to_pylist()], pa.string())
+        rows = rows.append_column("_bucket", buckets).sort_by([("_bucket", "ascending"), ("item", "ascending")])
+        names = rows.column("_bucket").to_pylist()
+        rows = rows.drop_columns(["_bucket"])
+        start = 0
+        for end in range(1, len(names) + 1):  # sorted: each bucket is one run of rows
+            if end == len(names) or names[end] != names[start]:
+                buf = io.BytesIO()
+                pq.write_table(rows.slice(start, end - start), buf, compression="zstd")
+                self.storage.put(f"{self.prefix}/{self.current}/{BUCKET}{names[start]}.parquet", buf.getvalue())
+                start = end
+        digests = {name: rec.stats[DIGEST] for name, rec in sorted(done.items()) if rec.stats.get(DIGEST)}
+        body = {"key": self.current, "created": time.time(), "depth": depth, "shards": digests}
         self.storage.put(f"{self.prefix}/{SEALED}/{self.current}.json", json.dumps(body).encode())
 
     def put_table(self, name: str, table: pa.Table) -> None:
@@ -149,13 +176,12 @@ class ItemIndex:
             for key in self.storage.list(f"{self.prefix}/{SEALED}"):
                 try:
                     body = json.loads(self.storage.read_bytes(key))
-                    ranges = body["shards"]
+                    shards = body["shards"]
                     source = Source(
-                        body["key"], float(body["created"]), [r[0] for r in ranges], [r[1] for r in ranges],
-                        [r[2] for r in ranges],
-                    )  # fmt: skip
-                except (ValueError, KeyError, TypeError, IndexError, StorageError):
-                    continue  # an unreadable seal lends nothing; the items are made again
+                        body["key"], float(body["created"]), int(body["depth"]), {d: s for s, d in shards.items()}
+                    )
+                except (ValueError, KeyError, TypeError, AttributeError, StorageError):
+                    continue  # an unreadable (or older) seal lends nothing; the items are made again
                 if source.key == self.current:
                     continue
                 if self.storage.exists(f"{ARTIFACTS}/{self.stage}/{source.key}/{MANIFEST}"):
@@ -163,37 +189,59 @@ class ItemIndex:
             self._sources = sorted(found, key=lambda s: (-s.created, s.key))
         return self._sources
 
-    def lookup(self, items: Iterable[str]) -> dict[str, Hit]:
-        """The newest earlier index row of each item that has one."""
+    def same_shard(self, digest: str) -> tuple[str, str, dict[str, Hit]] | None:
+        """The newest earlier shard with exactly these items (`shard_digest`), as (source, shard,
+        its items' hits); None if no source has one, its index file is gone, or a newer source
+        holds any of its items (a newer row wins, as in `lookup`)."""
+        sources = self.sources()
+        for n, source in enumerate(sources):
+            shard = source.digests.get(digest)
+            if shard is None:
+                continue
+            rows = self._index_file(self.shard_file(source.key, shard))
+            if rows is None:
+                return None
+            hits = {r["item"]: Hit(source.key, shard, r) for r in rows.to_pylist()}
+            if n and self.lookup(hits, sources[:n]):
+                return None
+            return source.key, shard, hits
+        return None
+
+    def lookup(self, items: Iterable[str], sources: list[Source] | None = None) -> dict[str, Hit]:
+        """The newest earlier index row of each item that has one: per source, one bucket file per
+        bucket the items fall in."""
         hits: dict[str, Hit] = {}
-        todo = sorted(set(items))
-        for source in self.sources():
+        todo = set(items)
+        for source in self.sources() if sources is None else sources:
             if not todo:
                 break
-            by_shard: dict[str, list[str]] = {}
+            by_bucket: dict[str, list[str]] = {}
             for item in todo:
-                for shard in source.shards_of(item):
-                    by_shard.setdefault(shard, []).append(item)
-            for shard, wanted in by_shard.items():
-                rows = self._index_rows(source.key, shard)
+                by_bucket.setdefault(bucket_of(item, source.depth), []).append(item)
+            for bucket, wanted in sorted(by_bucket.items()):
+                rows = self._index_file(f"{self.prefix}/{source.key}/{BUCKET}{bucket}.parquet")
                 if rows is None:
                     continue
                 found = rows.filter(pc.is_in(rows.column("item"), value_set=pa.array(wanted, pa.string())))
                 for row in found.to_pylist():
+                    shard = row.pop("shard")
                     hits.setdefault(row["item"], Hit(source.key, shard, row))
-            todo = [i for i in todo if i not in hits]
+            todo.difference_update(hits)
         return hits
 
-    def _index_rows(self, key: str, shard: str) -> pa.Table | None:
-        path = self.shard_file(key, shard)
-        if path not in self._files:
-            try:
-                self._files[path] = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
-            except (StorageError, pa.ArrowException):
-                self._files[path] = None  # gone or unreadable: make the items again
-            if len(self._files) > 8:  # a run walks the sources in item order: a few files suffice
+    def _index_file(self, path: str) -> pa.Table | None:
+        with self._lock:
+            if path in self._files:
+                return self._files[path]
+        try:
+            rows: pa.Table | None = pq.read_table(io.BytesIO(self.storage.read_bytes(path)))
+        except (StorageError, pa.ArrowException):
+            rows = None  # gone or unreadable: make the items again
+        with self._lock:
+            self._files[path] = rows
+            while len(self._files) > CACHED_FILES:
                 self._files.pop(next(iter(self._files)))
-        return self._files[path]
+        return rows
 
     def grouped_rows(
         self, groups: dict[tuple[str, str], list[str]], table: str, column: str, schema: pa.Schema

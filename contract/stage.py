@@ -108,6 +108,17 @@ class StageContext:
             self.done[shard] = record
             self.written += 1
 
+    def link_shard(self, shard: str, source: str, source_shard: str, stats: dict[str, Any], started: float) -> bool:
+        """Publish ``shard`` as a copy of an earlier artifact's shard (`Artifact.link_shard`);
+        False, writing nothing, if that shard's marker is gone."""
+        record = self.output.link_shard(shard, source, source_shard, stats, self.run_id, started)
+        if record is None:
+            return False
+        with self._lock:
+            self.done[shard] = record
+            self.written += 1
+        return True
+
     def shard_files(self, shard: str, table: str) -> list[str]:
         """Storage keys of this stage's own finished shard's table (a later step reads an earlier one)."""
         rec = self.done[shard]

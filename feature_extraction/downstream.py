@@ -115,7 +115,8 @@ def run_downstream(ctx: StageContext) -> None:
     with ctx.progress.task("downstream", total=sum(len(chunks[i]) for i in todo)) as bar:
         for index, tables, stats in reusing_shards(
             extract, extract.device, spec, chunks, todo, ctx.reuse, names, "task_features", TASK_FEATURES_SCHEMA,
-            lambda rows: task_features_table(rows, ids),
+            lambda rows: task_features_table(rows, ids), ctx.link_shard,
         ):  # fmt: skip
-            ctx.write_shard(names[index], tables, stats, now())
+            if tables is not None:
+                ctx.write_shard(names[index], tables, stats, now())
             bar.advance(stats["images"])

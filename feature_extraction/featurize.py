@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +29,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from contract.pools import main_module_hidden
-from contract.reuse import ItemIndex, where
+from contract.reuse import ItemIndex, shard_digest, where
 from contract.stage import StageContext
 from feature_extraction.config import ExtractConfig
 from feature_extraction.grid import box_features, grid_features
@@ -212,22 +213,39 @@ def reusing_shards(
     table_name: str,
     schema: pa.Schema,
     build: Callable[[list[RegionFeatures]], pa.Table],
-) -> Iterator[tuple[int, dict[str, pa.Table], dict[str, Any]]]:
+    link: Callable[[str, str, str, dict[str, Any], float], bool] | None = None,
+) -> Iterator[tuple[int, dict[str, pa.Table] | None, dict[str, Any]]]:
     """Each pending shard's tables and stats, in order (extract and downstream). Images whose
     features an earlier artifact holds (same key, same ``Item.sha256``, same extractor
     fingerprint) are copied from it; only the others go through the model. The shard's reuse index
-    rows are recorded before its marker. ``build`` makes the table of the new rows."""
+    rows are recorded before its marker. ``build`` makes the table of the new rows. With ``link``
+    (`StageContext.link_shard`), a shard whose images an earlier shard holds exactly is published
+    as a copy of it, first, and comes with tables None."""
     same: dict[int, dict[tuple[str, str], list[str]]] = {}  # per shard: where its reused items are
+    linked: dict[int, dict[str, Any]] = {}
     rest = list(chunks)
     for i in todo:
-        if reuse is not None:
-            hits = reuse.lookup(it.key for it in chunks[i])
-            found = [h for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256]
-            same[i] = where(found)
-            reusable = {h.row["item"] for h in found}
-            rest[i] = [it for it in chunks[i] if it.key not in reusable]
+        if reuse is None:
+            continue
+        index_rows, digest = _index_rows(chunks[i])
+        earlier = reuse.same_shard(digest) if link is not None else None
+        if earlier is not None:
+            assert link is not None
+            started = time.time()
+            stats = {**reuse.record(names[i], index_rows, digest), "reuse": {"reused": len(chunks[i]), "extracted": 0}}
+            if link(names[i], earlier[0], earlier[1], stats, started):
+                linked[i], rest[i] = stats, []
+                continue
+        hits = reuse.lookup(it.key for it in chunks[i])
+        found = [h for it in chunks[i] if (h := hits.get(it.key)) and h.row["sha256"] == it.sha256]
+        same[i] = where(found)
+        reusable = {h.row["item"] for h in found}
+        rest[i] = [it for it in chunks[i] if it.key not in reusable]
     fresh = iter(extract_chunks(cfg, device, spec, rest, [i for i in todo if rest[i]]))
     for i in todo:
+        if i in linked:
+            yield i, None, {"images": len(chunks[i]), **linked[i]}
+            continue
         rows: list = []
         if rest[i]:
             index, rows = next(fresh)
@@ -245,10 +263,15 @@ def reusing_shards(
             "reuse": {"reused": reused, "extracted": len(rows)},
         }
         if reuse is not None:
-            keys = {it.key: it.sha256 for it in chunks[i]}
-            index_rows = pa.table({"item": list(keys), "sha256": list(keys.values())}, schema=INDEX_SCHEMA)
-            stats.update(reuse.record(names[i], index_rows))
+            stats.update(reuse.record(names[i], *_index_rows(chunks[i])))
         yield i, {table_name: table}, stats
+
+
+def _index_rows(chunk: list[Item]) -> tuple[pa.Table, str]:
+    """A shard's reuse index rows and its digest (its images and the bytes of each)."""
+    keys = {it.key: it.sha256 for it in chunk}
+    rows = pa.table({"item": list(keys), "sha256": list(keys.values())}, schema=INDEX_SCHEMA)
+    return rows, shard_digest((k, h or "") for k, h in keys.items())
 
 
 # The reuse index row of one image: the bytes its features were computed from.

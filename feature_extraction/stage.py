@@ -9,8 +9,9 @@ shard.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -30,7 +31,9 @@ log = logging.getLogger(__name__)
 
 
 def plan(ctx: StageContext) -> list[list[Item]]:
-    """Kept images in crawl order, cut into shards of `shard_images` (same corpus, same shards)."""
+    """Kept images in crawl order, cut into shards of `shard_images` that never span two crawl
+    shards (same corpus, same shards): a crawl shard a rebuild left unchanged gives unchanged
+    extract shards, which it links (contract/reuse.py), wherever the change fell."""
     catalog = Catalog(ctx.storage, {"corpus_images": ctx.input_files("dedup", "corpus_images")})
     try:
         if "corpus_images" not in catalog.views:
@@ -43,7 +46,11 @@ def plan(ctx: StageContext) -> list[list[Item]]:
         catalog.close()
     items = [Item(*r[:5], sha256=r[5]) for r in rows]
     n = ctx.config.shard_images
-    return [items[i : i + n] for i in range(0, len(items), n)]
+    chunks = []
+    for _, group in itertools.groupby(items, key=lambda it: it.crawl_file):
+        same_file = list(group)
+        chunks += [same_file[i : i + n] for i in range(0, len(same_file), n)]
+    return chunks
 
 
 def run_extract(ctx: StageContext) -> None:
@@ -71,10 +78,11 @@ def run_extract(ctx: StageContext) -> None:
     # is most of the work, and it no longer waits on the disk. One write in flight bounds memory.
     with ctx.progress.task("extract", total=total) as bar, ThreadPoolExecutor(1) as writer:
         pending: Future | None = None
-        for index, tables, stats in extract_shards(cfg, cfg.device, spec, chunks, todo, ctx.reuse):
-            if pending is not None:
-                pending.result()
-            pending = writer.submit(ctx.write_shard, shard_id("feat", index), tables, stats, now())
+        for index, tables, stats in extract_shards(cfg, cfg.device, spec, chunks, todo, ctx.reuse, ctx.link_shard):
+            if tables is not None:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(ctx.write_shard, shard_id("feat", index), tables, stats, now())
             bar.advance(stats["images"])
         if pending is not None:
             pending.result()
@@ -98,8 +106,13 @@ def _rank_main(
     storage = spec.open()
     art = Artifact(storage, stage, key)
     reuse = ItemIndex(storage, stage, fingerprint, current=key, lend=lend) if fingerprint else None
-    for index, tables, stats in extract_shards(cfg, device, spec, chunks, todo[rank::world], reuse):
-        art.write_shard(shard_id("feat", index), tables, stats, f"{run_id}-{rank}", now(), EXTRACT.compression)
+
+    def link(shard: str, source: str, source_shard: str, stats: dict[str, Any], started: float) -> bool:
+        return art.link_shard(shard, source, source_shard, stats, f"{run_id}-{rank}", started) is not None
+
+    for index, tables, stats in extract_shards(cfg, device, spec, chunks, todo[rank::world], reuse, link):
+        if tables is not None:
+            art.write_shard(shard_id("feat", index), tables, stats, f"{run_id}-{rank}", now(), EXTRACT.compression)
 
 
 def extract_shard_ids(ctx: StageContext) -> list[str]:
@@ -113,6 +126,9 @@ def extract_shards(
     chunks: list[list[Item]],
     todo: list[int],
     reuse: ItemIndex | None,
-) -> Iterator[tuple[int, dict[str, pa.Table], dict[str, Any]]]:
+    link: Callable[[str, str, str, dict[str, Any], float], bool] | None = None,
+) -> Iterator[tuple[int, dict[str, pa.Table] | None, dict[str, Any]]]:
     names = [shard_id("feat", i) for i in range(len(chunks))]
-    return reusing_shards(cfg, device, spec, chunks, todo, reuse, names, "features", FEATURES_SCHEMA, features_table)
+    return reusing_shards(
+        cfg, device, spec, chunks, todo, reuse, names, "features", FEATURES_SCHEMA, features_table, link
+    )

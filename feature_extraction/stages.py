@@ -12,8 +12,9 @@ EXTRACT = Stage(
     # 2: the detector runs each image alone (its features no longer depend on its batchmates);
     # 3: grid cells from one whole-image resize, projected by the fast Walsh–Hadamard transform;
     # 4: grid DCT terms centred and averaged (the DC term no longer swamps a cell's statistics);
-    # 5: the grid backend's object regions and whole-image region before the cells
-    version=5,
+    # 5: the grid backend's object regions and whole-image region before the cells; 6: a shard
+    # never spans two crawl shards (a rebuild links the shards of unchanged crawl shards)
+    version=6,
     run=Deferred("feature_extraction.stage:run_extract"),
     inputs=("crawl", "dedup"),
     tables=("features",),

@@ -43,6 +43,12 @@ class Storage(Protocol):
         """Publish a finished local file under ``key`` (atomic). ``move=True`` lets the storage
         take the file instead of copying it (the caller must not need it afterwards)."""
 
+    def copy(self, source: str, key: str) -> None:
+        """Publish a copy of the object ``source`` under ``key`` (atomic), without bringing its
+        bytes here where the medium can help: a hard link on a local disk, a server-side copy on
+        S3. Objects are never changed in place, so a link is a copy; removing either name leaves
+        the other whole (what `uniter gc` relies on)."""
+
     def create(self, key: str, data: bytes) -> bool:
         """Write ``key`` only if no object is there, atomically (one winner among racing writers):
         True if this call created it, False if it existed. For leases."""

@@ -69,12 +69,14 @@ class Catalog:
             if keys:
                 self.add_view(name, keys)
 
-    def add_view(self, name: str, keys: list[str]) -> None:
-        """(Re)define view ``name`` over the Parquet files at ``keys``."""
+    def add_view(self, name: str, keys: list[str], positions: bool = False) -> None:
+        """(Re)define view ``name`` over the Parquet files at ``keys``. ``positions``: with each
+        row's ``filename`` and ``file_row_number`` (where it stands in its input)."""
         urls = ", ".join(_quote(self.storage.url(k)) for k in keys)
+        options = ", filename=true, file_row_number=true" if positions else ""
         try:
             # DuckDB binds the view now: it reads the Parquet footers (schema) here.
-            self.con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{urls}])')
+            self.con.execute(f'CREATE OR REPLACE VIEW "{name}" AS SELECT * FROM read_parquet([{urls}]{options})')
         except duckdb.Error as exc:
             raise CatalogError(f"table {name!r} ({len(keys)} files under {self.storage.uri}): {exc}") from None
         self.views[name] = len(keys)

@@ -114,6 +114,23 @@ class LocalStorage:
             finally:
                 tmp.unlink(missing_ok=True)
 
+    def copy(self, source: str, key: str) -> None:
+        src, path = self._path(source), self._path(key)
+        with self._errors(source):
+            if not src.is_file():
+                raise StorageError(f"{self.url(source)}: no such object")
+            tmp = self._tmp_for(path)
+            try:
+                try:
+                    os.link(src, tmp)  # the published file never changes: a second name suffices
+                except OSError:
+                    shutil.copyfile(src, tmp)  # another filesystem, or one without hard links
+                    with open(tmp, "rb+") as f:
+                        os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
     def create(self, key: str, data: bytes) -> bool:
         path = self._path(key)
         with self._errors(key):

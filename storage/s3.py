@@ -148,6 +148,20 @@ class S3Storage:
         except FAILURES as exc:
             raise self._error(key, exc) from None
 
+    def copy(self, source: str, key: str) -> None:
+        try:
+            # NOTE: copy_object (one request, up to 5 GB: a shard is far smaller), not the managed
+            # copy, which HEADs first and may split into parts.
+            self.client.copy_object(
+                Bucket=self.bucket, Key=self._key(key), CopySource={"Bucket": self.bucket, "Key": self._key(source)}
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise StorageError(f"{self.url(source)}: no such object") from None
+            raise self._error(key, exc) from None
+        except FAILURES as exc:
+            raise self._error(key, exc) from None
+
     def create(self, key: str, data: bytes) -> bool:
         # NOTE: a conditional PUT (If-None-Match: *), which S3 and the moto server decide atomically;
         # a HEAD then PUT would let two writers both win.

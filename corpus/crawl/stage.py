@@ -1,12 +1,13 @@
 """The crawl stage: every distinct image of `pairs` → `images` (validated JPEG + hashes) and `failures`.
 
-reader (distinct image keys, sorted, cut into shards) → fetch (async HTTP / local roots)
+reader (distinct image keys in input order, cut into shards) → fetch (async HTTP / local roots)
 → worker (decode, orient, RGB, resize, JPEG, sha256, pHash in a process pool) → writer (shard).
 A rebuild that expects only a few images to process (its new rows) does so in threads, without
 starting the pool (see `THREADED_IMAGES`).
 
 Several shards are in flight at once, so one slow host at the end of a shard never idles the
-crawl; a shard is published when all its images are settled (fetched or failed).
+crawl; a shard is published when all its images are settled (fetched or failed). A rebuild's
+shard whose images an earlier crawl's shard holds exactly, none due for a check, is linked from it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pyarrow.compute as pc
 
 from contract.artifact import Artifact
 from contract.pools import process_pool
-from contract.reuse import Hit, ItemIndex, where
+from contract.reuse import Hit, ItemIndex, shard_digest, where
 from contract.stage import Stage, StageContext, now, shard_id
 from corpus.images.fetch import Fetched, Fetcher, decide
 from corpus.images.imaging import ImageOptions, Processed, process_or_reject
@@ -110,12 +111,19 @@ class Outcome:
 
 
 def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, Iterator[tuple[int, list[str], list[str]]]]:
-    """(number of distinct images, iterator of (shard index, keys, uris)), sorted by image key so the
-    same pairs always give the same shards. DuckDB sorts out of core; we stream its result."""
+    """(number of distinct images, iterator of (shard index, keys, uris)) in input order: each image
+    where its first pair stands (ingest's files in shard order, rows in file order). The same pairs
+    always give the same shards, and the rows a source gains land in new shards: a rebuild after
+    an append finds every earlier shard unchanged and links it (contract/reuse.py). DuckDB sorts
+    out of core; we stream its result."""
     keys = ctx.input_files("ingest", "pairs")
-    catalog = Catalog(ctx.storage, {"pairs": keys}, settings={"memory_limit": "2GB", "preserve_insertion_order": True})
+    catalog = Catalog(ctx.storage, {}, settings={"memory_limit": "2GB", "preserve_insertion_order": True})
+    catalog.add_view("pairs", keys, positions=True)
     total = catalog.sql("select count(distinct image_key) from pairs").rows[0][0]
-    query = "select image_key, min(image_uri) as image_uri from pairs group by image_key order by image_key"
+    query = (
+        "select image_key, min(image_uri) as image_uri from pairs group by image_key "
+        "order by min({'f': filename, 'r': file_row_number})"
+    )
 
     def shards():
         index, buf_k, buf_u = 0, [], []
@@ -224,9 +232,14 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
         try:
             started = now()
             name = shard_id("images", index)
-            hits = await asyncio.to_thread(ctx.reuse.lookup, keys) if ctx.reuse is not None else {}
-            clock = time.time()
             pairs = list(zip(keys, uris, strict=True))
+            digest = shard_digest(pairs)
+            same = await asyncio.to_thread(ctx.reuse.same_shard, digest) if ctx.reuse is not None else None
+            if same is not None:
+                hits = same[2]
+            else:
+                hits = await asyncio.to_thread(ctx.reuse.lookup, keys) if ctx.reuse is not None else {}
+            clock = time.time()
             actions = [decide(hits[k].row if k in hits else None, u, cfg, clock) for k, u in pairs]
             # NOTE: reused images take no task: in a rebuild they are 95 % of the items, and a task
             # each cost the event loop more than fetching the new ones (measured).
@@ -243,11 +256,17 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
                     if a != "reuse"
                 )
             )
+            rows = pa.Table.from_pylist([o.index_row() for o in outcomes], schema=INDEX_SCHEMA)
+            # An earlier shard of exactly these images, each kept as it holds it (reused, or
+            # confirmed by a 304): its files are this shard's, copied by the storage unread.
+            if same is not None and all(o.prior is not None for o in outcomes):
+                stats = {"bytes_downloaded": 0, "reuse": action_counts(outcomes)}
+                if await asyncio.to_thread(link_shard, ctx, name, same[:2], rows, digest, stats, started):
+                    return
             # Building and writing ~100 MB of Parquet: off the event loop, which keeps downloading.
             tables, stats = await asyncio.to_thread(shard_tables, outcomes, ctx.reuse)
             if ctx.reuse is not None:
-                rows = pa.Table.from_pylist([o.index_row() for o in outcomes], schema=INDEX_SCHEMA)
-                stats.update(await asyncio.to_thread(ctx.reuse.record, name, rows))
+                stats.update(await asyncio.to_thread(ctx.reuse.record, name, rows, digest))
             await asyncio.to_thread(ctx.write_shard, name, tables, stats, started)
         finally:
             shard_slots.release()
@@ -269,6 +288,22 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
                 await asyncio.gather(*running)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def link_shard(
+    ctx: StageContext,
+    name: str,
+    source: tuple[str, str],
+    rows: pa.Table,
+    digest: str,
+    stats: dict[str, Any],
+    started: float,
+) -> bool:
+    """Publish shard ``name`` as a copy of the earlier (artifact, shard) ``source``: index rows,
+    then files and marker."""
+    assert ctx.reuse is not None
+    stats = {**ctx.reuse.record(name, rows, digest), **stats}
+    return ctx.link_shard(name, *source, stats, started)
 
 
 def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tuple[dict[str, pa.Table], dict[str, Any]]:
@@ -318,20 +353,24 @@ def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tup
             [failures, reuse.grouped_rows(where(failed), "failures", "image_key", FAILURES_SCHEMA)]
         )
         images, failures = images.sort_by("image_key"), failures.sort_by("image_key")
-    actions = Counter(o.action for o in outcomes)
     stats = {
         "images": images.num_rows,
         "failures": failures.num_rows,
         "failure_reasons": dict(sorted(Counter(failures.column("reason").to_pylist()).items())),
         "bytes_downloaded": sum(o.image.orig_bytes for o in ok),
         "bytes_stored": pc.sum(pc.binary_length(images.column("bytes"))).as_py() or 0,
-        "reuse": {a: actions.get(a, 0) for a in ACTIONS},
+        "reuse": action_counts(outcomes),
     }
     return {"images": images, "failures": failures}, stats
 
 
 # How each image of a crawl came to be (the `reuse` counts of every run and rebuild).
 ACTIONS = ("fetched", "retried", "reused", "revalidated", "refetched", "gone", "recheck_failed")
+
+
+def action_counts(outcomes: list[Outcome]) -> dict[str, int]:
+    actions = Counter(o.action for o in outcomes)
+    return {a: actions.get(a, 0) for a in ACTIONS}
 
 
 def binary_column(values: list[bytes]) -> pa.Array:
@@ -360,8 +399,9 @@ CRAWL = Stage(
     # 2: the colour thumbnail beside the hashes; 3: JPEGs decoded at the scale of the real target
     # size (libjpeg's reduction applies to more photos; the resized pixels change slightly);
     # 4: the thumbnail is 64×64 (the dedup's fine check compares pixels); 5: hashes and thumbnail
-    # from one box-reduced copy of at most 256 px (bits and pixels change slightly)
-    version=5,
+    # from one box-reduced copy of at most 256 px (bits and pixels change slightly); 6: shards in
+    # input order, not image-key order (a rebuild links the shards an append leaves unchanged)
+    version=6,
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),

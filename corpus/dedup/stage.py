@@ -113,7 +113,7 @@ REPOINTED_SCHEMA = pa.schema(
 
 def run_dedup(ctx: StageContext, crawl_cfg: CrawlSettings) -> None:
     cfg = ctx.config
-    # Shards are ranges of image locations, so a rebuild finds each one's earlier hash by range.
+    # Sorted by image location: the same evaluation sets always give the same shards.
     items = sorted(
         (item for spec in cfg.eval_sets for item in read_eval_set(spec)),
         key=lambda i: (i.image_uri is None, i.image_uri or "", i.eval_set, i.item),

@@ -59,6 +59,10 @@ def test_rebuild_fetches_only_new_images_and_equals_a_build_from_scratch(tmp_pat
             "fetched": 3, "retried": 0, "reused": 11, "revalidated": 0, "refetched": 0, "gone": 0, "recheck_failed": 0
         }  # fmt: skip
 
+        # Shards are cut in input order: the two full shards of old images are the earlier
+        # crawl's, linked (copied by the storage, not rewritten); the third gained new images.
+        assert b.manifest.counts["shards_linked"] == 2
+
         # The same inputs built from scratch on an empty storage: the very same artifact.
         scratch_storage = {"uri": str(tmp_path / "scratch")}
         c = _build(_config(tmp_path / "c", scratch_storage, second))
@@ -96,6 +100,24 @@ def test_recrawl_after_revalidates_with_conditional_gets(tmp_path):
     assert failures == {server.url("/img02.jpg"): "http_404"}  # the gone link leaves the corpus
     assert images[urls[0]]["bytes"] == before[urls[0]]["bytes"]  # 304: the copy we had
     assert images[urls[1]]["sha256"] != before[urls[1]]["sha256"]  # 200: the new picture
+
+
+def test_a_shard_whose_images_all_answer_304_is_linked_and_equals_a_build_from_scratch(tmp_path):
+    bodies = _bodies(8)
+    routes = {p: srv.validated(b) for p, b in bodies.items()}
+    with srv.ImageServer(routes) as server:
+        urls = [server.url(p) for p in bodies]
+        _build(_config(tmp_path / "a", {"uri": str(tmp_path / "data")}, urls))
+        server.routes["/img05.jpg"] = srv.validated(fx.jpeg(fx.synthetic_photo(55, (80, 60))))  # 2nd shard
+        server.routes["/img99.jpg"] = srv.validated(fx.jpeg(fx.synthetic_photo(99, (80, 60))))
+        urls.append(server.url("/img99.jpg"))  # a new row: a new key, and a third shard
+        b = _build(_config(tmp_path / "b", {"uri": str(tmp_path / "data")}, urls, recrawl_after="0s"))
+        assert server.conditional == {p: 1 for p in bodies}
+        scratch = _build(_config(tmp_path / "c", {"uri": str(tmp_path / "scratch")}, urls, recrawl_after="0s"))
+    # Shard 1: four 304s, the earlier shard's files as they are; shard 2: one new picture, rewritten.
+    assert b.manifest.counts["shards_linked"] == 1
+    assert b.manifest.counts["reuse"]["revalidated"] == 7 and b.manifest.counts["reuse"]["refetched"] == 1
+    assert (b.manifest.content_sha256, b.manifest.tables) == (scratch.manifest.content_sha256, scratch.manifest.tables)
 
 
 def test_failures_are_retried_only_after_retry_failures_after(tmp_path):

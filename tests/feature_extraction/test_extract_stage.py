@@ -34,7 +34,7 @@ TINY_D2 = {
 }
 
 
-def corpus(tmp_path: Path, storage: dict, n: int, extract: dict, name: str = "cfg.yaml") -> Path:
+def corpus(tmp_path: Path, storage: dict, n: int, extract: dict, name: str = "cfg.yaml", crawl_shard: int = 50) -> Path:
     images = tmp_path / "images"
     images.mkdir(exist_ok=True)
     rows = []
@@ -48,7 +48,7 @@ def corpus(tmp_path: Path, storage: dict, n: int, extract: dict, name: str = "cf
     doc = {
         "storage": storage,
         "ingest": {"sources": [{"format": "table", "path": "pairs.jsonl"}]},
-        "crawl": {"file_roots": [str(images)], "workers": 1, "shard_images": 50},
+        "crawl": {"file_roots": [str(images)], "workers": 1, "shard_images": crawl_shard},
         "extract": extract,
     }
     path = tmp_path / name
@@ -222,17 +222,20 @@ def test_detector_without_weights_is_a_config_error(tmp_path):
     ids=["grid-local", "grid-s3", "detectron2", "grid-2-processes"],
 )
 def test_rebuild_extracts_only_new_images_and_equals_a_build_from_scratch(tmp_path, storage_spec, extract):
-    build_upstream(load_config(corpus(tmp_path, storage_spec, 8, extract, "old.yaml")))
+    build_upstream(load_config(corpus(tmp_path, storage_spec, 8, extract, "old.yaml", crawl_shard=3)))
     first = run_stage("extract", load_config(tmp_path / "old.yaml"))
     assert first.manifest.counts["reuse"] == {"reused": 0, "extracted": 8}
 
-    new = load_config(corpus(tmp_path, storage_spec, 11, extract, "new.yaml"))  # 3 more photos
+    new = load_config(corpus(tmp_path, storage_spec, 11, extract, "new.yaml", crawl_shard=3))  # 3 more photos
     build_upstream(new)
     rebuilt = run_stage("extract", new)
     assert rebuilt.manifest.key != first.manifest.key
     assert rebuilt.manifest.counts["reuse"] == {"reused": 8, "extracted": 3}
+    # Crawl shards of 3 in input order, extract shards within them: the shards of photos 0-2 and
+    # 3-5 hold the same images as before, and are linked (copied by the storage).
+    assert rebuilt.manifest.counts["shards_linked"] == 2
 
-    scratch = load_config(corpus(tmp_path, {"uri": str(tmp_path / "scratch")}, 11, extract, "scratch.yaml"))
+    scratch = load_config(corpus(tmp_path, {"uri": str(tmp_path / "scratch")}, 11, extract, "scratch.yaml", 3))
     build_upstream(scratch)
     for stage in ("crawl", "dedup", "extract"):
         a, b = run_stage(stage, scratch).manifest, run_stage(stage, new).manifest

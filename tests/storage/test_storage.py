@@ -170,3 +170,19 @@ def test_s3_retries_an_endpoint_that_comes_back_and_reports_one_that_does_not(s3
         proxy.stop()
         with pytest.raises(StorageError, match=f"^s3://{bucket}/p/a/b: no answer from {re.escape(proxy.url)}"):
             reader.read()
+
+
+def test_copy_is_a_whole_second_object(storage):
+    storage.put("a/one.bin", b"x" * 1000)
+    storage.copy("a/one.bin", "b/two.bin")
+    assert storage.read_bytes("b/two.bin") == b"x" * 1000
+    # A new object under either name never changes the other (locally the copy is a hard link,
+    # and a put replaces the name, never the file's bytes).
+    storage.put("b/two.bin", b"new")
+    assert storage.read_bytes("a/one.bin") == b"x" * 1000
+    storage.copy("a/one.bin", "b/two.bin")  # onto an existing name: replaced whole
+    storage.remove("a/one.bin")  # removing the source leaves the copy whole (what `uniter gc` relies on)
+    assert storage.read_bytes("b/two.bin") == b"x" * 1000
+    with pytest.raises(StorageError, match=r"a/none\.bin: no such object"):
+        storage.copy("a/none.bin", "b/three.bin")
+    assert storage.list("b") == ["b/two.bin"]
