@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot bench-grounding bench-startup bench-gpu bench-peers clean
+.PHONY: demo test lint venv lock bench bench-ingest bench-crawl bench-dedup bench-extract bench-rebuild bench-pretrain bench-ipot bench-grounding bench-startup bench-gpu bench-peers clean
 
 venv: $(STAMP)
 
@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench: bench-startup bench-ingest bench-crawl bench-dedup bench-extract bench-pretrain bench-ipot
+bench: bench-startup bench-ingest bench-crawl bench-dedup bench-extract bench-rebuild bench-pretrain bench-ipot
 
 bench-startup: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
@@ -49,6 +49,9 @@ bench-dedup: $(STAMP) .venv-bench/.installed
 
 bench-extract: $(STAMP)
 	$(BIN)/python benchmarks/extract.py
+
+bench-rebuild: $(STAMP)
+	$(BIN)/python benchmarks/rebuild.py
 
 bench-pretrain: $(STAMP)
 	$(BIN)/python benchmarks/pretrain.py

@@ -67,3 +67,10 @@ def test_a_newer_source_wins_over_an_older_shard_of_the_same_items(storage):
     # Building "next" itself never lends to itself, and --force (lend=False) lends nothing.
     assert ItemIndex(storage, "crawl", "fp", current="new").same_shard(shard_digest([("url:b",), ("url:z",)])) is None
     assert ItemIndex(storage, "crawl", "fp", current="x", lend=False).lookup(["url:a"]) == {}
+
+
+def test_an_artifact_without_index_rows_seals_and_lends_nothing(storage):
+    _build(storage, "empty", {})  # e.g. a dedup without evaluation sets: no indexed shard
+    index = ItemIndex(storage, "crawl", "fp", current="next")
+    assert [s.key for s in index.sources()] == ["empty"]
+    assert index.lookup(["url:a"]) == {}
