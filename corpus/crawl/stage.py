@@ -110,41 +110,47 @@ class Outcome:
         }
 
 
-def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, Iterator[tuple[int, list[str], list[str]]]]:
-    """(number of distinct images, iterator of (shard index, keys, uris)) in input order: each image
-    where its first pair stands (ingest's files in shard order, rows in file order). The same pairs
-    always give the same shards, and the rows a source gains land in new shards: a rebuild after
-    an append finds every earlier shard unchanged and links it (contract/reuse.py). DuckDB sorts
-    out of core; we stream its result."""
+def plan_shards(ctx: StageContext, shard_images: int) -> tuple[int, int, Iterator[tuple[int, list[str], list[str]]]]:
+    """(distinct images, shards, iterator of (shard index, keys, uris)) in input order: each image
+    where its first pair stands (ingest's files in shard order, rows in file order), shards of
+    `shard_images` that never span two sources. The same pairs always give the same shards; rows
+    appended to a source, or a new source, land in new shards, so a rebuild finds every earlier
+    shard unchanged and links it (contract/reuse.py). DuckDB sorts out of core; we stream it."""
     keys = ctx.input_files("ingest", "pairs")
     catalog = Catalog(ctx.storage, {}, settings={"memory_limit": "2GB", "preserve_insertion_order": True})
     catalog.add_view("pairs", keys, positions=True)
-    total = catalog.sql("select count(distinct image_key) from pairs").rows[0][0]
-    query = (
-        "select image_key, min(image_uri) as image_uri from pairs group by image_key "
-        "order by min({'f': filename, 'r': file_row_number})"
+    images = (
+        "with images as (select image_key, min(image_uri) as image_uri, "
+        "min({'f': filename, 'r': file_row_number, 's': source}) as first from pairs group by image_key) "
     )
+    total, count = catalog.sql(
+        images + f"select coalesce(sum(n), 0)::BIGINT, coalesce(sum(ceil(n / {int(shard_images)})), 0)::BIGINT "
+        "from (select first.s, count(*) as n from images group by 1)"
+    ).rows[0]
+    query = images + "select image_key, image_uri, first.s from images order by first"
 
     def shards():
-        index, buf_k, buf_u = 0, [], []
+        index, buf_k, buf_u, source = 0, [], [], None
         try:
             for batch in catalog.stream(query):
-                buf_k.extend(batch.column(0).to_pylist())
-                buf_u.extend(batch.column(1).to_pylist())
-                while len(buf_k) >= shard_images:
-                    yield index, buf_k[:shard_images], buf_u[:shard_images]
-                    buf_k, buf_u, index = buf_k[shard_images:], buf_u[shard_images:], index + 1
+                for key, uri, src in zip(*(batch.column(i).to_pylist() for i in range(3)), strict=True):
+                    if buf_k and (len(buf_k) == shard_images or src != source):
+                        yield index, buf_k, buf_u
+                        buf_k, buf_u, index = [], [], index + 1
+                    buf_k.append(key)
+                    buf_u.append(uri)
+                    source = src
             if buf_k:
                 yield index, buf_k, buf_u
         finally:
             catalog.close()
 
-    return total, shards()
+    return total, count, shards()
 
 
 def run_crawl(ctx: StageContext) -> None:
     cfg = ctx.config
-    total, shards = plan_shards(ctx, cfg.shard_images)
+    total, _, shards = plan_shards(ctx, cfg.shard_images)
     done_images = sum(rec.stats.get("images", 0) + rec.stats.get("failures", 0) for rec in ctx.done.values())
     with ctx.progress.task("crawl", total=total) as bar:
         bar.advance(done_images)
@@ -388,10 +394,10 @@ def summarize(counts: dict[str, Any]) -> dict[str, Any]:
 
 
 def crawl_shard_ids(ctx: StageContext) -> list[str]:
-    total, shards = plan_shards(ctx, ctx.config.shard_images)
+    _, count, shards = plan_shards(ctx, ctx.config.shard_images)
     next(shards, None)  # only the count is needed; start the stream so that closing it closes its catalog
     shards.close()
-    return [shard_id("images", i) for i in range(-(-total // ctx.config.shard_images))]
+    return [shard_id("images", i) for i in range(count)]
 
 
 CRAWL = Stage(

@@ -71,6 +71,25 @@ def test_rebuild_fetches_only_new_images_and_equals_a_build_from_scratch(tmp_pat
     assert c.manifest.tables == b.manifest.tables  # file by file: same names, digests, rows
 
 
+def test_a_new_source_leaves_the_other_sources_shards_unchanged(tmp_path):
+    bodies = _bodies(8)
+    extra = {p.replace("img", "new"): b for p, b in _bodies(2, seed=100).items()}
+    with srv.ImageServer({p: srv.validated(b) for p, b in {**bodies, **extra}.items()}) as server:
+        _build(_config(tmp_path / "a", {"uri": str(tmp_path / "data")}, [server.url(p) for p in bodies]))
+        server.hits.clear()
+        # Another source whose name sorts first: its images come first in input order.
+        _config(tmp_path / "b", {"uri": str(tmp_path / "data")}, [server.url(p) for p in bodies])
+        rows = [{"image_url": server.url(p), "caption": "a new source's caption"} for p in extra]
+        (tmp_path / "b/aaa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        doc = yaml.safe_load((tmp_path / "b/cfg.yaml").read_text())
+        doc["ingest"]["sources"].append({"format": "table", "name": "aaa", "path": "aaa.jsonl"})
+        (tmp_path / "b/cfg.yaml").write_text(yaml.safe_dump(doc))
+        b = _build(load_config(tmp_path / "b/cfg.yaml"))
+        assert dict(server.hits) == {p: 1 for p in extra}
+    # Shards never span two sources: [aaa: 2 new], then web's two shards of 4 as they were.
+    assert (b.manifest.shards, b.manifest.counts["shards_linked"]) == (3, 2)
+
+
 def test_recrawl_after_revalidates_with_conditional_gets(tmp_path):
     storage = {"uri": str(tmp_path / "data")}
     bodies = _bodies(4)
