@@ -5,7 +5,8 @@ Each build runs in a fresh process (timed after its imports), as a scheduled reb
 1. Full build of a Conceptual-Captions TSV of N rows: ingest → crawl → dedup → extract (grid).
 2. The world changes: the TSV gains 5 % new rows, and 1 % of the old URLs now answer 404.
 3. Rebuild on the same storage (no `recrawl_after`): the old URLs must see 0 requests, only the new
-   rows are fetched and only the new images extracted.
+   rows are fetched and only the new images extracted; the crawl and extract shards of old images
+   are linked from the full build's (copied by the storage), not rewritten.
 4. The same rebuild with `recrawl_after: 0s` on a copy of the storage after step 1: every old URL
    gets one conditional GET (304, or 404 for the gone ones, which leave the corpus).
 5. A build from scratch of the new inputs on an empty storage: step 4 must equal it (content

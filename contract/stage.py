@@ -57,6 +57,10 @@ class Stage:
     # Item-level reuse across keys (contract/reuse.py): the config fields that do not shape one item
     # (the shard size) and so are left out of the item fingerprint. None: the stage reuses nothing.
     reuse_ignores: tuple[str, ...] | None = None
+    # Upstream stages whose items this stage's items are made from: their item fingerprints are
+    # part of this one (extract's features are of the crawl's stored JPEG, which the crawl's image
+    # options shape, while its index names an image by the sha256 of the bytes as downloaded).
+    reuse_inputs: tuple[str, ...] = ()
 
 
 @dataclass

@@ -23,6 +23,7 @@ EXTRACT = Stage(
     compression={"features": "none"},  # float16 features barely compress; don't pay zstd for it
     shard_ids=Deferred("feature_extraction.stage:extract_shard_ids"),
     reuse_ignores=("shard_images",),
+    reuse_inputs=("crawl",),
 )
 
 DOWNSTREAM = Stage(

@@ -240,3 +240,18 @@ def test_rebuild_extracts_only_new_images_and_equals_a_build_from_scratch(tmp_pa
     for stage in ("crawl", "dedup", "extract"):
         a, b = run_stage(stage, scratch).manifest, run_stage(stage, new).manifest
         assert (a.key, a.content_sha256) == (b.key, b.content_sha256), stage
+
+
+def test_new_crawl_image_options_mean_new_features(tmp_path):
+    """Features are of the crawl's stored JPEG: a smaller `crawl.max_side` keeps each image's sha256
+    (of the bytes as downloaded) but changes the pixels, so nothing is reused."""
+    path = corpus(tmp_path, {"uri": str(tmp_path / "data")}, 6, {"shard_images": 3, "loader_workers": 0})
+    cfg = load_config(path)
+    build_upstream(cfg)
+    assert run_stage("extract", cfg).manifest.counts["reuse"] == {"reused": 0, "extracted": 6}
+    doc = yaml.safe_load(path.read_text())
+    doc["crawl"]["max_side"] = 64
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(doc))
+    small = load_config(tmp_path / "small.yaml")
+    build_upstream(small)
+    assert run_stage("extract", small).manifest.counts["reuse"] == {"reused": 0, "extracted": 6}
