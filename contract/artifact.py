@@ -257,8 +257,10 @@ class Artifact:
             relpath = f"{table}/{shard}.parquet"
             self.storage.copy(earlier.file_key(f.path), self.file_key(relpath))
             files[table] = TableFile(relpath, f.sha256, f.rows, f.bytes)
+        for f in record.extras.values():  # non-table files (reports) keep their names, files/<name>
+            self.storage.copy(earlier.file_key(f.path), self.file_key(f.path))
         merged = {**record.stats, **stats, "shards_linked": 1}
-        linked = ShardRecord(shard, files, merged, round(time.time() - started, 3), run_id)
+        linked = ShardRecord(shard, files, merged, round(time.time() - started, 3), run_id, dict(record.extras))
         self.storage.put(f"{self.prefix}/{SHARDS}/{shard}.json", json.dumps(asdict(linked), sort_keys=True).encode())
         return linked
 
