@@ -146,7 +146,15 @@ class ItemIndex:
         """Make the current artifact a source (call after all shards, before the manifest): its
         shards' index rows regrouped into hash buckets, then the sealed file."""
         present = set(self.storage.list(f"{self.prefix}/{self.current}"))
-        shards = [name for name in sorted(done) if self.shard_file(self.current, name) in present]
+        depth = self._write_buckets(
+            self.current, [n for n in sorted(done) if self.shard_file(self.current, n) in present]
+        )
+        digests = {name: rec.stats[DIGEST] for name, rec in sorted(done.items()) if rec.stats.get(DIGEST)}
+        body = {"key": self.current, "created": time.time(), "depth": depth, "shards": digests}
+        self.storage.put(f"{self.prefix}/{SEALED}/{self.current}.json", json.dumps(body).encode())
+
+    def _write_buckets(self, key: str, shards: list[str]) -> int:
+        """Artifact ``key``'s index rows (of these shards) regrouped into hash buckets; the depth."""
         # NOTE: out of core, in one read of the shard index files: each file's rows go to one of
         # 16 local spill files by the first hex digit of their hash (a bucket at any depth ≥ 1
         # lies in one of them), then each spill file is cut into its buckets. Memory holds a
@@ -156,7 +164,7 @@ class ItemIndex:
         with tempfile.TemporaryDirectory(prefix="uniter-seal-") as tmp, ThreadPoolExecutor(IO_THREADS) as io_pool:
             spills: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = {}
             total = 0
-            files = _in_order(io_pool, self.storage.read_bytes, [self.shard_file(self.current, n) for n in shards])
+            files = _in_order(io_pool, self.storage.read_bytes, [self.shard_file(key, n) for n in shards])
             try:
                 for name, data in zip(shards, files, strict=True):
                     rows = pq.read_table(io.BytesIO(data))
@@ -190,14 +198,12 @@ class ItemIndex:
                     buf = io.BytesIO()
                     pq.write_table(rows.take(pa.array(run)), buf, compression="zstd")
                     bucket = f"{int(buckets[run[0]]):0{depth}x}" if depth else ""  # as `bucket_of` names it
-                    path = f"{self.prefix}/{self.current}/{BUCKET}{bucket}.parquet"
+                    path = f"{self.prefix}/{key}/{BUCKET}{bucket}.parquet"
                     writes.append(io_pool.submit(self.storage.put, path, buf.getvalue()))
                 for done_write in writes:  # a group's files are written before the next is read
                     done_write.result()
                 writes.clear()
-        digests = {name: rec.stats[DIGEST] for name, rec in sorted(done.items()) if rec.stats.get(DIGEST)}
-        body = {"key": self.current, "created": time.time(), "depth": depth, "shards": digests}
-        self.storage.put(f"{self.prefix}/{SEALED}/{self.current}.json", json.dumps(body).encode())
+        return depth
 
     def put_table(self, name: str, table: pa.Table) -> None:
         """A whole-artifact table of the current artifact (e.g. dedup's near-duplicate edges)."""
@@ -227,6 +233,8 @@ class ItemIndex:
             for key in self.storage.list(f"{self.prefix}/{SEALED}"):
                 try:
                     body = json.loads(self.storage.read_bytes(key))
+                    if "depth" not in body and isinstance(body.get("shards"), list) and body["key"] != self.current:
+                        body = self._upgrade(key, body)
                     shards = body["shards"]
                     source = Source(
                         body["key"], float(body["created"]), int(body["depth"]), {d: s for s, d in shards.items()}
@@ -239,6 +247,16 @@ class ItemIndex:
                     found.append(source)
             self._sources = sorted(found, key=lambda s: (-s.created, s.key))
         return self._sources
+
+    def _upgrade(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A seal written before hash buckets (each shard's first and last item, `[first, last,
+        shard]`): its buckets are built once from its shard index files, and the seal rewritten in
+        today's form, without digests (its shards lend item by item). An upgrade then keeps the
+        items a storage already holds (idempotent: racing runs write the same files)."""
+        depth = self._write_buckets(body["key"], [r[2] for r in body["shards"]])
+        new = {"key": body["key"], "created": body["created"], "depth": depth, "shards": {}}
+        self.storage.put(path, json.dumps(new).encode())
+        return new
 
     def same_shard(self, digest: str) -> tuple[str, str, dict[str, Hit]] | None:
         """The newest earlier shard with exactly these items (`shard_digest`), as (source, shard,

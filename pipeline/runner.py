@@ -143,7 +143,8 @@ class Planner:
             sections = [payload["section"], *payload["extra"].values()] if stage.extra_config else [payload]
             kept = [{k: v for k, v in section.items() if k not in ignores} for section in sections]
             upstream = {up: self.plan(up).item_fingerprint for up in stage.reuse_inputs}
-            body = {"stage": name, "version": stage.version, "config": kept}
+            version = stage.version if stage.item_version is None else stage.item_version
+            body = {"stage": name, "version": version, "config": kept}
             item_fp = sha256_json({**body, "inputs": upstream} if upstream else body)[:32]
         plan = StagePlan(stage, key, config_sha, {**inputs, **files}, manifests, missing, item_fp)
         self._plans[name] = plan

@@ -408,6 +408,7 @@ CRAWL = Stage(
     # from one box-reduced copy of at most 256 px (bits and pixels change slightly); 6: shards in
     # input order, not image-key order (a rebuild links the shards an append leaves unchanged)
     version=6,
+    item_version=5,  # 6 cut shards differently: one image's row is 5's, so 5's crawls still lend
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),

@@ -74,3 +74,26 @@ def test_an_artifact_without_index_rows_seals_and_lends_nothing(storage):
     index = ItemIndex(storage, "crawl", "fp", current="next")
     assert [s.key for s in index.sources()] == ["empty"]
     assert index.lookup(["url:a"]) == {}
+
+
+def test_a_seal_from_before_hash_buckets_is_upgraded_and_lends(storage):
+    """Seals written before the buckets held each shard's first and last item: a later run builds
+    that artifact's buckets once and rewrites its seal, so an upgrade fetches nothing again."""
+    old = ItemIndex(storage, "crawl", "fp", current="old")
+    ranges = []
+    for name, items in {"images-00000": ["url:a", "url:c"], "images-00001": ["url:d", "url:f"]}.items():
+        old.record(name, pa.table({"item": items, "url": [f"http://h/{i}" for i in items]}, schema=SCHEMA))
+        ranges.append([items[0], items[-1], name])
+    seal = {"key": "old", "created": 1.0, "shards": ranges}
+    storage.put("index/crawl/fp/_sealed/old.json", json.dumps(seal).encode())
+    storage.put(f"{ARTIFACTS}/crawl/old/{MANIFEST}", b"{}")
+
+    index = ItemIndex(storage, "crawl", "fp", current="new")
+    hits = index.lookup(["url:a", "url:d", "url:f", "url:z"])
+    assert {i: h.shard for i, h in hits.items()} == {
+        "url:a": "images-00000", "url:d": "images-00001", "url:f": "images-00001"
+    }  # fmt: skip
+    assert json.loads(storage.read_bytes("index/crawl/fp/_sealed/old.json")) == {
+        "key": "old", "created": 1.0, "depth": 0, "shards": {}
+    }  # fmt: skip
+    assert index.same_shard(shard_digest([("url:a",), ("url:c",)])) is None  # no digests: item by item
