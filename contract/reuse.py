@@ -6,13 +6,15 @@ same bytes as a build from scratch), but what an earlier key already finished is
 - a whole shard, when an earlier artifact holds a shard of exactly the same items (the stage's
   *shard digest*: crawl's image keys and URLs, extract's image keys and sha256): its files are
   copied by the storage (`Artifact.link_shard`: a hard link, a server-side copy) — nothing is
-  decoded or encoded. Crawl and extract cut shards in input order (new rows of a TSV land in new
-  shards), so a rebuild after an append links every earlier shard but the last;
+  decoded or encoded. Crawl cuts shards in input order, never across two sources (new rows of a
+  TSV, or a new source, land in new shards), and extract within crawl shards, so a rebuild after
+  an append links every earlier shard but the last;
 - otherwise item by item: an image fetched with the same options, features of the same image
   bytes by the same extractor, copied row by row from the earlier artifact's file.
 
 Layout under the storage root, per stage and *item fingerprint* (the stage's settings that shape
-one item: image options, extractor weights digest and box selection — not the shard size)::
+one item: image options, extractor weights digest and box selection — not the shard size — and
+the fingerprints of the stages it makes its items from, `Stage.reuse_inputs`)::
 
     index/<stage>/<fingerprint>/<artifact key>/<shard>.parquet     one row per item of the shard
     index/<stage>/<fingerprint>/<artifact key>/_bucket-<b>.parquet  the same rows with their shard,
@@ -28,7 +30,8 @@ artifact's own table files.
 
 The seal is written after every shard, before the artifact's manifest, and a source counts only
 once its manifest exists, so a half-built artifact is never a source. `uniter gc` removes a
-removed artifact's seal first, then its index files.
+removed artifact's seal first, then its index files. A seal from before the buckets (shard key
+ranges) is upgraded by the first run that reads it (`_upgrade`).
 """
 
 from __future__ import annotations
