@@ -82,10 +82,10 @@ def _hash32(item: str) -> int:
     return int.from_bytes(hashlib.blake2b(item.encode(), digest_size=4).digest(), "big")
 
 
-def bucket_of(item: str, depth: int) -> str:
-    """The bucket of ``item`` in an index of ``depth`` hex digits (16^depth buckets, depth ≤ 8):
-    the first ``depth`` hex digits of a 32-bit hash of it."""
-    return f"{_hash32(item) >> (32 - 4 * depth):0{depth}x}" if depth else ""
+def _bucket(h: int, depth: int) -> str:
+    """The bucket of an item whose `_hash32` is ``h``, in an index of ``depth`` hex digits
+    (16^depth buckets, depth ≤ 8): the hash's first ``depth`` hex digits."""
+    return f"{h >> (32 - 4 * depth):0{depth}x}" if depth else ""
 
 
 def shard_digest(rows: Iterable[tuple[str, ...]]) -> str:
@@ -200,8 +200,7 @@ class ItemIndex:
                 for run in np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1):
                     buf = io.BytesIO()
                     pq.write_table(rows.take(pa.array(run)), buf, compression="zstd")
-                    bucket = f"{int(buckets[run[0]]):0{depth}x}" if depth else ""  # as `bucket_of` names it
-                    path = f"{self.prefix}/{key}/{BUCKET}{bucket}.parquet"
+                    path = f"{self.prefix}/{key}/{BUCKET}{_bucket(int(hashes[run[0]]), depth)}.parquet"
                     writes.append(io_pool.submit(self.storage.put, path, buf.getvalue()))
                 for done_write in writes:  # a group's files are written before the next is read
                     done_write.result()
@@ -236,18 +235,16 @@ class ItemIndex:
             for key in self.storage.list(f"{self.prefix}/{SEALED}"):
                 try:
                     body = json.loads(self.storage.read_bytes(key))
-                    if "depth" not in body and isinstance(body.get("shards"), list) and body["key"] != self.current:
+                    if body["key"] == self.current:
+                        continue
+                    if not self.storage.exists(f"{ARTIFACTS}/{self.stage}/{body['key']}/{MANIFEST}"):
+                        continue  # not complete (or removed): lends nothing
+                    if "depth" not in body and isinstance(body.get("shards"), list):
                         body = self._upgrade(key, body)
-                    shards = body["shards"]
-                    source = Source(
-                        body["key"], float(body["created"]), int(body["depth"]), {d: s for s, d in shards.items()}
-                    )
+                    digests = {d: shard for shard, d in body["shards"].items()}
+                    found.append(Source(body["key"], float(body["created"]), int(body["depth"]), digests))
                 except (ValueError, KeyError, TypeError, AttributeError, StorageError):
-                    continue  # an unreadable (or older) seal lends nothing; the items are made again
-                if source.key == self.current:
-                    continue
-                if self.storage.exists(f"{ARTIFACTS}/{self.stage}/{source.key}/{MANIFEST}"):
-                    found.append(source)
+                    continue  # an unreadable seal lends nothing; the items are made again
             self._sources = sorted(found, key=lambda s: (-s.created, s.key))
         return self._sources
 
@@ -284,12 +281,13 @@ class ItemIndex:
         bucket the items fall in."""
         hits: dict[str, Hit] = {}
         todo = set(items)
+        hashes = {item: _hash32(item) for item in todo}  # once, whatever the sources' depths
         for source in self.sources() if sources is None else sources:
             if not todo:
                 break
             by_bucket: dict[str, list[str]] = {}
             for item in todo:
-                by_bucket.setdefault(bucket_of(item, source.depth), []).append(item)
+                by_bucket.setdefault(_bucket(hashes[item], source.depth), []).append(item)
             for bucket, wanted in sorted(by_bucket.items()):
                 rows = self._index_file(f"{self.prefix}/{source.key}/{BUCKET}{bucket}.parquet")
                 if rows is None:

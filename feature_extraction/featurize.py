@@ -223,11 +223,12 @@ def reusing_shards(
     as a copy of it, first, and comes with tables None."""
     same: dict[int, dict[tuple[str, str], list[str]]] = {}  # per shard: where its reused items are
     linked: dict[int, dict[str, Any]] = {}
+    indexed = {i: _index_rows(chunks[i]) for i in todo} if reuse is not None else {}
     rest = list(chunks)
     for i in todo:
         if reuse is None:
             continue
-        index_rows, digest = _index_rows(chunks[i])
+        index_rows, digest = indexed[i]
         earlier = reuse.same_shard(digest) if link is not None else None
         if earlier is not None:
             assert link is not None
@@ -263,7 +264,7 @@ def reusing_shards(
             "reuse": {"reused": reused, "extracted": len(rows)},
         }
         if reuse is not None:
-            stats.update(reuse.record(names[i], *_index_rows(chunks[i])))
+            stats.update(reuse.record(names[i], *indexed[i]))
         yield i, {table_name: table}, stats
 
 

@@ -262,7 +262,9 @@ async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:
                     if a != "reuse"
                 )
             )
-            rows = pa.Table.from_pylist([o.index_row() for o in outcomes], schema=INDEX_SCHEMA)
+            rows = None  # the shard's reuse index rows: only a run that records them builds them
+            if ctx.reuse is not None:
+                rows = pa.Table.from_pylist([o.index_row() for o in outcomes], schema=INDEX_SCHEMA)
             # An earlier shard of exactly these images, each kept as it holds it (reused, or
             # confirmed by a 304): its files are this shard's, copied by the storage unread.
             if same is not None and all(o.prior is not None for o in outcomes):
