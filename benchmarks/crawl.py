@@ -2,10 +2,11 @@
 
 A local server (its own process) serves N JPEGs (q90, the longer side 640–1600 px, several aspect
 ratios; each URL a distinct byte stream). Both tools get the same URL list, the same resize rule
-(longer side ≤ MAX_SIDE, no upscaling, JPEG q90), Parquet output, the same concurrency (64
-requests in flight) and the same number of processes (2). Ours also validates every image, applies
-EXIF orientation and computes sha256, pHash, 5 window hashes and a colour thumbnail in the same
-pass; img2dataset computes sha256.
+(longer side ≤ MAX_SIDE, no upscaling, JPEG q90; a JPEG already within MAX_SIDE is stored as
+downloaded — ours strips its metadata, img2dataset's `--skip_reencode` keeps it whole), Parquet
+output, the same concurrency (64 requests in flight) and the same number of processes (2). Ours
+also validates every image, applies EXIF orientation and computes sha256, pHash, 5 window hashes
+and a colour thumbnail in the same pass; img2dataset computes sha256.
 
 Both run as whole commands in their own processes, as a user runs them:
 - ours: `uniter run crawl` (the ingest of the URL list runs before it, untimed: img2dataset reads
@@ -63,7 +64,10 @@ def serve(port_file: str, n_base: int) -> None:
     async def image(request):
         data = base[int(request.match_info["b"])]
         comment = f"variant {request.match_info['v']}".encode()
-        body = data[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[2:]
+        # After the JFIF segment, where a file's first bytes stay those of a JPEG to img2dataset's
+        # --skip_reencode test (imghdr looks for "JFIF" at byte 6).
+        at = 4 + int.from_bytes(data[4:6], "big")
+        body = data[:at] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + data[at:]
         return web.Response(body=body, content_type="image/jpeg")
 
     app = web.Application()
@@ -144,6 +148,7 @@ def run_ours(work: Path, max_side: int) -> dict:
     return {
         "images": counts["images"],
         "failures": counts["failures"],
+        "as_downloaded": counts.get("kept_as_downloaded", 0),
         "wall": wall,
         "cpu": cpu,
         "rss": rss,
@@ -159,7 +164,7 @@ def run_img2dataset(work: Path, max_side: int) -> dict:
         str(exe), "--url_list", str(work / "urls.txt"), "--input_format", "txt",
         "--output_folder", str(out), "--output_format", "parquet",
         "--image_size", str(max_side), "--resize_mode", "keep_ratio_largest", "--resize_only_if_bigger", "True",
-        "--encode_quality", str(QUALITY), "--processes_count", str(PROCESSES),
+        "--encode_quality", str(QUALITY), "--skip_reencode", "True", "--processes_count", str(PROCESSES),
         "--thread_count", str(CONCURRENCY // PROCESSES), "--number_sample_per_shard", str(SHARD),
         "--timeout", "20", "--retries", "0", "--compute_hash", "sha256",
         "--distributor", "multiprocessing", "--enable_wandb", "False",
@@ -216,7 +221,9 @@ def main() -> None:
                     ours, i2d = run_ours(work, max_side), run_img2dataset(work, max_side)
                     pairs.append((ours, i2d))
                     print(
-                        f"max_side {max_side} pair {r + 1}: ours {_rates(ours)}; img2dataset {_rates(i2d)}", flush=True
+                        f"max_side {max_side} pair {r + 1}: ours {_rates(ours)} ({ours['as_downloaded']} stored as "
+                        f"downloaded); img2dataset {_rates(i2d)}",
+                        flush=True,
                     )
                 results[max_side] = pairs
         finally:

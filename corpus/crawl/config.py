@@ -37,6 +37,7 @@ class CrawlConfig(SectionConfig):
     max_bytes: int = Field(default=20_000_000, ge=1)
 
     max_side: int = Field(default=1000, ge=16)  # longer side after resize (no upscaling)
+    # of re-encoded JPEGs; a JPEG within max_side at or below it is stored as downloaded (no metadata)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
     max_pixels: int = Field(default=89_478_485, ge=1)  # decompression-bomb limit (decoded pixels)
 

@@ -39,7 +39,8 @@ IMAGES_SCHEMA = pa.schema(
         pa.field("url", pa.string(), nullable=False),  # the image_uri from pairs
         pa.field("final_url", pa.string(), nullable=False),  # after redirects
         pa.field("status", pa.string(), nullable=False),  # "ok"
-        pa.field("bytes", pa.binary(), nullable=False),  # JPEG, longer side <= max_side
+        # JPEG, longer side <= max_side: re-encoded, or as downloaded less its metadata
+        pa.field("bytes", pa.binary(), nullable=False),
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
         pa.field("orig_width", pa.int32(), nullable=False),
@@ -367,6 +368,7 @@ def shard_tables(outcomes: list[Outcome], reuse: ItemIndex | None = None) -> tup
         "failure_reasons": dict(sorted(Counter(failures.column("reason").to_pylist()).items())),
         "bytes_downloaded": sum(o.image.orig_bytes for o in ok),
         "bytes_stored": pc.sum(pc.binary_length(images.column("bytes"))).as_py() or 0,
+        "kept_as_downloaded": sum(o.image.as_downloaded for o in ok),  # of those processed in this run
         "reuse": action_counts(outcomes),
     }
     return {"images": images, "failures": failures}, stats
@@ -408,9 +410,13 @@ CRAWL = Stage(
     # size (libjpeg's reduction applies to more photos; the resized pixels change slightly);
     # 4: the thumbnail is 64×64 (the dedup's fine check compares pixels); 5: hashes and thumbnail
     # from one box-reduced copy of at most 256 px (bits and pixels change slightly); 6: shards in
-    # input order, not image-key order (a rebuild links the shards an append leaves unchanged)
-    version=6,
-    item_version=5,  # 6 cut shards differently: one image's row is 5's, so 5's crawls still lend
+    # input order, not image-key order (a rebuild links the shards an append leaves unchanged);
+    # 7: a JPEG within max_side and jpeg_quality is stored as downloaded, less its metadata
+    version=7,
+    # 6 cut shards differently; 7 stores some JPEGs without re-encoding them, but their hashes and
+    # thumbnail are bit for bit 5's (the same decode), and 5's re-encoded bytes are a valid row:
+    # refetching a corpus (and losing its dead links) for that would cost users more than it gives.
+    item_version=5,
     run=run_crawl,
     inputs=("ingest",),
     tables=("images", "failures"),

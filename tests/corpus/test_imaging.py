@@ -1,4 +1,5 @@
-"""Decode, orient, convert, resize and hash: every awkward image file ends as 8-bit RGB JPEG."""
+"""Decode, orient, convert, resize and hash: every awkward image file ends as 8-bit RGB JPEG; a JPEG
+needing no change is stored as downloaded, less its metadata."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from PIL import Image
 
 from corpus.images.imagehash import hamming, phash
 from corpus.images.imaging import ImageOptions, ImageRejected, process_image
+from corpus.images.jpegfile import estimated_quality, stripped
 from tests.fixtures import images as fx
 
 PHOTO = fx.synthetic_photo(1, (320, 240))
@@ -66,6 +68,82 @@ def test_resize_keeps_aspect_and_never_upscales():
     assert (out.width, out.height) == (400, 225) and (out.orig_width, out.orig_height) == (1600, 900)
     small = process_image(fx.jpeg(fx.synthetic_photo(3, (120, 80))), ImageOptions(max_side=400))
     assert (small.width, small.height) == (120, 80)
+
+
+def _tagged_jpeg(image: Image.Image, quality: int = 75, **save) -> bytes:
+    """A JPEG carrying what web photos carry: EXIF (camera, owner), XMP, an ICC profile, a comment."""
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"  # Make
+    exif[0x013B] = "Jane Q. Owner"  # Artist
+    return fx.jpeg(
+        image, quality, exif=exif.tobytes(), xmp=b"<x:xmpmeta>gps here</x:xmpmeta>",
+        icc_profile=b"not-a-real-icc-profile", comment=b"a private comment", **save,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_needing_no_change_is_stored_as_downloaded_less_its_metadata(progressive):
+    data = _tagged_jpeg(PHOTO, 75, progressive=progressive)
+    out = process_image(data, ImageOptions(jpeg_quality=90))
+    assert out.as_downloaded
+    # the pixels are the downloaded file's, not a second generation of JPEG loss
+    assert np.array_equal(np.asarray(_decoded(out.jpeg)), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    for secret in (b"SecretCam", b"Jane Q. Owner", b"gps here", b"not-a-real-icc-profile", b"a private comment"):
+        assert secret in data and secret not in out.jpeg, secret
+    assert len(out.jpeg) < len(data) and out.jpeg.endswith(b"\xff\xd9")
+    assert out.sha256 == hashlib.sha256(data).hexdigest()  # of what was downloaded
+    # the hashes do not depend on how the file is stored: a re-encoded copy gets the same ones
+    encoded = process_image(data, ImageOptions(jpeg_quality=70))
+    assert not encoded.as_downloaded and len(encoded.jpeg) != len(out.jpeg)
+    assert (encoded.phash, encoded.phash_windows, encoded.thumb) == (out.phash, out.phash_windows, out.thumb)
+
+
+@pytest.mark.parametrize(
+    "why, data, opts",
+    [
+        ("better than asked", fx.jpeg(PHOTO, 95), ImageOptions(jpeg_quality=90)),
+        ("larger than max_side", fx.jpeg(PHOTO, 75), ImageOptions(max_side=200)),
+        ("rotated by EXIF", fx.exif_rotated_jpeg(PHOTO), ImageOptions()),
+        ("CMYK", fx.cmyk_jpeg(PHOTO), ImageOptions()),
+        ("grayscale", fx.jpeg(PHOTO.convert("L"), 75), ImageOptions()),
+        ("not a JPEG", fx.png(PHOTO), ImageOptions()),
+    ],
+)
+def test_images_needing_new_pixels_or_better_than_asked_are_encoded(why, data, opts):
+    out = process_image(data, opts)
+    assert not out.as_downloaded, why
+    assert b"SecretCam" not in out.jpeg and _decoded(out.jpeg).size == (out.width, out.height)
+
+
+def test_quality_is_read_from_the_quantization_table():
+    for quality in (30, 75, 90, 95):
+        assert estimated_quality(Image.open(io.BytesIO(fx.jpeg(PHOTO, quality)))) == quality
+    assert estimated_quality(Image.open(io.BytesIO(fx.png(PHOTO)))) is None
+
+
+def test_what_follows_the_end_of_image_is_not_stored():
+    data = fx.jpeg(PHOTO, 75) + b"PK\x03\x04" + b"an appended archive" * 50 + b"\xff\xd9"
+    out = process_image(data, ImageOptions())
+    assert out.as_downloaded and b"appended archive" not in out.jpeg
+    assert np.array_equal(np.asarray(_decoded(out.jpeg)), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+def test_stripping_never_raises_on_damaged_bytes():
+    """Every cut and many corruptions of a JPEG: bytes that start and end a JPEG, or None (then the
+    image is re-encoded); never an exception, never a read past the end."""
+    data = _tagged_jpeg(PHOTO, 75, progressive=True)
+    rng = np.random.default_rng(0)
+    results = [stripped(data[:cut]) for cut in range(0, len(data), 7)]
+    for _ in range(300):
+        bad = bytearray(data)
+        for at in rng.integers(0, len(bad), 3):
+            bad[at] = int(rng.integers(0, 256))
+        results.append(stripped(bytes(bad)))
+    results += [stripped(b"\xff\xd8\xff\xe1\xff\xff" + b"x" * 10), stripped(b"\xff\xd8\xff"), stripped(b"\xff\xd8")]
+    for r in results:
+        assert r is None or (r.startswith(b"\xff\xd8") and r.endswith(b"\xff\xd9"))
+    assert results[-3:] == [None, None, None]
+    assert stripped(data) is not None and any(r is None for r in results) and any(r is not None for r in results)
 
 
 @pytest.mark.parametrize(
