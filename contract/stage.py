@@ -61,8 +61,9 @@ class Stage:
     # part of this one (extract's features are of the crawl's stored JPEG, which the crawl's image
     # options shape, while its index names an image by the sha256 of the bytes as downloaded).
     reuse_inputs: tuple[str, ...] = ()
-    # The version of one item's content, when a `version` bump changed only how items are cut into
-    # shards: earlier artifacts keep lending their items (None: `version`).
+    # The version of one item's content, when a `version` bump left earlier items valid (it changed
+    # how items are cut into shards, or how new ones are stored with the same hashes): earlier
+    # artifacts keep lending their items (None: `version`).
     item_version: int | None = None
 
 
