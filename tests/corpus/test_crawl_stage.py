@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
+from PIL import Image
 
 from contract.artifact import Artifact
 from corpus.crawl import stage as crawl_stage
@@ -55,10 +56,14 @@ def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, 
         "/exif.jpg": fx.exif_rotated_jpeg(photo),
     }
     routes = {p: srv.serve(b) for p, b in good.items()}
+    owner = Image.Exif()
+    owner[0x013B] = "Jane Q. Owner"  # Artist
+    small_tagged = fx.jpeg(fx.synthetic_photo(13, (160, 120)), 75, exif=owner.tobytes())
     routes.update(
         {
             "/flaky.jpg": srv.fail_then_serve(500, 1, fx.jpeg(fx.synthetic_photo(12))),
-            "/busy.jpg": srv.fail_then_serve(429, 1, fx.jpeg(fx.synthetic_photo(13)), {"Retry-After": "1"}),
+            # within max_side at q75, with its owner in EXIF: stored as downloaded, less the EXIF
+            "/busy.jpg": srv.fail_then_serve(429, 1, small_tagged, {"Retry-After": "1"}),
             "/slow.jpg": srv.slow_body(),
             "/reset.jpg": srv.reset_connection,
             "/truncated.jpg": srv.serve(fx.truncated_jpeg(photo)),
@@ -108,7 +113,9 @@ def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, 
     attempts = {r["url"].removeprefix(server.base): r["attempts"] for r in failures}
     assert attempts["/missing.jpg"] == 1 and attempts["/reset.jpg"] == 2 and attempts["/loop.jpg"] == 6
     for r in images:
-        assert max(r["width"], r["height"]) == 200 and r["bytes"][:2] == b"\xff\xd8" and len(r["sha256"]) == 64
+        assert max(r["width"], r["height"]) == (160 if r is by_url["/busy.jpg"] else 200)
+        assert r["bytes"][:2] == b"\xff\xd8" and len(r["sha256"]) == 64
+    assert b"Jane Q. Owner" in small_tagged and b"Jane Q. Owner" not in by_url["/busy.jpg"]["bytes"]
     assert by_url["/exif.jpg"]["width"] == 200 and by_url["/exif.jpg"]["height"] == 150  # oriented
     assert by_url["/jpeg.jpg"]["orig_width"] == 640
     for path, body in good.items():  # the size as downloaded (the body itself is not kept)
@@ -119,6 +126,7 @@ def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, 
     assert counts["success_rate"] == round(8 / 18, 4)
     assert counts["failure_reasons"] == dict(Counter(expected_failures.values()))
     assert counts["bytes_downloaded"] == sum(r["orig_bytes"] for r in images)
+    assert counts["kept_as_downloaded"] == 1  # /busy.jpg; the others are larger than max_side
     assert result.manifest.shards == 4  # 18 distinct images in shards of 5
     assert run_stage("crawl", cfg).status == "cached"
 
