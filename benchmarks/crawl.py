@@ -149,6 +149,7 @@ def run_ours(work: Path, max_side: int) -> dict:
         "images": counts["images"],
         "failures": counts["failures"],
         "as_downloaded": counts.get("kept_as_downloaded", 0),
+        "stored_mb": counts["bytes_stored"] / 1e6,
         "wall": wall,
         "cpu": cpu,
         "rss": rss,
@@ -172,14 +173,23 @@ def run_img2dataset(work: Path, max_side: int) -> dict:
     # fmt: on
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled"}
     _, wall, cpu, rss = timed(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import pyarrow.parquet as pq
+
     ok = failed = 0
     spans = []
+    stored = sum(
+        sum(len(v) for v in pq.read_table(f, columns=["jpg"]).column("jpg").to_pylist() if v)
+        for f in out.glob("*.parquet")
+    )
     for stats in out.glob("*_stats.json"):
         s = json.loads(stats.read_text())
         ok += s["successes"]
         failed += s["count"] - s["successes"]
         spans.append((s["start_time"], s["end_time"]))
-    return {"images": ok, "failures": failed, "wall": wall, "cpu": cpu, "rss": rss, "steady": _span(spans)}
+    return {
+        "images": ok, "failures": failed, "wall": wall, "cpu": cpu, "rss": rss, "steady": _span(spans),
+        "stored_mb": stored / 1e6,
+    }  # fmt: skip
 
 
 def _span(spans: list[tuple[float, float]]) -> float:
@@ -252,6 +262,9 @@ def main() -> None:
         rss_o = statistics.median(o["rss"] for o, _ in pairs)
         rss_i = statistics.median(i["rss"] for _, i in pairs)
         print(f"{'':>8} {'peak RSS MB':14} {rss_o:>11.0f} {rss_i:>10.0f} {rss_o / rss_i:>14.2f}×  (process tree)")
+        mb_o = statistics.median(o["stored_mb"] for o, _ in pairs)
+        mb_i = statistics.median(i["stored_mb"] for _, i in pairs)
+        print(f"{'':>8} {'JPEGs, MB':14} {mb_o:>11.1f} {mb_i:>10.1f} {mb_o / mb_i:>14.2f}×  (image bytes stored)")
         fails = sorted({(o["failures"], i["failures"]) for o, i in pairs})
         print(f"{'':>8} failures (ours, img2dataset) per pair: {fails}")
     print(f"\nall goals {'met' if met else 'NOT met'}")
