@@ -21,11 +21,16 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A forkserver pool of ``workers`` processes, started now, without the main module."""
+def process_pool(workers: int, preload: tuple[str, ...] = ()) -> ProcessPoolExecutor:
+    """A forkserver pool of ``workers`` processes, started now, without the main module.
+    ``preload``: modules the fork server imports once, before forking the workers (if this process's
+    fork server is not running yet), instead of every worker importing them on its first task."""
     # NOTE: forkserver, not fork: the parent holds threads (the event loop's, boto3, DuckDB) that
     # fork would copy mid-operation.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"))
+    context = multiprocessing.get_context("forkserver")
+    if preload:
+        context.set_forkserver_preload(list(preload))
+    pool = ProcessPoolExecutor(workers, mp_context=context)
     with main_module_hidden():
         # A submit starts a process while none is idle; these return long after the last submit
         # (a child takes tens of ms to start), so each of them starts one.

@@ -184,7 +184,7 @@ def image_executor(workers: int, threaded: bool) -> Executor:
     """Where images are processed: the pool, or threads of this process when few are expected."""
     if threaded:
         return ThreadPoolExecutor(workers, thread_name_prefix="crawl-image")
-    return process_pool(workers)
+    return process_pool(workers, preload=("corpus.images.imaging",))
 
 
 async def _crawl(ctx: StageContext, shards, bar, threaded: bool) -> None:

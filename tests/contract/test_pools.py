@@ -53,3 +53,34 @@ def test_a_plain_forkserver_pool_does_rerun_it(tmp_path: Path) -> None:
     # The control: what process_pool avoids happens without it (so the test above can fail).
     runs, out = _run(tmp_path, "plain")
     assert len(runs) > 1 and out.split()[1] in runs
+
+
+PRELOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path[:0] = [{root!r}, {here!r}]
+
+    if __name__ == "__main__":
+        from contract.pools import process_pool
+        from probe import loaded
+
+        preload = ("colorsys",) if sys.argv[1] == "preload" else ()
+        with process_pool(2, preload=preload) as pool:
+            print(all(pool.submit(loaded, "colorsys").result() for _ in range(4)))
+    """
+)
+
+
+def test_preloaded_modules_are_imported_before_the_first_task(tmp_path: Path) -> None:
+    """The fork server imports them once; each worker starts with them (crawl's image code)."""
+    (tmp_path / "probe.py").write_text("import sys\n\n\ndef loaded(name):\n    return name in sys.modules\n")
+    script = tmp_path / "preload_main.py"
+    script.write_text(PRELOAD_SCRIPT.format(root=str(ROOT), here=str(tmp_path)))
+
+    def run(kind: str) -> str:
+        return subprocess.run(
+            [sys.executable, str(script), kind], capture_output=True, text=True, check=True, timeout=120
+        ).stdout.strip()
+
+    assert run("preload") == "True"
+    assert run("plain") == "False"  # the control: nothing in a worker imports colorsys by itself
