@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +46,8 @@ I2D_VENV = ROOT / ".venv-img2dataset"
 QUALITY, CONCURRENCY, PROCESSES, SHARD = 90, 64, 2, 250
 
 
-def serve(port_file: str, n_base: int) -> None:
-    """The image server: n_base photos, each URL a distinct byte stream (a JPEG comment differs)."""
-    import asyncio
-
-    from aiohttp import web
-
+def photos(n_base: int) -> list[bytes]:
+    """The n_base photos behind the URLs (q90, longer side 640–1600 px, several aspect ratios)."""
     sys.path.insert(0, str(ROOT))
     from tests.fixtures.images import jpeg, synthetic_photo
 
@@ -60,6 +57,16 @@ def serve(port_file: str, n_base: int) -> None:
         long_side = rng.randint(640, 1600)
         w, h = long_side, int(long_side / rng.choice([4 / 3, 3 / 2, 16 / 9, 1.0]))
         base.append(jpeg(synthetic_photo(70_000 + i, (w, h) if i % 3 else (h, w)), QUALITY))
+    return base
+
+
+def serve(port_file: str, n_base: int) -> None:
+    """The image server: n_base photos, each URL a distinct byte stream (a JPEG comment differs)."""
+    import asyncio
+
+    from aiohttp import web
+
+    base = photos(n_base)
 
     async def image(request):
         data = base[int(request.match_info["b"])]
@@ -192,6 +199,54 @@ def run_img2dataset(work: Path, max_side: int) -> dict:
     }  # fmt: skip
 
 
+def image_work(max_side: int, n_base: int, rounds: int = 3) -> tuple[float, dict[str, float]]:
+    """CPU ms per image of our image work alone (`process_image`: what a crawl worker does with a
+    body) over the benchmark's photos, in this process; and of its steps, as the code runs them.
+    On `PROCESSES` cores no crawl of these photos can beat PROCESSES / that, whatever the rest costs."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    from corpus.images.colour import colour_thumbnail
+    from corpus.images.imagehash import phash_windows, reduced
+    from corpus.images.imaging import ImageOptions, process_image, target_size
+
+    base, opts = photos(n_base), ImageOptions(max_side=max_side, jpeg_quality=QUALITY)
+    steps = dict.fromkeys(("decode", "resize", "encode", "hashes + thumbnail", "sha256"), 0.0)
+
+    @contextmanager
+    def step(name: str):
+        t = time.process_time()
+        yield
+        steps[name] += time.process_time() - t
+
+    start = time.process_time()
+    for _ in range(rounds):
+        for data in base:
+            process_image(data, opts)
+    total = (time.process_time() - start) / rounds / len(base) * 1000
+    for _ in range(rounds):
+        for data in base:
+            with step("sha256"):
+                hashlib.sha256(data).hexdigest()
+            image = Image.open(io.BytesIO(data))
+            big = max(image.size) > max_side
+            if big:
+                image.draft("RGB", target_size(image.size, max_side))
+            with step("decode"):
+                image.load()
+            if big:  # (within max_side: stored as downloaded, neither resized nor encoded)
+                with step("resize"):
+                    image = image.resize(target_size(image.size, max_side), Image.Resampling.BOX)
+                with step("encode"):
+                    image.save(io.BytesIO(), format="JPEG", quality=QUALITY)
+            with step("hashes + thumbnail"):
+                small = reduced(image)
+                phash_windows(small), colour_thumbnail(small)
+    return total, {k: v / rounds / len(base) * 1000 for k, v in steps.items()}
+
+
 def _span(spans: list[tuple[float, float]]) -> float:
     if not spans:
         raise SystemExit("a run wrote no shard records")
@@ -267,6 +322,15 @@ def main() -> None:
         print(f"{'':>8} {'JPEGs, MB':14} {mb_o:>11.1f} {mb_i:>10.1f} {mb_o / mb_i:>14.2f}×  (image bytes stored)")
         fails = sorted({(o["failures"], i["failures"]) for o, i in pairs})
         print(f"{'':>8} failures (ours, img2dataset) per pair: {fails}")
+        work_ms, steps = image_work(max_side, args.base)
+        ceiling = PROCESSES * 1000 / work_ms
+        i2d_steady = statistics.median(i["images"] / i["steady"] for _, i in pairs)
+        print(
+            f"{'':>8} our image work alone: {work_ms:.1f} ms CPU/image ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in steps.items())
+            + f"): on {PROCESSES} cores at most {ceiling:.0f} img/s, {ceiling / i2d_steady:.2f}× img2dataset's "
+            "steady rate"
+        )
     print(f"\nall goals {'met' if met else 'NOT met'}")
 
 
