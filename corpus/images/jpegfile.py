@@ -48,7 +48,7 @@ def stripped(data: bytes) -> bytes | None:
                 return None  # no end of image
             out.append(data[i : match.start()])
             i = match.start()
-        while i < n and data[i] == 0xFF and i + 1 < n and data[i + 1] == 0xFF:
+        while data.startswith(b"\xff\xff", i):
             i += 1  # fill bytes before a marker
         if i + 2 > n or data[i] != 0xFF:
             return None

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from PIL import Image
 
 from contract.artifact import Artifact
 from corpus.crawl import stage as crawl_stage
@@ -56,9 +55,7 @@ def test_crawl_lands_every_good_image_once_and_explains_every_failure(tmp_path, 
         "/exif.jpg": fx.exif_rotated_jpeg(photo),
     }
     routes = {p: srv.serve(b) for p, b in good.items()}
-    owner = Image.Exif()
-    owner[0x013B] = "Jane Q. Owner"  # Artist
-    small_tagged = fx.jpeg(fx.synthetic_photo(13, (160, 120)), 75, exif=owner.tobytes())
+    small_tagged = fx.tagged_jpeg(fx.synthetic_photo(13, (160, 120)), 75)
     routes.update(
         {
             "/flaky.jpg": srv.fail_then_serve(500, 1, fx.jpeg(fx.synthetic_photo(12))),

@@ -70,20 +70,9 @@ def test_resize_keeps_aspect_and_never_upscales():
     assert (small.width, small.height) == (120, 80)
 
 
-def _tagged_jpeg(image: Image.Image, quality: int = 75, **save) -> bytes:
-    """A JPEG carrying what web photos carry: EXIF (camera, owner), XMP, an ICC profile, a comment."""
-    exif = Image.Exif()
-    exif[0x010F] = "SecretCam"  # Make
-    exif[0x013B] = "Jane Q. Owner"  # Artist
-    return fx.jpeg(
-        image, quality, exif=exif.tobytes(), xmp=b"<x:xmpmeta>gps here</x:xmpmeta>",
-        icc_profile=b"not-a-real-icc-profile", comment=b"a private comment", **save,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("progressive", [False, True])
 def test_a_jpeg_needing_no_change_is_stored_as_downloaded_less_its_metadata(progressive):
-    data = _tagged_jpeg(PHOTO, 75, progressive=progressive)
+    data = fx.tagged_jpeg(PHOTO, 75, progressive=progressive)
     out = process_image(data, ImageOptions(jpeg_quality=90))
     assert out.as_downloaded
     # the pixels are the downloaded file's, not a second generation of JPEG loss
@@ -131,7 +120,7 @@ def test_what_follows_the_end_of_image_is_not_stored():
 def test_stripping_never_raises_on_damaged_bytes():
     """Every cut and many corruptions of a JPEG: bytes that start and end a JPEG, or None (then the
     image is re-encoded); never an exception, never a read past the end."""
-    data = _tagged_jpeg(PHOTO, 75, progressive=True)
+    data = fx.tagged_jpeg(PHOTO, 75, progressive=True)
     rng = np.random.default_rng(0)
     results = [stripped(data[:cut]) for cut in range(0, len(data), 7)]
     for _ in range(300):
